@@ -1,0 +1,149 @@
+"""GPTQ (Frantar et al., ICLR 2023): Hessian-based rounding of one linear layer at a time.
+
+Minimises ``||W X - Q X||^2 = tr((W - Q) H (W - Q)^T) / 2`` over quantized ``Q`` column by column,
+spreading each column's rounding error over the not-yet-quantized columns with the inverse
+Hessian (Algorithm 1). Pure tensors in, codes and quantization parameters out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantConfig
+from .quant import QuantizedWeight, group_qparams, natural_g_idx, quantize, row_qparams, rtn_quantize
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_RETRIES = 4  # damping x10 each time: 1%, 10%, 100%, 1000% of mean(diag H)
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum_t x_t x_t^T`` over all calibration tokens, in float32."""
+
+    def __init__(self, n_in: int, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+        self.n_tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)  # [tokens, in]
+        self.sum.addmm_(x.T, x)
+        self.n_tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.n_tokens == 0:
+            raise RuntimeError("no calibration tokens reached this module: its forward hook never ran")
+        return self.sum * (2.0 / self.n_tokens)
+
+
+@dataclass
+class GPTQResult:
+    weight: QuantizedWeight
+    loss: float  # sum over columns of (w - q)^2 / [H^-1]_jj^2 / 2, the paper's objective increase
+    damp: float  # the damping actually added to diag(H)
+    fell_back_to_rtn: bool = False
+
+
+def inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of ``(H + damp I)^-1``, raising damp until it factorises.
+
+    Returns ``(None, damp)`` when even the largest damping fails (then the caller rounds to nearest).
+    """
+    mean_diag = torch.mean(torch.diag(H)).item()
+    damp = damp_percent * mean_diag
+    for _ in range(MAX_DAMP_RETRIES):
+        Hd = H + damp * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, damp
+        log.info("Cholesky failed with damp %.3g; retrying with 10x damping", damp)
+        damp *= 10
+    return None, damp
+
+
+def _block_size(block_size: int, group_size: int, n_groups: int) -> int:
+    """Align lazy blocks with groups so every group's parameters are taken from fully updated weights."""
+    if n_groups == 1:
+        return block_size
+    if group_size <= block_size:
+        return block_size - block_size % group_size
+    return group_size
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
+    """Quantize ``W [out, in]`` given ``H [in, in] = 2 X X^T`` of its calibration inputs.
+
+    Lazy block updates (block ``cfg.block_size``), optional act-order (columns in descending
+    ``diag H``) and static groups (group parameters from the original weights, natural ``g_idx``,
+    so act-order needs no reordering at inference).
+    """
+    W = W.clone().float()
+    H = H.clone().float()
+    rows, cols = W.shape
+    gs = cfg.group_size if cfg.group_size > 0 else cols
+    n_groups = -(-cols // gs)
+
+    dead = torch.diag(H) == 0  # inputs that were always zero: any value is free, use 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    if cfg.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(cols, device=W.device)
+    invperm = torch.argsort(perm)
+
+    Hinv, damp = inverse_cholesky(H[perm][:, perm], cfg.damp_percent)
+    if Hinv is None:
+        log.warning(
+            "GPTQ: H is not positive definite even with damp %.3g; this module falls back to RTN "
+            "(more or more varied calibration text usually fixes this)", damp,
+        )
+        return GPTQResult(rtn_quantize(W, cfg), float("nan"), damp, fell_back_to_rtn=True)
+
+    if cfg.static_groups:
+        scales, zeros = group_qparams(W, cfg)
+        g_idx = natural_g_idx(cols, gs, W.device)
+        col_group = g_idx[perm].long()  # group of each permuted column
+    else:
+        scales = torch.zeros(rows, n_groups, device=W.device)
+        zeros = torch.zeros(rows, n_groups, device=W.device)
+        col_group = torch.arange(cols, device=W.device) // gs  # groups follow the quantization order
+        g_idx = col_group[invperm].to(torch.int32)
+
+    W = W[:, perm]
+    codes = torch.zeros_like(W)
+    loss = torch.zeros((), device=W.device)
+    bs = _block_size(cfg.block_size, gs, n_groups)
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not cfg.static_groups and col % gs == 0:
+                end = min(col + gs, cols)  # groups never straddle a block, unless they start one
+                src = W1[:, i : end - i1] if end <= i2 else W[:, col:end]
+                scales[:, col // gs], zeros[:, col // gs] = row_qparams(src, cfg.bits, cfg.sym, cfg.mse)
+            g = col_group[col]
+            w = W1[:, i]
+            q = quantize(w, scales[:, g], zeros[:, g], cfg.maxq)
+            codes[:, col] = q
+            dq = scales[:, g] * (q - zeros[:, g])
+            d = Hinv1[i, i]
+            loss += ((w - dq) ** 2).sum() / d**2 / 2
+            err = (w - dq) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    weight = QuantizedWeight(
+        codes[:, invperm].to(torch.uint8), scales, zeros.to(torch.uint8), g_idx, cfg.bits, cfg.group_size, cfg.sym
+    )
+    return GPTQResult(weight, loss.item(), damp)

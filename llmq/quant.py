@@ -1,0 +1,121 @@
+"""Quantization primitives: per-group parameters, quantize, dequantize. RTN is these alone.
+
+Conventions (those of the reference GPTQ code and of the GPTQ checkpoint layout):
+codes are integers in [0, 2**bits - 1]; a weight is ``scale * (code - zero)`` with an integer
+zero point per (output row, group); column ``j`` belongs to group ``g_idx[j]``.
+Scales are rounded to float16 when they are chosen, because that is how checkpoints store them:
+the weights llmq computes with are exactly the weights a packed checkpoint decodes to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantConfig
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized ``[out, in]`` weight: ``W[:, j] = scales[:, g] * (codes[:, j] - zeros[:, g])``, ``g = g_idx[j]``."""
+
+    codes: torch.Tensor  # [out, in] uint8
+    scales: torch.Tensor  # [out, n_groups] float32 holding float16 values
+    zeros: torch.Tensor  # [out, n_groups] uint8 integer zero points
+    g_idx: torch.Tensor  # [in] int32
+    bits: int
+    group_size: int  # -1: one group per row
+    sym: bool
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.zeros, self.g_idx)
+
+
+def _fp16_exact(scale: torch.Tensor) -> torch.Tensor:
+    """Round scales up to float16 (the stored dtype): rounding up keeps the range covered."""
+    s16 = scale.clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16)
+    s16 = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
+    return s16.float()
+
+
+def _minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
+    """Scale and zero point covering ``[xmin, xmax]`` (which always contains 0, as the reference)."""
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(both_zero, -1.0, xmin)
+    xmax = torch.where(both_zero, 1.0, xmax)
+    scale = _fp16_exact((xmax - xmin) / maxq)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes (as float) for ``w`` given broadcastable ``scale`` and ``zero``."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def row_qparams(
+    w: torch.Tensor, bits: int, sym: bool, mse: bool = False, grid: int = 100, maxshrink: float = 0.8,
+    norm: float = 2.4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero ``[rows]`` for each row of ``w`` ``[rows, cols]``.
+
+    With ``mse``, shrink the range by ``1 - i/grid`` for ``i < maxshrink*grid`` and keep, per row,
+    the one that minimises ``sum |w - Q(w)|^norm`` (the reference GPTQ code's ``mse`` option).
+    """
+    maxq = 2**bits - 1
+    w = w.float()
+    zeros = torch.zeros(w.shape[0], device=w.device)
+    xmin = torch.minimum(w.min(dim=1).values, zeros)
+    xmax = torch.maximum(w.max(dim=1).values, zeros)
+    scale, zero = _minmax_qparams(xmin, xmax, maxq, sym)
+    if not mse:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(maxshrink * grid)):
+        p = 1 - i / grid
+        s, z = _minmax_qparams(p * xmin, p * xmax, maxq, sym)
+        q = s[:, None] * (quantize(w, s[:, None], z[:, None], maxq) - z[:, None])
+        err = (q - w).abs_().pow_(norm).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def group_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros ``[out, n_groups]`` of consecutive column groups (the last may be partial)."""
+    cols = w.shape[1]
+    gs = cfg.group_size if cfg.group_size > 0 else cols
+    pairs = [row_qparams(w[:, i : i + gs], cfg.bits, cfg.sym, cfg.mse) for i in range(0, cols, gs)]
+    return torch.stack([s for s, _ in pairs], dim=1), torch.stack([z for _, z in pairs], dim=1)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """Float32 weight ``[out, in]`` from codes ``[out, in]`` and per-group scales/zeros ``[out, n_groups]``."""
+    g = g_idx.long()
+    return scales[:, g] * (codes.float() - zeros[:, g].float())
+
+
+def natural_g_idx(cols: int, group_size: int, device: torch.device | None = None) -> torch.Tensor:
+    gs = group_size if group_size > 0 else cols
+    return (torch.arange(cols, device=device) // gs).to(torch.int32)
+
+
+def rtn_quantize(w: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+    """Round-to-nearest: each weight to its nearest grid point, groups' ranges from min/max (or MSE)."""
+    w = w.float()
+    scales, zeros = group_qparams(w, cfg)
+    g_idx = natural_g_idx(w.shape[1], cfg.group_size, w.device)
+    g = g_idx.long()
+    codes = quantize(w, scales[:, g], zeros[:, g], cfg.maxq)
+    return QuantizedWeight(
+        codes.to(torch.uint8), scales, zeros.to(torch.uint8), g_idx, cfg.bits, cfg.group_size, cfg.sym
+    )
