@@ -66,7 +66,7 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
         for name, module in group.items():
             check_finite(job.prefix + name, module.weight)
         accs = {name: HessianAccumulator(m.in_features, m.weight.device) for name, m in group.items()}
-        job.observe(group, lambda name, x: accs[name].add(x))
+        job.observe(group, lambda name, x, accs=accs: accs[name].add(x))
         for name, module in group.items():
             H = accs[name].hessian()
             check_finite(job.prefix + name, H, "calibration Hessian (inputs overflowed?)")

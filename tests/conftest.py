@@ -8,3 +8,19 @@ def _offline_and_seeded(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     torch.manual_seed(0)
+
+
+_TABLES: list[str] = []
+
+
+@pytest.fixture
+def report():
+    """Tables a test wants shown: printed in the terminal summary even when output is captured."""
+    return _TABLES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    for table in _TABLES:
+        terminalreporter.write_line("")
+        for line in table.splitlines():
+            terminalreporter.write_line(line)

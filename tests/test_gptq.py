@@ -2,13 +2,12 @@ import logging
 
 import pytest
 import torch
+from helpers import shared_path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmq.config import QuantConfig
 from llmq.gptq import HessianAccumulator, gptq_quantize
 from llmq.quant import quantize, row_qparams, rtn_quantize
-
-from helpers import shared_path
 
 
 def slow_gptq(W, H, cfg):

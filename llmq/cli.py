@@ -1,0 +1,117 @@
+"""``llmq`` command line: quantize, ppl, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import LlmqError
+
+log = logging.getLogger("llmq")
+
+QUANTIZE_HELP = """Quantize MODEL's decoder-layer linears layer by layer and write the result to --out.
+
+Until packed checkpoints land, --out holds the fake-quantized model: plain safetensors whose
+weights equal the dequantized codes, loadable by any transformers code, plus llmq_recipe.json."""
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model", description=QUANTIZE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="local folder or Hugging Face hub id")
+    p.add_argument("--recipe", help="YAML recipe with the same keys as these options (group_size, ...)")
+    p.add_argument("--method", choices=["rtn", "gptq"])
+    p.add_argument("--bits", type=int, help="2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, help="input columns per group, -1 for one per row (default 128)")
+    p.add_argument("--sym", action="store_true", default=None, help="symmetric (default: asymmetric)")
+    p.add_argument("--act-order", action="store_true", default=None, help="GPTQ in descending diag(H) order")
+    p.add_argument("--static-groups", action="store_true", default=None,
+                   help="with --act-order: fix group parameters up front (natural g_idx)")
+    p.add_argument("--mse", action="store_true", default=None, help="search each group's clipping range")
+    p.add_argument("--damp-percent", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
+    p.add_argument("--calib", help="c4 | wikitext2 | pileval | a local .txt/.jsonl/.parquet (default c4)")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 2048)")
+    p.add_argument("--seed", type=int, help="seed for drawing calibration windows (default 0)")
+    p.add_argument("--device", help="compute device (default: cuda when present, else cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None)
+    p.add_argument("--out", help="output folder (must not exist or be empty)")
+
+
+def _add_ppl(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ppl", help="perplexity by the GPTQ paper's protocol")
+    p.add_argument("model", help="local folder or hub id")
+    p.add_argument("--dataset", default="wikitext2",
+                   help="wikitext2 | c4 | a local .txt (one text) or .jsonl (rows joined with blank lines)")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--device", help="default: cuda when present, else cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end demo on a small LLaMA trained on the spot")
+    p.add_argument("--out", default="llmq-demo", help="working folder (default ./llmq-demo)")
+    p.add_argument("--train-seconds", type=float, default=60.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .api import quantize, save_fake_quantized
+    from .config import Recipe
+
+    keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
+            "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out")
+    given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
+    if not recipe.out:
+        raise LlmqError("no output folder: pass --out DIR (or `out:` in the recipe)")
+    model, tokenizer, _ = quantize(recipe)
+    save_fake_quantized(model, tokenizer, recipe.out, recipe)
+    print(f"wrote {recipe.out}")
+    return 0
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from .api import load_model, resolve_device
+    from .data import eval_windows
+    from .eval import perplexity
+
+    model, tokenizer = load_model(args.model)
+    device = resolve_device(args.device)
+    model.to(device)
+    result = perplexity(model, eval_windows(args.dataset, tokenizer, args.seqlen), device=device)
+    result.update(model=args.model, dataset=args.dataset)
+    print(json.dumps(result) if args.json else f"{args.dataset} perplexity {result['ppl']:.4f} "
+          f"({result['windows']} windows of {result['seqlen']} tokens)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, train_seconds=args.train_seconds, seed=args.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmq", description="Low-bit weight quantization of open LLMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each module's loss")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_ppl(sub)
+    _add_demo(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "demo": cmd_demo}
+    try:
+        return commands[args.command](args)
+    except LlmqError as e:
+        print(f"llmq: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Perplexity (GPTQ protocol) and the lm-eval wrapper (llmq.eval)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llmq.data import eval_windows
+from llmq.errors import LlmqError
+from llmq.eval import perplexity, run_lm_eval
+
+SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+
+
+def shared(*parts: str) -> Path:
+    path = SHARED.joinpath("assets", *parts)
+    if not path.exists():
+        pytest.fail(
+            f"{path} not found: these tests need the shared/ folder beside the checkout (or LLMQ_SHARED)"
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_random_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def reference_nll(model, windows: torch.Tensor) -> tuple[float, int]:
+    """Independent loop: sum over windows of -log_softmax(logits)[t, x_{t+1}] in float64."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logp = torch.log_softmax(model(input_ids=w[None]).logits[0].double(), dim=-1)
+            for t in range(w.numel() - 1):
+                total -= logp[t, w[t + 1]].item()
+                count += 1
+    return total, count
+
+
+def test_perplexity_matches_independent_loop(tiny_random_llama):
+    windows = torch.randint(0, 64, (5, 16), generator=torch.Generator().manual_seed(1))
+    got = perplexity(tiny_random_llama, windows, progress=False)
+    total, count = reference_nll(tiny_random_llama, windows)
+    assert got["tokens"] == count == 5 * 15
+    assert got["windows"] == 5 and got["seqlen"] == 16
+    assert got["nll"] == pytest.approx(total / count, rel=1e-6)
+    assert got["ppl"] == pytest.approx(math.exp(total / count), rel=1e-6)
+    assert 1 < got["ppl"] < 200  # near-uniform over 64 tokens for a random init
+
+
+def test_perplexity_batch_sizes_agree(tiny_random_llama):
+    windows = torch.randint(0, 64, (7, 24), generator=torch.Generator().manual_seed(2))
+    one = perplexity(tiny_random_llama, windows, batch_size=1, progress=False)
+    for bs in (3, 7, 16):
+        other = perplexity(tiny_random_llama, windows, batch_size=bs, progress=False)
+        assert other["nll"] == pytest.approx(one["nll"], rel=1e-6)
+        assert other["tokens"] == one["tokens"] == 7 * 23
+
+
+class UniformLM(torch.nn.Module):
+    """Not a transformers model: equal logits everywhere, so perplexity is exactly the vocab size."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.scale = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids):
+        return SimpleNamespace(
+            logits=self.scale * torch.ones(*input_ids.shape, self.vocab, dtype=torch.bfloat16)
+        )
+
+
+def test_perplexity_any_logits_model_and_training_mode_restored():
+    model = UniformLM(37).train()
+    got = perplexity(model, torch.zeros(4, 10, dtype=torch.long), batch_size=3, progress=False)
+    assert got["ppl"] == pytest.approx(37.0, rel=1e-6)
+    assert got["nll"] == pytest.approx(math.log(37), rel=1e-6)
+    assert model.training
+
+
+def test_perplexity_rejects_bad_windows(tiny_random_llama):
+    with pytest.raises(LlmqError, match="windows must be"):
+        perplexity(tiny_random_llama, torch.zeros(8, dtype=torch.long), progress=False)
+    with pytest.raises(LlmqError, match="windows must be"):
+        perplexity(tiny_random_llama, torch.zeros(3, 1, dtype=torch.long), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_and_wikitext():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = shared("llmq-tiny-llama")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    windows = eval_windows(str(shared("wikitext2-raw", "wikitext-2-raw-v1.test.rows.jsonl")), tok, 256)
+    return model, windows
+
+
+def test_tiny_llama_wikitext2_first_50_windows(tiny_llama_and_wikitext):
+    """The fast stand-in for the full protocol below: the first 50 of its 1514 windows."""
+    model, windows = tiny_llama_and_wikitext
+    got = perplexity(model, windows[:50], batch_size=5, progress=False)
+    assert got["tokens"] == 50 * 255
+    assert 80 < got["ppl"] < 200
+    assert got["ppl"] == pytest.approx(128.07, abs=0.5)  # measured here, fp32
+
+
+@pytest.mark.slow
+def test_tiny_llama_wikitext2_full_test_perplexity(tiny_llama_and_wikitext):
+    """The full WikiText-2 test protocol (1514 windows of 256): about 2-4 minutes on 2 cores."""
+    model, windows = tiny_llama_and_wikitext
+    got = perplexity(model, windows, batch_size=16, progress=False)
+    assert got["windows"] == 1514 and got["tokens"] == 1514 * 255
+    assert 120 < got["ppl"] < 135
+    assert got["ppl"] == pytest.approx(126.74, abs=0.2)  # training-log.txt: 126.7438
+
+
+TASK_YAML = """\
+task: llmq_offline_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+DOCS = [
+    "Once upon a time there was a little dog named Max. Max liked to run in the park.",
+    "The sun was hot.   Lily and Tom went to the sea to swim!\nThey were happy.\n",
+    'Mom said: "Do not touch the cake." But Ben was hungry, so he took a bite.',
+]
+
+
+def test_run_lm_eval_offline_rolling_perplexity_matches_model(tmp_path, monkeypatch):
+    """A local-jsonl loglikelihood_rolling task; lm-eval's figures must equal our own computation.
+
+    lm-eval 0.4.x (HFLM.loglikelihood_rolling + ConfigurableTask.process_results): each document is
+    encoded with the tokenizer's defaults (so with BOS here), the prefix token (BOS) is prepended,
+    every encoded token is scored; word_perplexity = exp(-sum ll / sum words) with
+    words = len(re.split(r"\\s+", doc)), byte_perplexity = exp(-sum ll / sum utf-8 bytes),
+    bits_per_byte = -sum ll / sum bytes / ln 2.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    path = shared("stories260K")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "llmq_offline_rolling.yaml").write_text(TASK_YAML.format(data=data))
+
+    out = run_lm_eval(model, tok, ["llmq_offline_rolling"], include_path=str(tmp_path / "tasks"))
+    res = out["results"]["llmq_offline_rolling"]
+
+    total_ll, words, nbytes = 0.0, 0, 0
+    with torch.no_grad():
+        for doc in DOCS:
+            ids = tok(doc)["input_ids"]
+            assert len(ids) < model.config.max_position_embeddings  # one rolling window per doc
+            inp = torch.tensor([[tok.bos_token_id] + ids[:-1]])
+            logp = torch.log_softmax(model(input_ids=inp).logits[0].float(), dim=-1)
+            total_ll += logp[torch.arange(len(ids)), torch.tensor(ids)].sum().item()
+            words += len(re.split(r"\s+", doc))
+            nbytes += len(doc.encode("utf-8"))
+    assert res["word_perplexity,none"] == pytest.approx(math.exp(-total_ll / words), rel=1e-4)
+    assert res["byte_perplexity,none"] == pytest.approx(math.exp(-total_ll / nbytes), rel=1e-4)
+    assert res["bits_per_byte,none"] == pytest.approx(-total_ll / nbytes / math.log(2), rel=1e-4)
+    assert 1.0 < res["byte_perplexity,none"] < 10.0  # a trained model on in-domain text

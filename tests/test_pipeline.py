@@ -1,0 +1,116 @@
+import pytest
+import torch
+import yaml
+from helpers import tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
+
+from llmq.api import load_model, quantize
+from llmq.arch import ARCHITECTURES, get_arch, get_layers, layer_linears
+from llmq.config import QuantConfig, Recipe
+from llmq.errors import (
+    CalibrationError,
+    CheckpointError,
+    ConfigError,
+    UnsupportedArchitectureError,
+    WeightError,
+)
+from llmq.pipeline import _layer_forward, capture_layer_inputs, quantize_layers
+
+CALIB = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_table_names_real_modules_of_every_architecture(model_type):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+    spec = get_arch(model_type)
+    for name in spec.before + spec.after:
+        model.get_submodule(name)
+    layer = get_layers(model, spec)[0]
+    named = set(layer_linears(layer, spec))
+    all_linears = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert named == all_linears, "every linear of a decoder layer is in exactly one sequential group"
+
+
+def test_captured_inputs_replay_the_full_model():
+    """Layer 0's captured inputs, pushed through the layers with the captured kwargs, give the model's states."""
+    model = tiny_model("qwen3")
+    spec = get_arch("qwen3")
+    hidden, kwargs = capture_layer_inputs(model, spec, CALIB, torch.device("cpu"))
+    with torch.no_grad():
+        expected = model(CALIB, output_hidden_states=True).hidden_states
+        assert torch.allclose(hidden, expected[0])
+        # the last hidden state is taken after the final norm, so compare the layers before it
+        for layer, want in zip(get_layers(model, spec), expected[1:-1], strict=False):
+            hidden = _layer_forward(layer, hidden, kwargs)  # a batch of 6 with kwargs captured at batch 1
+            assert torch.allclose(hidden, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_every_architecture_quantizes_end_to_end(model_type, method):
+    model = tiny_model(model_type)
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    cfg = QuantConfig(method=method, bits=4, group_size=32, act_order=method == "gptq")
+    results = quantize_layers(model, CALIB, cfg, batch_size=4)
+    modules = dict(model.named_modules())
+    expected = {f"model.layers.{i}.{name}" for i in range(2) for name in get_arch(model_type).linears}
+    assert set(results) == expected
+    for name, qw in results.items():
+        assert torch.equal(modules[name].weight.data, qw.dequantize()), name
+        assert int(qw.codes.max()) <= 15
+        assert not torch.equal(modules[name].weight.data, before[name])
+    assert torch.equal(model.lm_head.weight, before["lm_head"]), "lm_head is never quantized"
+
+
+def test_unsupported_architecture_lists_supported_ones(tmp_path):
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", n_embd=32, n_layer=1, n_head=2))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported; supported: llama, mistral"):
+        load_model(str(tmp_path))
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
+        quantize_layers(model, CALIB, QuantConfig())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_weight_is_named(bad):
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.up_proj.weight.data[3, 5] = bad
+    with pytest.raises(WeightError, match=r"model\.layers\.1\.mlp\.up_proj has 1 NaN/Inf"):
+        quantize_layers(model, CALIB, QuantConfig(method="rtn"))
+
+
+def test_missing_model_path_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(str(tmp_path / "no-such-model"))
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_too_little_calibration_text_says_how_much(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 127}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "m")
+    (tmp_path / "short.txt").write_text("w1 w2 w3 " * 10)
+    recipe = Recipe.from_dict(dict(model=str(tmp_path / "m"), calib=str(tmp_path / "short.txt"),
+                                   nsamples=4, seqlen=64))
+    with pytest.raises(CalibrationError, match="30 tokens.*64"):
+        quantize(recipe)
+
+
+def test_recipe_keys_are_checked(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "bits": 3, "group_size": 64, "act_order": True}))
+    recipe = Recipe.from_yaml(path, seed=7)
+    assert (recipe.quant.bits, recipe.quant.group_size, recipe.quant.act_order, recipe.calib.seed) == (3, 64, True, 7)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    path.write_text(yaml.safe_dump({"model": "m", "bitz": 3}))
+    with pytest.raises(ConfigError, match="unknown recipe key\\(s\\) bitz"):
+        Recipe.from_yaml(path)
+    with pytest.raises(ConfigError, match="group_size=0"):
+        Recipe.from_dict({"model": "m", "group_size": 0})
