@@ -5,10 +5,7 @@ This is what ``llmq quantize`` and the Python API run; each step is also usable 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .arch import get_arch
 from .config import Recipe
 from .data import get_calibration
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .export import save_packed
+from .loader import from_pretrained
+from .pack import can_pack
 from .pipeline import LayerResults, quantize_layers
 
 log = logging.getLogger(__name__)
@@ -51,57 +51,50 @@ def check_model_source(name_or_path: str) -> None:
 def load_model(
     name_or_path: str, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, object]:
-    """A causal LM on the CPU and its tokenizer; the architecture is checked before any weight loads."""
+    """A causal LM on the CPU and its tokenizer; the architecture is checked before any weight loads.
+
+    A quantized checkpoint (``quantization_config`` in its config) loads packed through
+    :func:`llmq.from_pretrained`; anything else through transformers.
+    """
     check_model_source(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise CheckpointError(f"cannot load a model config from {name_or_path}: {e}") from e
     get_arch(config.model_type)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype or "auto", trust_remote_code=trust_remote_code
-    )
+    if getattr(config, "quantization_config", None) is not None:
+        model = from_pretrained(name_or_path, torch_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+                                trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype or "auto", trust_remote_code=trust_remote_code
+        )
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 
-def quantize(recipe: Recipe) -> tuple[PreTrainedModel, object, LayerResults]:
-    """Run ``recipe``: returns the model (weights replaced by their quantized values), tokenizer, codes."""
+def quantize(recipe: Recipe, packable_only: bool = True) -> tuple[PreTrainedModel, object, LayerResults]:
+    """Run ``recipe``: returns the model (weights replaced by their quantized values), tokenizer, codes.
+
+    With ``packable_only``, linears whose shape the GPTQ layout cannot hold stay in full precision,
+    so the in-memory model is exactly the one the packed checkpoint decodes to.
+    """
     model, tokenizer = load_model(recipe.model, trust_remote_code=recipe.trust_remote_code)
     c = recipe.calib
     if recipe.quant.method == "rtn":
         calib = torch.zeros(1, 2, dtype=torch.long)  # RTN reads no data; one dummy window fills the pipeline
     else:
         calib = get_calibration(c.calib, tokenizer, c.nsamples, c.seqlen, c.seed)
-    results = quantize_layers(model, calib, recipe.quant, device=resolve_device(recipe.device))
+    bits = recipe.quant.bits
+    keep_fp = (lambda name, m: not can_pack(m.in_features, m.out_features, bits)) if packable_only else None
+    results = quantize_layers(model, calib, recipe.quant, device=resolve_device(recipe.device), keep_fp=keep_fp)
     return model, tokenizer, results
 
 
-def _staging_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.incomplete-{os.getpid()}"
-
-
-def save_fake_quantized(model: PreTrainedModel, tokenizer, out: str | Path, recipe: Recipe) -> Path:
-    """Save the model with its weights replaced by their quantized values, in plain safetensors.
-
-    Written into a hidden sibling folder and renamed when complete, so an interrupted run never
-    leaves a folder that looks finished.
-    """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty: choose another --out or remove it")
-    staging = _staging_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "llmq_recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log.info("wrote %s", out)
-    return out
+def save(model: PreTrainedModel, tokenizer, results: LayerResults, recipe: Recipe, overwrite: bool = False) -> Path:
+    """Write the packed checkpoint of a ``quantize(recipe)`` run to ``recipe.out``."""
+    if not recipe.out:
+        raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
+    return save_packed(model, tokenizer, results, recipe.out, recipe.quant, recipe=recipe.to_dict(),
+                       fmt=recipe.format, max_shard_size=recipe.max_shard_size, overwrite=overwrite)

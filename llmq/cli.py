@@ -1,4 +1,4 @@
-"""``llmq`` command line: quantize, ppl, demo."""
+"""``llmq`` command line: quantize, ppl, info, demo."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from .errors import LlmqError
 
 log = logging.getLogger("llmq")
 
-QUANTIZE_HELP = """Quantize MODEL's decoder-layer linears layer by layer and write the result to --out.
+QUANTIZE_HELP = """Quantize MODEL's decoder-layer linears layer by layer and write a packed checkpoint to --out.
 
-Until packed checkpoints land, --out holds the fake-quantized model: plain safetensors whose
-weights equal the dequantized codes, loadable by any transformers code, plus llmq_recipe.json."""
+The checkpoint uses the GPTQ layout (int32-packed codes, fp16 scales, quantization_config in
+config.json) that llmq.from_pretrained, transformers (with gptqmodel) and vLLM load. Linears whose
+shape the layout cannot hold (a dimension not a multiple of 32) stay in full precision."""
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +30,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act-order", action="store_true", default=None, help="GPTQ in descending diag(H) order")
     p.add_argument("--static-groups", action="store_true", default=None,
                    help="with --act-order: fix group parameters up front (natural g_idx)")
-    p.add_argument("--mse", action="store_true", default=None, help="search each group's clipping range")
+    p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
+                   help="search each group's clipping range (default: on for gptq, off for rtn)")
     p.add_argument("--damp-percent", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
     p.add_argument("--calib", help="c4 | wikitext2 | pileval | a local .txt/.jsonl/.parquet (default c4)")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
@@ -38,6 +40,17 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="compute device (default: cuda when present, else cpu)")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--out", help="output folder (must not exist or be empty)")
+    p.add_argument("--format", choices=["auto", "gptq", "gptq_v2"],
+                   help="zero-point convention: gptq (v1) stores zero-1 and cannot hold 0; auto picks v1 "
+                        "when exact, else gptq_v2 (default auto)")
+    p.add_argument("--max-shard-size", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a packed checkpoint")
+    p.add_argument("checkpoint", help="folder written by llmq quantize (or any GPTQ-layout checkpoint)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
 
 
 def _add_ppl(sub: argparse._SubParsersAction) -> None:
@@ -58,18 +71,26 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import quantize, save_fake_quantized
+    from .api import quantize, save
     from .config import Recipe
 
     keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
-            "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out")
+            "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
     if not recipe.out:
         raise LlmqError("no output folder: pass --out DIR (or `out:` in the recipe)")
-    model, tokenizer, _ = quantize(recipe)
-    save_fake_quantized(model, tokenizer, recipe.out, recipe)
+    model, tokenizer, results = quantize(recipe)
+    save(model, tokenizer, results, recipe, overwrite=args.overwrite)
     print(f"wrote {recipe.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import checkpoint_info, format_info
+
+    info = checkpoint_info(args.checkpoint)
+    print(json.dumps(info) if args.json else format_info(info))
     return 0
 
 
@@ -101,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_ppl(sub)
+    _add_info(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "demo": cmd_demo}
+    commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "info": cmd_info, "demo": cmd_demo}
     try:
         return commands[args.command](args)
     except LlmqError as e:

@@ -121,12 +121,14 @@ def quantize_layers(
     source: LayerSource | None = None,
     sink: Sink | None = None,
     batch_size: int = 8,
+    keep_fp: Callable[[str, nn.Linear], bool] | None = None,
 ) -> LayerResults:
     """Quantize every decoder layer's linears with ``cfg.method``; returns all quantized weights.
 
     ``input_ids`` ``[n, seqlen]`` are the calibration windows. ``source`` yields the layers
     (default: the model's own, in memory); ``sink`` receives each finished layer, and when one is
-    given the results are not also kept (so memory stays at one layer's).
+    given the results are not also kept (so memory stays at one layer's). Linears for which
+    ``keep_fp(full_name, module)`` is true stay in full precision (e.g. shapes a format cannot hold).
     """
     spec = get_arch(model.config.model_type)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -144,7 +146,9 @@ def quantize_layers(
         linears = layer_linears(layer, spec)
         for name, module in linears.items():
             check_finite(prefix + name, module.weight)
-        groups = tuple({name: linears[name] for name in group} for group in spec.sequential)
+        if keep_fp is not None:
+            linears = {name: m for name, m in linears.items() if not keep_fp(prefix + name, m)}
+        groups = tuple(g for g in ({n: linears[n] for n in group if n in linears} for group in spec.sequential) if g)
 
         def observe(modules: dict[str, nn.Linear], fn: Callable[[str, torch.Tensor], None], layer=layer) -> None:
             pending: set[str] = set()

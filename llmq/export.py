@@ -1,0 +1,123 @@
+"""Write a quantized model as a packed checkpoint in the GPTQ layout.
+
+``quantization_config`` carries the keys transformers' GPTQConfig, GPTQModel and vLLM read, and
+llmq's own settings under ``meta``. Linears the layout cannot hold (a dimension not a multiple
+of 32) were left in full precision by the pipeline; they are listed under ``meta.llmq.unquantized``
+and, for GPTQModel/vLLM, as negative ``dynamic`` rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from transformers import PreTrainedModel
+
+from . import __version__
+from .arch import ArchSpec, get_arch
+from .checkpoint import ShardWriter, atomic_output_dir, half_dtype, parse_size, write_json
+from .config import QuantConfig
+from .errors import ConfigError
+from .pack import pack_gptq
+from .quant import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "gptq", "gptq_v2")
+
+
+def choose_format(results: dict[str, QuantizedWeight], requested: str = "auto") -> str:
+    """v1 ("gptq") when every zero point is >= 1, else "gptq_v2"; an explicit v1 that cannot be exact is an error."""
+    has_zero = any(bool((qw.zeros == 0).any()) for qw in results.values())
+    if requested == "auto":
+        return "gptq_v2" if has_zero else "gptq"
+    if requested == "gptq" and has_zero:
+        raise ConfigError('format "gptq" (v1) cannot store a zero point of 0, which this model has: '
+                          'use gptq_v2 or auto')
+    return requested
+
+
+def quantization_config(
+    cfg: QuantConfig, fmt: str, spec: ArchSpec, n_layers: int, unquantized: list[str], recipe: dict[str, Any] | None,
+) -> dict[str, Any]:
+    qc: dict[str, Any] = {
+        "quant_method": "gptq",
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "desc_act": cfg.act_order,
+        "sym": cfg.sym,
+        "true_sequential": cfg.true_sequential,
+        "static_groups": cfg.static_groups,
+        "damp_percent": cfg.damp_percent,
+        "checkpoint_format": fmt,
+        "meta": {
+            "quantizer": [f"llmq:{__version__}"],
+            "llmq": {"quant": dataclasses.asdict(cfg), "recipe": recipe or {}, "unquantized": unquantized},
+        },
+    }
+    if unquantized:
+        qc["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in unquantized}
+        depth = len(spec.layers.split(".")) + 1
+        in_layer = {name.split(".", depth)[-1] for name in unquantized}
+        if len(unquantized) == len(in_layer) * n_layers:  # the same linears skipped in every layer
+            qc["modules_in_block_to_quantize"] = [
+                [n for n in group if n not in in_layer] for group in spec.sequential if set(group) - in_layer
+            ]
+    return qc
+
+
+def save_packed(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    results: dict[str, QuantizedWeight],
+    out: str | Path,
+    cfg: QuantConfig,
+    recipe: dict[str, Any] | None = None,
+    fmt: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Pack ``results`` (full module name -> quantized weight) and save with the rest of ``model``."""
+    spec = get_arch(model.config.model_type)
+    fmt = choose_format(results, fmt)
+    dtype = half_dtype(next(model.parameters()).dtype)
+    modules = dict(model.named_modules())
+    quantized_params = {f"{name}.weight" for name in results}
+    unquantized = sorted(
+        name for name, m in modules.items()
+        if isinstance(m, nn.Linear) and name.startswith(spec.layers + ".") and name not in results
+    )
+    for name in unquantized:
+        log.warning("%s stays in %s: the GPTQ layout cannot hold its shape %s", name, dtype,
+                    tuple(modules[name].weight.shape))
+    tied = "lm_head.weight" if getattr(model.config, "tie_word_embeddings", False) else None
+    with atomic_output_dir(out, overwrite) as staging:
+        writer = ShardWriter(staging, parse_size(max_shard_size))
+        for key, tensor in model.state_dict().items():
+            if key == tied:
+                continue
+            if key in quantized_params:
+                name = key[: -len(".weight")]
+                qw = results[name]
+                packed = pack_gptq(qw.codes, qw.scales, qw.zeros, qw.g_idx, qw.bits, fmt)
+                for suffix, t in packed.items():
+                    writer.add(f"{name}.{suffix}", t)
+            else:
+                writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        writer.close()
+        config = model.config.to_dict()
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config["quantization_config"] = qc = quantization_config(
+            cfg, fmt, spec, len(model.get_submodule(spec.layers)), unquantized, recipe
+        )
+        write_json(staging / "config.json", config)
+        write_json(staging / "quantize_config.json", qc)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return Path(out)

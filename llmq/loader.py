@@ -1,0 +1,178 @@
+"""``llmq.from_pretrained``: load a GPTQ-layout checkpoint with its linears kept packed.
+
+The full-precision model is never materialised: the skeleton is built on the meta device
+(accelerate's ``init_empty_weights``), quantized linears are swapped for ``QuantLinear`` and every
+tensor is read shard by shard into place. Reads llmq's checkpoints and those AutoGPTQ/GPTQModel
+write (v1 and v2 zero points, act-order ``g_idx``, bits 2/3/4/8); refuses, with the reason,
+anything it cannot read exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .checkpoint import shard_files
+from .errors import CheckpointError
+from .pack import GPTQ_BITS
+from .qlinear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def resolve_folder(path_or_hub_id: str) -> Path:
+    """A local folder as is; a hub id through the hub cache (``huggingface_hub.snapshot_download``)."""
+    path = Path(path_or_hub_id)
+    if path.is_dir():
+        return path
+    if path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") != 1:
+        raise CheckpointError(f"checkpoint {path_or_hub_id} does not exist: give a folder or a hub id (org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                      "*.txt", "*.jinja"]))
+    except Exception as e:  # offline, unknown repo, gated repo: all mean "cannot get it"
+        raise CheckpointError(f"cannot fetch {path_or_hub_id} from the Hugging Face hub or its cache: {e}") from e
+
+
+def read_quant_config(config: Any) -> dict[str, Any]:
+    """The checkpoint's ``quantization_config``, checked for what this loader can decode."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        raise CheckpointError("config.json has no quantization_config: this is not a quantized checkpoint "
+                              "(load it with transformers directly)")
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = qc.get("quant_method")
+    if method != "gptq":
+        raise CheckpointError(f"quant_method {method!r} is not supported by llmq.from_pretrained (supported: gptq)")
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"checkpoint_format {fmt!r} is not supported (supported: gptq, gptq_v2)")
+    if qc.get("bits") not in GPTQ_BITS:
+        raise CheckpointError(f"bits={qc.get('bits')} in quantization_config is not one of {GPTQ_BITS}")
+    return {**qc, "checkpoint_format": fmt}
+
+
+def _swap_quant_linears(model: nn.Module, shapes: dict[str, dict[str, tuple]], qc: dict[str, Any],
+                        dtype: torch.dtype) -> None:
+    bits = qc["bits"]
+    for name, tensors in shapes.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"checkpoint has quantized tensors for {name}, which the model lacks") from None
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{name} is a {type(linear).__name__}, not a linear: config and tensors disagree")
+        missing = [s for s in QUANT_SUFFIXES if s not in tensors]
+        if missing:
+            raise CheckpointError(f"{name} lacks tensor(s) {', '.join(missing)}: the checkpoint is incomplete")
+        n_groups = tensors["scales"][0]
+        expected = {"qweight": (linear.in_features * bits // 32, linear.out_features),
+                    "qzeros": (n_groups, linear.out_features * bits // 32),
+                    "scales": (n_groups, linear.out_features), "g_idx": (linear.in_features,)}
+        for suffix, shape in expected.items():
+            if tuple(tensors[suffix]) != shape:
+                raise CheckpointError(
+                    f"{name}.{suffix} has shape {tuple(tensors[suffix])}, expected {shape} for bits={bits} "
+                    f"and a ({linear.out_features}, {linear.in_features}) weight: config and tensors disagree"
+                )
+        qlinear = QuantLinear(linear.in_features, linear.out_features, bits, n_groups, linear.bias is not None,
+                              zero_offset=1 if qc["checkpoint_format"] == "gptq" else 0, dtype=dtype, device="meta")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, qlinear)
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, device: torch.device) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    if old is None or tuple(old.shape) != tuple(value.shape):
+        raise CheckpointError(f"tensor {key} has shape {tuple(value.shape)}, the model expects "
+                              f"{None if old is None else tuple(old.shape)}: config and tensors disagree")
+    if value.is_floating_point() and old.is_floating_point():
+        value = value.to(old.dtype)
+    elif value.dtype != old.dtype and not (isinstance(module, QuantLinear) and attr == "g_idx"):
+        raise CheckpointError(f"tensor {key} has dtype {value.dtype}, expected {old.dtype}")
+    value = value.to(device=device, dtype=old.dtype)
+    if isinstance(old, nn.Parameter):
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def from_pretrained(
+    path_or_hub_id: str,
+    device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype = torch.float16,
+    device_map: str | dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A transformers model whose quantized linears are :class:`QuantLinear` (packed) modules.
+
+    ``device_map`` (accelerate's: ``"auto"``, a dict, or one device) spreads the loaded model over
+    devices; without it everything goes to ``device``.
+    """
+    folder = resolve_folder(path_or_hub_id)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    qc = read_quant_config(config)
+    where = shard_files(folder)
+    shapes: dict[str, dict[str, tuple]] = defaultdict(dict)
+    for key, path in where.items():
+        module, _, suffix = key.rpartition(".")
+        if suffix in QUANT_SUFFIXES:
+            with safe_open(str(path), framework="pt") as f:
+                shapes[module][suffix] = tuple(f.get_slice(key).get_shape())
+
+    skeleton_config = copy.deepcopy(config)
+    del skeleton_config.quantization_config  # build a plain model; the swap below makes it quantized
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(skeleton_config, dtype=torch_dtype,
+                                                 trust_remote_code=trust_remote_code)
+    _swap_quant_linears(model, shapes, qc, torch_dtype)
+
+    target = torch.device("cpu") if device_map is not None else torch.device(device)
+    expected = {k for k, _ in model.named_parameters()} | {k for k, _ in model.named_buffers()
+                                                           if k.rpartition(".")[0] in shapes}
+    by_shard: dict[Path, list[str]] = defaultdict(list)
+    for key, path in where.items():
+        by_shard[path].append(key)
+    loaded = set()
+    for path, keys in tqdm(sorted(by_shard.items()), desc="loading shards", unit="shard",
+                           disable=len(by_shard) < 2):
+        with safe_open(str(path), framework="pt") as f:
+            for key in keys:
+                if key not in expected:
+                    raise CheckpointError(f"unexpected tensor {key} in {path.name}: the checkpoint does not match "
+                                          f"the {config.model_type} architecture in config.json")
+                _set_tensor(model, key, f.get_tensor(key), target)
+                loaded.add(key)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        loaded |= {k for k, p in model.named_parameters(remove_duplicate=False) if p.device.type != "meta"}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}: it is incomplete")
+    model.config.quantization_config = qc
+    model.eval()
+    if device_map is None:
+        return model.to(target)  # buffers built outside the meta device (rotary tables) follow
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if device_map == "auto":
+        device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+    elif isinstance(device_map, (str, torch.device)):
+        device_map = {"": device_map}
+    return dispatch_model(model, device_map=device_map)
