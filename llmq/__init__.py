@@ -1,5 +1,7 @@
 """llmq: layer-by-layer low-bit weight quantization of open LLMs."""
 
+__version__ = "0.1.0"
+
 from .config import CalibConfig, QuantConfig, Recipe
 from .errors import (
     CalibrationError,
@@ -11,7 +13,12 @@ from .errors import (
 )
 from .quant import QuantizedWeight
 
-__version__ = "0.1.0"
+
+def from_pretrained(*args, **kwargs):
+    """Load a packed GPTQ-layout checkpoint; see :func:`llmq.loader.from_pretrained`."""
+    from .loader import from_pretrained as _from_pretrained
+
+    return _from_pretrained(*args, **kwargs)
 
 __all__ = [
     "CalibConfig",
@@ -24,4 +31,5 @@ __all__ = [
     "Recipe",
     "UnsupportedArchitectureError",
     "WeightError",
+    "from_pretrained",
 ]

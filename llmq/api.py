@@ -96,5 +96,6 @@ def save(model: PreTrainedModel, tokenizer, results: LayerResults, recipe: Recip
     """Write the packed checkpoint of a ``quantize(recipe)`` run to ``recipe.out``."""
     if not recipe.out:
         raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
-    return save_packed(model, tokenizer, results, recipe.out, recipe.quant, recipe=recipe.to_dict(),
+    recorded = {k: v for k, v in recipe.to_dict().items() if k not in ("out", "device")}  # same bytes anywhere
+    return save_packed(model, tokenizer, results, recipe.out, recipe.quant, recipe=recorded,
                        fmt=recipe.format, max_shard_size=recipe.max_shard_size, overwrite=overwrite)

@@ -1,7 +1,8 @@
 """``llmq demo``: the whole job offline on an embedded default.
 
 Trains (once, then cached in the working folder) a small LLaMA on text the code generates, then
-quantizes it with RTN and GPTQ at W4 g128 and W3 g128 and prints the held-out perplexity table.
+for RTN and GPTQ at W4 g128 and W3 g128: quantize -> pack -> load the packed checkpoint ->
+evaluate, and prints the held-out perplexity table with each checkpoint's size.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from .config import QuantConfig
 from .data import calibration_windows, eval_windows
 from .demo_model import DEMO_TEXTS_FILE, make_demo_model
 from .eval import perplexity
+from .export import save_packed
+from .info import checkpoint_info
+from .loader import from_pretrained
 from .pipeline import quantize_layers
 
 log = logging.getLogger(__name__)
@@ -44,14 +48,22 @@ def run_demo(out: str | Path, train_seconds: float = 60.0, seed: int = 0) -> dic
     def load() -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
-    table = {"FP32": perplexity(load(), evals, batch_size=8, progress=False)["ppl"]}
+    rows = [("FP32", perplexity(load(), evals, batch_size=8, progress=False)["ppl"], "")]
     for bits in (4, 3):
         for label, kw in DEMO_RUNS:
+            cfg = QuantConfig(bits=bits, group_size=128, **kw)
             model = load()
-            quantize_layers(model, calib, QuantConfig(bits=bits, group_size=128, **kw), device="cpu")
-            table[f"W{bits} g128 {label}"] = perplexity(model, evals, batch_size=8, progress=False)["ppl"]
-    width = max(map(len, table))
-    print(f"\nheld-out perplexity of the demo LLaMA ({evals.shape[0]} windows of {evals.shape[1]} tokens)")
-    for label, ppl in table.items():
-        print(f"  {label:<{width}}  {ppl:8.3f}")
-    return table
+            results = quantize_layers(model, calib, cfg, device="cpu")
+            ckpt = out / f"w{bits}-g128-{label.lower().replace(' ', '-')}"
+            save_packed(model, tokenizer, results, ckpt, cfg, overwrite=True)
+            packed = from_pretrained(str(ckpt), torch_dtype=torch.float32)
+            info = checkpoint_info(ckpt)
+            size = f"{info['effective_bits_per_weight']:.2f} bits/weight, {info['size_vs_fp16']:.0%} of FP16"
+            rows.append((f"W{bits} g128 {label}", perplexity(packed, evals, batch_size=8, progress=False)["ppl"], size))
+    width = max(len(label) for label, _, _ in rows)
+    print(f"\nheld-out perplexity of the demo LLaMA, packed checkpoints reloaded "
+          f"({evals.shape[0]} windows of {evals.shape[1]} tokens)")
+    for label, ppl, size in rows:
+        print(f"  {label:<{width}}  {ppl:8.4f}  {size}")
+    print(f"checkpoints in {out}")
+    return {label: ppl for label, ppl, _ in rows}

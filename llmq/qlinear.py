@@ -1,17 +1,19 @@
 """QuantLinear: a linear layer that keeps its weight packed in the GPTQ layout.
 
-The forward unpacks and dequantizes this one layer's weight, multiplies, and lets the temporary
-go: resident memory stays at the packed size. This pure-PyTorch path runs on any device; it is
-also the reference a fused kernel must match.
+The forward dequantizes the weight a slice of input rows at a time and accumulates the partial
+products, so no more than a slice of one layer's weight ever exists unpacked and resident memory
+stays close to the packed size. This pure-PyTorch path runs on any device; ``dequantized_weight``
+is the slow, obviously correct reference it is tested against.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .pack import unpack_cols, unpack_rows
+
+ROWS_PER_SLICE = 128  # a multiple of 32: slices start on packing-block boundaries for every width
 
 
 class QuantLinear(nn.Module):
@@ -30,16 +32,26 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The ``[out, in]`` weight the codes stand for (computed in float32, returned in ``dtype``)."""
-        codes = unpack_rows(self.qweight, self.bits, self.in_features)  # [in, out]
+    def _dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Input rows ``start:stop`` of the transposed weight, ``[stop - start, out]``, in ``dtype``."""
+        words_per_row = self.bits / 32
+        codes = unpack_rows(self.qweight[int(start * words_per_row) : int(stop * words_per_row)], self.bits,
+                            stop - start)  # [rows, out]
         zeros = unpack_cols(self.qzeros, self.bits, self.out_features).float() + self.zero_offset  # [groups, out]
-        g = self.g_idx.long()
-        w = (codes.float() - zeros[g]) * self.scales.float()[g]  # [in, out]
-        return w.T.to(dtype or self.scales.dtype)
+        g = self.g_idx[start:stop].long()
+        return ((codes.float() - zeros[g]) * self.scales.float()[g]).to(dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole ``[out, in]`` weight the codes stand for (float32 arithmetic, returned in ``dtype``)."""
+        return self._dequantize_rows(0, self.in_features, torch.float32).T.to(dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        out = None
+        for start in range(0, self.in_features, ROWS_PER_SLICE):
+            stop = min(start + ROWS_PER_SLICE, self.in_features)
+            part = x[..., start:stop] @ self._dequantize_rows(start, stop, x.dtype)  # [..., out]
+            out = part if out is None else out.add_(part)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"

@@ -1,0 +1,99 @@
+"""Reproduce llmq's perplexity tables on the two models in ../shared (protocol: ../shared/README.md).
+
+    python eval/ppl_table.py                 # both tables, markdown, then one JSON line
+    python eval/ppl_table.py --only stories260k
+
+stories260K: calibration 64 windows of 128 tokens from the first third (by characters) of
+TinyStories-valid.Ahmedessaa-30k.txt, evaluation on the other two thirds in 128-token windows,
+asymmetric group 32, every linear quantized (fake-quantized in memory: in_features 172 cannot be
+packed). llmq-tiny-llama: calibration 128 x 256 tokens from C4 records 0-899, evaluation on C4
+records 900-999 and WikiText-2 test, 256-token non-overlapping windows, asymmetric group 128.
+The tests in tests/test_perplexity_tables.py run these functions and assert on their results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmq.config import QuantConfig
+from llmq.data import calibration_windows, eval_windows
+from llmq.eval import perplexity
+from llmq.pipeline import quantize_layers
+
+SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+RUNS = {
+    "RTN": dict(method="rtn"),
+    "GPTQ": {},
+    "GPTQ act-order": dict(act_order=True),
+    "GPTQ min-max": dict(mse=False),
+    "GPTQ act-order min-max": dict(act_order=True, mse=False),
+}
+
+
+def _ppl(path: Path, calib, cfg: QuantConfig | None, evals: dict) -> dict[str, float]:
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    if cfg is not None:
+        quantize_layers(model, calib, cfg, device="cpu")
+    return {name: perplexity(model, w, batch_size=8, progress=False)["ppl"] for name, w in evals.items()}
+
+
+def _table(path: Path, calib, evals: dict, group_size: int, rows: dict[int, list[str]]) -> dict[str, dict]:
+    """``{"FP": {eval: ppl}, "W3 GPTQ": {eval: ppl}, ...}`` for the ``rows`` (bits -> run names)."""
+    out = {"FP": _ppl(path, calib, None, evals)}
+    for bits, names in rows.items():
+        for name in names:
+            cfg = QuantConfig(bits=bits, group_size=group_size, **RUNS[name])
+            out[f"W{bits} {name}"] = _ppl(path, calib, cfg, evals)
+    return out
+
+
+def stories260k(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) -> dict[str, dict]:
+    path = shared / "assets" / "stories260K"
+    text = (shared / "assets" / "tinystories-text" / "TinyStories-valid.Ahmedessaa-30k.txt").read_text()
+    tok = AutoTokenizer.from_pretrained(path)
+    third = len(text) // 3
+    calib = calibration_windows(text[:third], tok, nsamples=64, seqlen=128, seed=0, per_document=False)
+    evals = {"TinyStories": eval_windows([text[third:]], tok, 128)}
+    return _table(path, calib, evals, 32, rows or {4: list(RUNS), 3: list(RUNS)})
+
+
+def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) -> dict[str, dict]:
+    path = shared / "assets" / "llmq-tiny-llama"
+    records = (shared / "assets" / "c4-sample" / "c4_train_00000_first1000.jsonl").read_text().splitlines()
+    c4 = [json.loads(r)["text"] for r in records]
+    tok = AutoTokenizer.from_pretrained(path)
+    calib = calibration_windows(c4[:900], tok, nsamples=128, seqlen=256, seed=0, per_document=True)
+    wiki = shared / "assets" / "wikitext2-raw" / "wikitext-2-raw-v1.test.rows.jsonl"
+    evals = {"WikiText-2": eval_windows(str(wiki), tok, 256), "C4 900-999": eval_windows(c4[900:], tok, 256)}
+    return _table(path, calib, evals, 128, rows or {4: ["RTN", "GPTQ"], 3: ["RTN", "GPTQ", "GPTQ act-order"]})
+
+
+def markdown(title: str, table: dict[str, dict]) -> str:
+    evals = list(next(iter(table.values())))
+    lines = [f"**{title}**", "", "| | " + " | ".join(evals) + " |", "|---" * (len(evals) + 1) + "|"]
+    lines += [f"| {row} | " + " | ".join(f"{v[e]:.3f}" for e in evals) + " |" for row, v in table.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shared", type=Path, default=SHARED)
+    p.add_argument("--only", choices=["stories260k", "tiny-llama"])
+    args = p.parse_args()
+    tables = {}
+    if args.only in (None, "stories260k"):
+        tables["stories260K, asym g32, every linear"] = stories260k(args.shared)
+    if args.only in (None, "tiny-llama"):
+        tables["llmq-tiny-llama, asym g128, seqlen 256"] = tiny_llama(args.shared)
+    for title, table in tables.items():
+        print(markdown(title, table) + "\n")
+    print(json.dumps(tables))
+
+
+if __name__ == "__main__":
+    main()

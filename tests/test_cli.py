@@ -1,0 +1,62 @@
+"""The command line end to end: quantize (CLI options and recipe), info, ppl --json, demo."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import shared_path
+
+from llmq.cli import main
+from llmq.config import Recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    recipe = Recipe.from_yaml(path)
+    assert recipe.out and recipe.quant.bits in (3, 4)
+
+
+def test_quantize_info_and_ppl_from_the_command_line(tmp_path, capsys):
+    model = str(shared_path("assets", "stories260K"))
+    text = str(shared_path("assets", "tinystories-text", "tinystories_sample.cs336.txt"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(model=model, method="gptq", bits=4, group_size=32, calib=text,
+                                          nsamples=8, seqlen=64)))
+    assert main(["quantize", "--recipe", str(recipe), "--act-order", "--out", str(tmp_path / "q")]) == 0
+    assert main(["info", str(tmp_path / "q"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (info["bits"], info["group_size"], info["act_order"], info["method"]) == (4, 32, True, "gptq")
+    assert main(["ppl", str(tmp_path / "q"), "--dataset", text, "--seqlen", "64", "--json"]) == 0
+    packed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["ppl", model, "--dataset", text, "--seqlen", "64", "--json"]) == 0
+    fp = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert packed["tokens"] == fp["tokens"] > 0
+    assert fp["ppl"] < packed["ppl"] < 1.2 * fp["ppl"]  # W4 costs a little, not a lot
+    # a finished output is never overwritten without --overwrite
+    assert main(["quantize", "--recipe", str(recipe), "--out", str(tmp_path / "q")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "x", "--bits", "5", "--out", "o"], "bits=5 is not supported"),
+    (["quantize", "x", "--group-size", "0", "--out", "o"], "group_size=0 is invalid"),
+    (["quantize", "/no/such/model", "--out", "o"], "model path /no/such/model does not exist"),
+    (["quantize", "x"], "no output folder"),
+])
+def test_bad_command_lines_exit_2_with_the_reason(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_runs_offline_and_gptq_helps(tmp_path, capsys):
+    from llmq.demo import run_demo
+
+    table = run_demo(tmp_path, train_seconds=20)
+    out = capsys.readouterr().out
+    assert "W3 g128 GPTQ act-order" in out and "bits/weight" in out
+    assert set(table) == {"FP32"} | {f"W{b} g128 {m}" for b in (4, 3) for m in ("RTN", "GPTQ", "GPTQ act-order")}
+    assert table["FP32"] < table["W3 g128 RTN"]
+    assert table["W3 g128 GPTQ"] < table["W3 g128 RTN"]
