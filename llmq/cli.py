@@ -1,4 +1,4 @@
-"""``llmq`` command line: quantize, ppl, info, demo."""
+"""``llmq`` command line: quantize, ppl, eval, info, demo."""
 
 from __future__ import annotations
 
@@ -47,6 +47,17 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a model or packed checkpoint")
+    p.add_argument("model", help="local folder (plain or packed) or hub id")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", help="folder of extra task YAMLs (e.g. tasks over local files)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--limit", type=float, help="examples per task (a fraction if < 1)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", help="default: cuda when present, else cpu")
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a packed checkpoint")
     p.add_argument("checkpoint", help="folder written by llmq quantize (or any GPTQ-layout checkpoint)")
@@ -86,6 +97,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import load_model, resolve_device
+    from .eval import run_lm_eval
+
+    model, tokenizer = load_model(args.model)
+    out = run_lm_eval(model, tokenizer, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
+                      num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                      device=str(resolve_device(args.device)))
+    print(json.dumps(out["results"], default=str))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import checkpoint_info, format_info
 
@@ -122,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_ppl(sub)
+    _add_eval(sub)
     _add_info(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "info": cmd_info, "demo": cmd_demo}
+    commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
     try:
         return commands[args.command](args)
     except LlmqError as e:

@@ -165,7 +165,9 @@ def from_pretrained(
     missing = sorted(expected - loaded)
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}: it is incomplete")
-    model.config.quantization_config = qc
+    # Kept beside the config, not in it: transformers and lm-eval treat a config's
+    # quantization_config as a request to run their own GPTQ integration on the model.
+    model.llmq_quantization_config = qc
     model.eval()
     if device_map is None:
         return model.to(target)  # buffers built outside the meta device (rotary tables) follow

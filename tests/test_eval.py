@@ -11,10 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmq.data import eval_windows
 from llmq.errors import LlmqError
 from llmq.eval import perplexity, run_lm_eval
+from llmq.qlinear import QuantLinear
 
 SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 
@@ -151,7 +153,24 @@ DOCS = [
 ]
 
 
-def test_run_lm_eval_offline_rolling_perplexity_matches_model(tmp_path, monkeypatch):
+def _packed_stories260k(path, tmp_path):
+    """stories260K at RTN W4 g32, packed (the 172-wide MLP stays in full precision) and reloaded."""
+    import llmq
+    from llmq.config import QuantConfig
+    from llmq.export import save_packed
+    from llmq.pack import can_pack
+    from llmq.pipeline import quantize_layers
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    cfg = QuantConfig(method="rtn", bits=4, group_size=32)
+    results = quantize_layers(model, torch.zeros(1, 2, dtype=torch.long), cfg,
+                              keep_fp=lambda name, m: not can_pack(m.in_features, m.out_features, 4))
+    save_packed(model, AutoTokenizer.from_pretrained(path), results, tmp_path / "packed", cfg)
+    return llmq.from_pretrained(str(tmp_path / "packed"), torch_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["fp32", "packed-w4"])
+def test_run_lm_eval_offline_rolling_perplexity_matches_model(tmp_path, monkeypatch, packed):
     """A local-jsonl loglikelihood_rolling task; lm-eval's figures must equal our own computation.
 
     lm-eval 0.4.x (HFLM.loglikelihood_rolling + ConfigurableTask.process_results): each document is
@@ -160,14 +179,16 @@ def test_run_lm_eval_offline_rolling_perplexity_matches_model(tmp_path, monkeypa
     words = len(re.split(r"\\s+", doc)), byte_perplexity = exp(-sum ll / sum utf-8 bytes),
     bits_per_byte = -sum ll / sum bytes / ln 2.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     path = shared("stories260K")
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if packed:
+        model = _packed_stories260k(path, tmp_path)
+        assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 5 * 4  # q, k, v, o in 5 layers
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
