@@ -11,6 +11,7 @@ The pipeline knows no method by name and no checkpoint format.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -113,6 +114,38 @@ def _layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any
     return out[0] if isinstance(out, tuple) else out
 
 
+def _observe(
+    layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
+    modules: dict[str, nn.Linear], fn: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Run ``layer`` over ``hidden`` in batches, calling ``fn(name, x)`` with each listed module's input.
+
+    Each batch stops as soon as every listed module has seen it: the rest of the layer is not needed.
+    """
+    pending: set[str] = set()
+
+    def hook(name: str):
+        def _hook(module: nn.Module, args: tuple, output: Any) -> None:
+            fn(name, args[0].detach())
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+        return _hook
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for i in range(0, hidden.shape[0], batch_size):
+                pending.update(modules)
+                try:
+                    _layer_forward(layer, hidden[i : i + batch_size], kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def quantize_layers(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -150,32 +183,9 @@ def quantize_layers(
             linears = {name: m for name, m in linears.items() if not keep_fp(prefix + name, m)}
         groups = tuple(g for g in ({n: linears[n] for n in group if n in linears} for group in spec.sequential) if g)
 
-        def observe(modules: dict[str, nn.Linear], fn: Callable[[str, torch.Tensor], None], layer=layer) -> None:
-            pending: set[str] = set()
-
-            def hook(name: str):
-                def _hook(module: nn.Module, args: tuple, output: Any) -> None:
-                    fn(name, args[0].detach())
-                    pending.discard(name)
-                    if not pending:
-                        raise _StopForward  # the rest of the layer is not needed for these inputs
-                return _hook
-
-            handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
-            try:
-                with torch.no_grad():
-                    for i in range(0, hidden.shape[0], batch_size):
-                        pending.update(modules)
-                        try:
-                            _layer_forward(layer, hidden[i : i + batch_size], kwargs)
-                        except _StopForward:
-                            pass
-            finally:
-                for h in handles:
-                    h.remove()
-
+        observe = functools.partial(_observe, layer, hidden, kwargs, batch_size)
         results = method(LayerJob(index, prefix, groups, cfg, observe))
-        with torch.no_grad():
+        with torch.no_grad():  # the quantized layer's outputs are the next layer's inputs
             for i in range(0, hidden.shape[0], batch_size):
                 hidden[i : i + batch_size] = _layer_forward(layer, hidden[i : i + batch_size], kwargs)
         layer_results = {prefix + name: qw for name, qw in results.items()}

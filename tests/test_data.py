@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import shared_path
 
 from llmq.data import (
     c4_eval_windows,
@@ -20,35 +19,24 @@ from llmq.data import (
 )
 from llmq.errors import CalibrationError
 
-SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-
-
-def shared(*parts: str) -> Path:
-    path = SHARED.joinpath("assets", *parts)
-    if not path.exists():
-        pytest.fail(
-            f"{path} not found: these tests need the shared/ folder beside the checkout (or LLMQ_SHARED)"
-        )
-    return path
-
 
 @pytest.fixture(scope="module")
 def tiny_tok():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(shared("llmq-tiny-llama"))
+    return AutoTokenizer.from_pretrained(shared_path("assets", "llmq-tiny-llama"))
 
 
 @pytest.fixture(scope="module")
 def stories_tok():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(shared("stories260K"))
+    return AutoTokenizer.from_pretrained(shared_path("assets", "stories260K"))
 
 
 @pytest.fixture(scope="module")
 def c4_docs() -> list[str]:
-    return load_texts(str(shared("c4-sample", "c4_train_00000_first1000.jsonl")))
+    return load_texts(str(shared_path("assets", "c4-sample", "c4_train_00000_first1000.jsonl")))
 
 
 def ids_of(tok, text: str) -> torch.Tensor:
@@ -66,7 +54,7 @@ def slice_starts(stream: torch.Tensor, window: torch.Tensor) -> list[int]:
 
 
 def test_stream_windows_deterministic_shaped_and_contiguous(stories_tok):
-    text = shared("tinystories-text", "TinyStories-valid.Ahmedessaa-30k.txt").read_text()
+    text = shared_path("assets", "tinystories-text", "TinyStories-valid.Ahmedessaa-30k.txt").read_text()
     a = calibration_windows(text, stories_tok, nsamples=16, seqlen=64, seed=0, per_document=False)
     b = calibration_windows(text, stories_tok, nsamples=16, seqlen=64, seed=0, per_document=False)
     c = calibration_windows(text, stories_tok, nsamples=16, seqlen=64, seed=1, per_document=False)
@@ -81,9 +69,8 @@ def test_stream_windows_deterministic_shaped_and_contiguous(stories_tok):
 
 
 def test_stream_windows_join_texts_with_blank_line(stories_tok):
-    texts = [
-        t for t in shared("tinystories-text", "tinystories_sample.cs336.txt").read_text().split("\n") if t
-    ]
+    sample = shared_path("assets", "tinystories-text", "tinystories_sample.cs336.txt").read_text()
+    texts = [t for t in sample.split("\n") if t]
     assert len(texts) > 3
     w = calibration_windows(texts, stories_tok, nsamples=8, seqlen=32, seed=3, per_document=False)
     stream = ids_of(stories_tok, "\n\n".join(texts))
@@ -110,7 +97,7 @@ def test_too_little_text_reports_token_counts(stories_tok):
 
 
 def test_overlapping_windows_warn_not_fail(stories_tok, caplog):
-    text = shared("tinystories-text", "tinystories_sample.cs336.txt").read_text()
+    text = shared_path("assets", "tinystories-text", "tinystories_sample.cs336.txt").read_text()
     ntok = len(stories_tok(text)["input_ids"])
     assert 64 < ntok < 64 * 64
     with caplog.at_level(logging.WARNING, logger="llmq.data"):
@@ -141,7 +128,7 @@ def test_per_document_windows_lie_inside_single_documents(tiny_tok, c4_docs):
 
 
 def test_per_document_skips_short_documents(stories_tok):
-    long_doc = shared("tinystories-text", "tinystories_sample.cs336.txt").read_text()
+    long_doc = shared_path("assets", "tinystories-text", "tinystories_sample.cs336.txt").read_text()
     docs = ["Tom ran."] * 40 + [long_doc] + ["A dog."] * 40
     w = calibration_windows(docs, stories_tok, nsamples=6, seqlen=48, seed=5, per_document=True)
     stream = ids_of(stories_tok, long_doc)
@@ -156,7 +143,7 @@ def test_per_document_no_long_document_raises(stories_tok):
 
 
 def test_get_calibration_protocol_follows_source_type(tiny_tok, c4_docs, tmp_path):
-    jsonl = shared("c4-sample", "c4_train_00000_first1000.jsonl")
+    jsonl = shared_path("assets", "c4-sample", "c4_train_00000_first1000.jsonl")
     got = get_calibration(str(jsonl), tiny_tok, nsamples=8, seqlen=64, seed=2)
     assert torch.equal(got, calibration_windows(c4_docs, tiny_tok, 8, 64, seed=2, per_document=True))
     txt = tmp_path / "calib.txt"
@@ -233,8 +220,8 @@ def test_hub_names_call_the_papers_datasets(monkeypatch):
 
 
 def test_wikitext2_rows_equal_joined_text_windows(tiny_tok):
-    rows = shared("wikitext2-raw", "wikitext-2-raw-v1.test.rows.jsonl")
-    joined = shared("wikitext2-raw", "wikitext-2-raw-v1.test.joined.txt")
+    rows = shared_path("assets", "wikitext2-raw", "wikitext-2-raw-v1.test.rows.jsonl")
+    joined = shared_path("assets", "wikitext2-raw", "wikitext-2-raw-v1.test.joined.txt")
     a = eval_windows(str(rows), tiny_tok, 256)
     b = eval_windows(str(joined), tiny_tok, 256)
     assert torch.equal(a, b)

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import shared_path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmq.data import eval_windows
 from llmq.errors import LlmqError
 from llmq.eval import perplexity, run_lm_eval
 from llmq.qlinear import QuantLinear
-
-SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-
-
-def shared(*parts: str) -> Path:
-    path = SHARED.joinpath("assets", *parts)
-    if not path.exists():
-        pytest.fail(
-            f"{path} not found: these tests need the shared/ folder beside the checkout (or LLMQ_SHARED)"
-        )
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +100,10 @@ def test_perplexity_rejects_bad_windows(tiny_random_llama):
 def tiny_llama_and_wikitext():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = shared("llmq-tiny-llama")
+    path = shared_path("assets", "llmq-tiny-llama")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    windows = eval_windows(str(shared("wikitext2-raw", "wikitext-2-raw-v1.test.rows.jsonl")), tok, 256)
+    windows = eval_windows(str(shared_path("assets", "wikitext2-raw", "wikitext-2-raw-v1.test.rows.jsonl")), tok, 256)
     return model, windows
 
 
@@ -182,7 +170,7 @@ def test_run_lm_eval_offline_rolling_perplexity_matches_model(tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    path = shared("stories260K")
+    path = shared_path("assets", "stories260K")
     tok = AutoTokenizer.from_pretrained(path)
     if packed:
         model = _packed_stories260k(path, tmp_path)
