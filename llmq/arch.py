@@ -17,11 +17,26 @@ from .errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
+class ScaleGroup:
+    """Where an AWQ scale folds: ``linears`` read ``prev``'s output (AWQ, Lin et al. 2024, Sec. 3.2).
+
+    The linears' input columns are multiplied by ``s`` and ``prev``'s output channels divided by it
+    (a norm's weight and bias, or a linear's output rows), which leaves the function unchanged.
+    ``inspect`` is the module whose output the scale search compares (default: the one linear).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str | None = None
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     layers: str  # dotted path of the nn.ModuleList of decoder layers
     sequential: tuple[tuple[str, ...], ...]  # linears inside a layer, in true-sequential groups
     before: tuple[str, ...]  # modules run before the first layer (embedding, rotary)
     after: tuple[str, ...]  # modules run after the last layer (final norm, lm_head)
+    scale_groups: tuple[ScaleGroup, ...] = ()  # AWQ: where each activation-aware scale folds
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -40,6 +55,16 @@ LLAMA = ArchSpec(
     ),
     before=("model.embed_tokens", "model.rotary_emb"),
     after=("model.norm", "lm_head"),
+    scale_groups=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                   inspect="self_attn"),
+        # v -> o folds per output row of v; under grouped-query attention v has fewer rows than o has
+        # input columns, and the group is skipped (as in the AWQ reference)
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), inspect="mlp"),
+        # up -> down: down reads act(gate) * up, linear in up's output
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
