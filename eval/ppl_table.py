@@ -32,6 +32,9 @@ RUNS = {
     "GPTQ act-order": dict(act_order=True),
     "GPTQ min-max": dict(mse=False),
     "GPTQ act-order min-max": dict(act_order=True, mse=False),
+    "AWQ": dict(method="awq"),
+    "AWQ+GPTQ": dict(method="awq+gptq"),
+    "AWQ+GPTQ act-order": dict(method="awq+gptq", act_order=True),
 }
 
 
@@ -59,7 +62,8 @@ def stories260k(shared: Path = SHARED, rows: dict[int, list[str]] | None = None)
     third = len(text) // 3
     calib = calibration_windows(text[:third], tok, nsamples=64, seqlen=128, seed=0, per_document=False)
     evals = {"TinyStories": eval_windows([text[third:]], tok, 128)}
-    return _table(path, calib, evals, 32, rows or {4: list(RUNS), 3: list(RUNS)})
+    w4 = ["RTN", "GPTQ", "GPTQ act-order", "GPTQ min-max", "GPTQ act-order min-max", "AWQ", "AWQ+GPTQ"]
+    return _table(path, calib, evals, 32, rows or {4: w4, 3: list(RUNS)})
 
 
 def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) -> dict[str, dict]:
@@ -70,7 +74,8 @@ def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) 
     calib = calibration_windows(c4[:900], tok, nsamples=128, seqlen=256, seed=0, per_document=True)
     wiki = shared / "assets" / "wikitext2-raw" / "wikitext-2-raw-v1.test.rows.jsonl"
     evals = {"WikiText-2": eval_windows(str(wiki), tok, 256), "C4 900-999": eval_windows(c4[900:], tok, 256)}
-    return _table(path, calib, evals, 128, rows or {4: ["RTN", "GPTQ"], 3: ["RTN", "GPTQ", "GPTQ act-order"]})
+    return _table(path, calib, evals, 128,
+                  rows or {4: ["RTN", "GPTQ"], 3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ", "AWQ+GPTQ"]})
 
 
 def markdown(title: str, table: dict[str, dict]) -> str:

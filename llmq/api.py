@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .arch import get_arch
@@ -21,6 +23,8 @@ from .pack import can_pack
 from .pipeline import LayerResults, quantize_layers
 
 log = logging.getLogger(__name__)
+
+AWQ_SEARCH_FILE = "awq_search.safetensors"
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -74,11 +78,18 @@ def load_model(
     return model, tokenizer
 
 
-def quantize(recipe: Recipe, packable_only: bool = True) -> tuple[PreTrainedModel, object, LayerResults]:
-    """Run ``recipe``: returns the model (weights replaced by their quantized values), tokenizer, codes.
+class Quantized(NamedTuple):
+    model: PreTrainedModel  # weights replaced by their quantized values
+    tokenizer: Any
+    results: LayerResults  # full module name -> codes and quantization parameters
+    awq: dict[str, torch.Tensor]  # AWQ search results (scales, clips) by name; empty for other methods
 
-    With ``packable_only``, linears whose shape the GPTQ layout cannot hold stay in full precision,
-    so the in-memory model is exactly the one the packed checkpoint decodes to.
+
+def quantize(recipe: Recipe, packable_only: bool = True) -> Quantized:
+    """Run ``recipe``.
+
+    With ``packable_only``, linears whose shape the output layout cannot hold stay in full
+    precision, so the in-memory model is exactly the one the packed checkpoint decodes to.
     """
     model, tokenizer = load_model(recipe.model, trust_remote_code=recipe.trust_remote_code)
     c = recipe.calib
@@ -86,16 +97,27 @@ def quantize(recipe: Recipe, packable_only: bool = True) -> tuple[PreTrainedMode
         calib = torch.zeros(1, 2, dtype=torch.long)  # RTN reads no data; one dummy window fills the pipeline
     else:
         calib = get_calibration(c.calib, tokenizer, c.nsamples, c.seqlen, c.seed)
-    bits = recipe.quant.bits
-    keep_fp = (lambda name, m: not can_pack(m.in_features, m.out_features, bits)) if packable_only else None
-    results = quantize_layers(model, calib, recipe.quant, device=resolve_device(recipe.device), keep_fp=keep_fp)
-    return model, tokenizer, results
+    bits, gs, awq_format = recipe.quant.bits, recipe.quant.group_size, recipe.format == "awq"
+
+    def keep_fp(name: str, m: torch.nn.Linear) -> bool:
+        return not can_pack(m.in_features, m.out_features, bits) or (awq_format and m.in_features % gs != 0)
+
+    awq_state = load_file(recipe.apply_awq) if recipe.apply_awq else None
+    awq_record: dict[str, torch.Tensor] = {}
+    results = quantize_layers(model, calib, recipe.quant, device=resolve_device(recipe.device),
+                              keep_fp=keep_fp if packable_only else None, awq_state=awq_state, awq_record=awq_record)
+    return Quantized(model, tokenizer, results, awq_record)
 
 
-def save(model: PreTrainedModel, tokenizer, results: LayerResults, recipe: Recipe, overwrite: bool = False) -> Path:
-    """Write the packed checkpoint of a ``quantize(recipe)`` run to ``recipe.out``."""
+def save(run: Quantized, recipe: Recipe, overwrite: bool = False) -> Path:
+    """Write the packed checkpoint of a ``quantize(recipe)`` run to ``recipe.out``.
+
+    AWQ search results go beside it as ``awq_search.safetensors`` (for ``--apply-awq``).
+    """
+    model, tokenizer, results, awq = run
     if not recipe.out:
         raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
     recorded = {k: v for k, v in recipe.to_dict().items() if k not in ("out", "device")}  # same bytes anywhere
+    extra = {AWQ_SEARCH_FILE: lambda path: save_file(awq, str(path))} if awq else {}
     return save_packed(model, tokenizer, results, recipe.out, recipe.quant, recipe=recorded,
-                       fmt=recipe.format, max_shard_size=recipe.max_shard_size, overwrite=overwrite)
+                       fmt=recipe.format, max_shard_size=recipe.max_shard_size, overwrite=overwrite, extra=extra)

@@ -23,7 +23,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="local folder or Hugging Face hub id")
     p.add_argument("--recipe", help="YAML recipe with the same keys as these options (group_size, ...)")
-    p.add_argument("--method", choices=["rtn", "gptq"])
+    p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"])
     p.add_argument("--bits", type=int, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, help="input columns per group, -1 for one per row (default 128)")
     p.add_argument("--sym", action="store_true", default=None, help="symmetric (default: asymmetric)")
@@ -40,9 +40,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="compute device (default: cuda when present, else cpu)")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--out", help="output folder (must not exist or be empty)")
-    p.add_argument("--format", choices=["auto", "gptq", "gptq_v2"],
-                   help="zero-point convention: gptq (v1) stores zero-1 and cannot hold 0; auto picks v1 "
-                        "when exact, else gptq_v2 (default auto)")
+    p.add_argument("--format", choices=["auto", "gptq", "gptq_v2", "awq"],
+                   help="packed layout: GPTQ with zero-point convention gptq (v1, stores zero-1, cannot hold 0) or "
+                        "gptq_v2; auto picks v1 when exact, else gptq_v2 (default); awq = AutoAWQ GEMM, 4-bit")
+    p.add_argument("--apply-awq", help="re-apply AWQ scales and clips saved by an earlier run "
+                                       "(awq_search.safetensors) instead of searching")
+    p.add_argument("--next-inputs", choices=["quantized", "fp"],
+                   help="next layer's inputs from the quantized layer (default) or the full-precision one "
+                        "(the AWQ reference)")
     p.add_argument("--max-shard-size", help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
@@ -86,13 +91,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .config import Recipe
 
     keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
-            "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size")
+            "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
+            "apply_awq", "next_inputs")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
     if not recipe.out:
         raise LlmqError("no output folder: pass --out DIR (or `out:` in the recipe)")
-    model, tokenizer, results = quantize(recipe)
-    save(model, tokenizer, results, recipe, overwrite=args.overwrite)
+    save(quantize(recipe), recipe, overwrite=args.overwrite)
     print(f"wrote {recipe.out}")
     return 0
 

@@ -16,7 +16,7 @@ import yaml
 from .errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,11 @@ class QuantConfig:
     damp_percent: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    # Where the next layer's inputs come from: the quantized layer ("quantized", GPTQ's choice) or
+    # the full-precision layer ("fp", the AWQ reference's behaviour).
+    next_inputs: str = "quantized"
+    awq_grid: int = 20  # AWQ: points of the scale exponent grid in [0, 1)
+    awq_duo: bool = False  # AWQ: divide by the weight magnitude too (s = s_x^a / s_w^(1-a))
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -60,7 +65,9 @@ class QuantConfig:
         if not 0 < self.damp_percent < 1:
             raise ConfigError(f"damp_percent={self.damp_percent} must be in (0, 1); 0.01 is the usual value")
         if self.mse is None:
-            object.__setattr__(self, "mse", self.method == "gptq")
+            object.__setattr__(self, "mse", self.method in ("gptq", "awq+gptq"))
+        if self.next_inputs not in ("quantized", "fp"):
+            raise ConfigError(f"next_inputs={self.next_inputs!r} must be 'quantized' or 'fp'")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} must be positive (128 is the usual value)")
 
@@ -95,12 +102,13 @@ class Recipe:
     calib: CalibConfig = field(default_factory=CalibConfig)
     device: str | None = None
     trust_remote_code: bool = False
-    format: str = "auto"  # zero-point convention of the packed checkpoint: auto | gptq | gptq_v2
+    format: str = "auto"  # packed layout: auto | gptq | gptq_v2 (zero-point conventions) | awq (GEMM)
+    apply_awq: str | None = None  # AWQ search results to re-apply instead of searching
     max_shard_size: str = "5GB"
 
     def __post_init__(self) -> None:
-        if self.format not in ("auto", "gptq", "gptq_v2"):
-            raise ConfigError(f"format={self.format!r} is unknown: choose auto, gptq or gptq_v2")
+        if self.format not in ("auto", "gptq", "gptq_v2", "awq"):
+            raise ConfigError(f"format={self.format!r} is unknown: choose auto, gptq, gptq_v2 or awq")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:
@@ -108,7 +116,7 @@ class Recipe:
         raw = {k.replace("-", "_"): v for k, v in raw.items()}
         quant_keys = {f.name for f in dataclasses.fields(QuantConfig)}
         calib_keys = {f.name for f in dataclasses.fields(CalibConfig)}
-        top_keys = {"model", "out", "device", "trust_remote_code", "format", "max_shard_size"}
+        top_keys = {"model", "out", "device", "trust_remote_code", "format", "max_shard_size", "apply_awq"}
         unknown = sorted(set(raw) - quant_keys - calib_keys - top_keys)
         if unknown:
             known = ", ".join(sorted(quant_keys | calib_keys | top_keys))
@@ -122,7 +130,7 @@ class Recipe:
             calib=CalibConfig(**{k: v for k, v in raw.items() if k in calib_keys}),
             device=raw.get("device"),
             trust_remote_code=bool(raw.get("trust_remote_code", False)),
-            **{k: str(raw[k]) for k in ("format", "max_shard_size") if k in raw},
+            **{k: str(raw[k]) for k in ("format", "max_shard_size", "apply_awq") if raw.get(k) is not None},
         )
 
     @classmethod
@@ -139,7 +147,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """Flat dict, the inverse of ``from_dict`` (recorded in the output's config)."""
         out = {"model": self.model, "out": self.out, "device": self.device, "format": self.format,
-               "max_shard_size": self.max_shard_size}
+               "max_shard_size": self.max_shard_size, "apply_awq": self.apply_awq}
         out.update(dataclasses.asdict(self.quant))
         out.update(dataclasses.asdict(self.calib))
         return out

@@ -1,4 +1,4 @@
-"""Write a quantized model as a packed checkpoint in the GPTQ layout.
+"""Write a quantized model as a packed checkpoint in the GPTQ layout (or AutoAWQ's GEMM layout).
 
 ``quantization_config`` carries the keys transformers' GPTQConfig, GPTQModel and vLLM read, and
 llmq's own settings under ``meta``. Linears the layout cannot hold (a dimension not a multiple
@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
@@ -22,12 +24,12 @@ from .arch import ArchSpec, get_arch
 from .checkpoint import ShardWriter, atomic_output_dir, half_dtype, parse_size, write_json
 from .config import QuantConfig
 from .errors import ConfigError
-from .pack import pack_gptq
+from .pack import pack_awq, pack_gptq
 from .quant import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "gptq", "gptq_v2")
+FORMATS = ("auto", "gptq", "gptq_v2", "awq")
 
 
 def choose_format(results: dict[str, QuantizedWeight], requested: str = "auto") -> str:
@@ -35,10 +37,38 @@ def choose_format(results: dict[str, QuantizedWeight], requested: str = "auto") 
     has_zero = any(bool((qw.zeros == 0).any()) for qw in results.values())
     if requested == "auto":
         return "gptq_v2" if has_zero else "gptq"
+    if requested not in FORMATS:
+        raise ConfigError(f"format {requested!r} is unknown: choose one of {', '.join(FORMATS)}")
     if requested == "gptq" and has_zero:
         raise ConfigError('format "gptq" (v1) cannot store a zero point of 0, which this model has: '
                           'use gptq_v2 or auto')
     return requested
+
+
+def awq_quantization_config(cfg: QuantConfig, unquantized: list[str], recipe: dict[str, Any] | None
+                            ) -> dict[str, Any]:
+    """The config AutoAWQ writes for its GEMM layout (read by transformers' AwqConfig and vLLM)."""
+    return {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": cfg.group_size,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": unquantized or None,
+        "meta": {"quantizer": [f"llmq:{__version__}"],
+                 "llmq": {"quant": dataclasses.asdict(cfg), "recipe": recipe or {}, "unquantized": unquantized}},
+    }
+
+
+def _awq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    k = qw.codes.shape[1]
+    if qw.bits != 4 or qw.group_size <= 0 or k % qw.group_size:
+        raise ConfigError(f"{name}: the AWQ GEMM layout holds 4-bit weights in whole groups only "
+                          f"(bits={qw.bits}, group_size={qw.group_size}, in_features={k}); use --format gptq")
+    if not torch.equal(qw.g_idx.long(), torch.arange(k) // qw.group_size):
+        raise ConfigError(f"{name}: act-order groups (a permuted g_idx) cannot be stored in the AWQ layout; "
+                          "use --static-groups or --format gptq")
+    return pack_awq(qw.codes, qw.zeros, qw.scales)
 
 
 def quantization_config(
@@ -80,8 +110,12 @@ def save_packed(
     fmt: str = "auto",
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    extra: dict[str, Callable[[Path], None]] | None = None,
 ) -> Path:
-    """Pack ``results`` (full module name -> quantized weight) and save with the rest of ``model``."""
+    """Pack ``results`` (full module name -> quantized weight) and save with the rest of ``model``.
+
+    ``extra`` maps file names to writers for files that go into the same folder, atomically with it.
+    """
     spec = get_arch(model.config.model_type)
     fmt = choose_format(results, fmt)
     dtype = half_dtype(next(model.parameters()).dtype)
@@ -103,7 +137,8 @@ def save_packed(
             if key in quantized_params:
                 name = key[: -len(".weight")]
                 qw = results[name]
-                packed = pack_gptq(qw.codes, qw.scales, qw.zeros, qw.g_idx, qw.bits, fmt)
+                packed = _awq_tensors(name, qw) if fmt == "awq" else pack_gptq(
+                    qw.codes, qw.scales, qw.zeros, qw.g_idx, qw.bits, fmt)
                 for suffix, t in packed.items():
                     writer.add(f"{name}.{suffix}", t)
             else:
@@ -111,13 +146,17 @@ def save_packed(
         writer.close()
         config = model.config.to_dict()
         config["dtype"] = str(dtype).removeprefix("torch.")
-        config["quantization_config"] = qc = quantization_config(
-            cfg, fmt, spec, len(model.get_submodule(spec.layers)), unquantized, recipe
-        )
+        if fmt == "awq":
+            qc = awq_quantization_config(cfg, unquantized, recipe)
+        else:
+            qc = quantization_config(cfg, fmt, spec, len(model.get_submodule(spec.layers)), unquantized, recipe)
+        config["quantization_config"] = qc
         write_json(staging / "config.json", config)
         write_json(staging / "quantize_config.json", qc)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        for name, write in (extra or {}).items():
+            write(staging / name)
     return Path(out)

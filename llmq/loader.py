@@ -1,4 +1,4 @@
-"""``llmq.from_pretrained``: load a GPTQ-layout checkpoint with its linears kept packed.
+"""``llmq.from_pretrained``: load a GPTQ-layout (or AutoAWQ GEMM) checkpoint with its linears kept packed.
 
 The full-precision model is never materialised: the skeleton is built on the meta device
 (accelerate's ``init_empty_weights``), quantized linears are swapped for ``QuantLinear`` and every
@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from .checkpoint import shard_files
 from .errors import CheckpointError
 from .pack import GPTQ_BITS
-from .qlinear import QuantLinear
+from .qlinear import AwqQuantLinear, QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,15 @@ def read_quant_config(config: Any) -> dict[str, Any]:
                               "(load it with transformers directly)")
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = qc.get("quant_method")
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm" or qc.get("bits", 4) != 4 or not qc.get("zero_point", True):
+            raise CheckpointError(f"AWQ checkpoint (version {version!r}, bits {qc.get('bits')}, zero_point "
+                                  f"{qc.get('zero_point')}) is not supported: llmq reads 4-bit GEMM with zero points")
+        return {**qc, "bits": 4, "checkpoint_format": "awq"}
     if method != "gptq":
-        raise CheckpointError(f"quant_method {method!r} is not supported by llmq.from_pretrained (supported: gptq)")
+        raise CheckpointError(f"quant_method {method!r} is not supported by llmq.from_pretrained "
+                              "(supported: gptq, awq)")
     fmt = qc.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise CheckpointError(f"checkpoint_format {fmt!r} is not supported (supported: gptq, gptq_v2)")
@@ -76,21 +83,29 @@ def _swap_quant_linears(model: nn.Module, shapes: dict[str, dict[str, tuple]], q
             raise CheckpointError(f"checkpoint has quantized tensors for {name}, which the model lacks") from None
         if not isinstance(linear, nn.Linear):
             raise CheckpointError(f"{name} is a {type(linear).__name__}, not a linear: config and tensors disagree")
-        missing = [s for s in QUANT_SUFFIXES if s not in tensors]
+        awq = qc["checkpoint_format"] == "awq"
+        missing = [s for s in QUANT_SUFFIXES if s not in tensors and not (awq and s == "g_idx")]
         if missing:
             raise CheckpointError(f"{name} lacks tensor(s) {', '.join(missing)}: the checkpoint is incomplete")
-        n_groups = tensors["scales"][0]
-        expected = {"qweight": (linear.in_features * bits // 32, linear.out_features),
-                    "qzeros": (n_groups, linear.out_features * bits // 32),
-                    "scales": (n_groups, linear.out_features), "g_idx": (linear.in_features,)}
+        k, n = linear.in_features, linear.out_features
+        if awq:
+            n_groups = k // qc["group_size"]
+            expected = {"qweight": (k, n // 8), "qzeros": (n_groups, n // 8), "scales": (n_groups, n)}
+        else:
+            n_groups = tensors["scales"][0]
+            expected = {"qweight": (k * bits // 32, n), "qzeros": (n_groups, n * bits // 32),
+                        "scales": (n_groups, n), "g_idx": (k,)}
         for suffix, shape in expected.items():
             if tuple(tensors[suffix]) != shape:
                 raise CheckpointError(
                     f"{name}.{suffix} has shape {tuple(tensors[suffix])}, expected {shape} for bits={bits} "
                     f"and a ({linear.out_features}, {linear.in_features}) weight: config and tensors disagree"
                 )
-        qlinear = QuantLinear(linear.in_features, linear.out_features, bits, n_groups, linear.bias is not None,
-                              zero_offset=1 if qc["checkpoint_format"] == "gptq" else 0, dtype=dtype, device="meta")
+        if awq:
+            qlinear = AwqQuantLinear(k, n, qc["group_size"], linear.bias is not None, dtype=dtype, device="meta")
+        else:
+            qlinear = QuantLinear(k, n, bits, n_groups, linear.bias is not None,
+                                  zero_offset=1 if qc["checkpoint_format"] == "gptq" else 0, dtype=dtype, device="meta")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, qlinear)
 

@@ -146,6 +146,14 @@ def _observe(
             h.remove()
 
 
+def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int) -> torch.Tensor:
+    """Replace ``hidden`` by the layer's outputs, batch by batch, in place."""
+    with torch.no_grad():
+        for i in range(0, hidden.shape[0], batch_size):
+            hidden[i : i + batch_size] = _layer_forward(layer, hidden[i : i + batch_size], kwargs)
+    return hidden
+
+
 def quantize_layers(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -155,6 +163,8 @@ def quantize_layers(
     sink: Sink | None = None,
     batch_size: int = 8,
     keep_fp: Callable[[str, nn.Linear], bool] | None = None,
+    awq_state: dict[str, torch.Tensor] | None = None,
+    awq_record: dict[str, torch.Tensor] | None = None,
 ) -> LayerResults:
     """Quantize every decoder layer's linears with ``cfg.method``; returns all quantized weights.
 
@@ -162,6 +172,7 @@ def quantize_layers(
     (default: the model's own, in memory); ``sink`` receives each finished layer, and when one is
     given the results are not also kept (so memory stays at one layer's). Linears for which
     ``keep_fp(full_name, module)`` is true stay in full precision (e.g. shapes a format cannot hold).
+    AWQ methods fill ``awq_record`` with their search results, or re-apply ``awq_state`` without searching.
     """
     spec = get_arch(model.config.model_type)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -184,10 +195,15 @@ def quantize_layers(
         groups = tuple(g for g in ({n: linears[n] for n in group if n in linears} for group in spec.sequential) if g)
 
         observe = functools.partial(_observe, layer, hidden, kwargs, batch_size)
-        results = method(LayerJob(index, prefix, groups, cfg, observe))
-        with torch.no_grad():  # the quantized layer's outputs are the next layer's inputs
-            for i in range(0, hidden.shape[0], batch_size):
-                hidden[i : i + batch_size] = _layer_forward(layer, hidden[i : i + batch_size], kwargs)
+        fp_outputs = _propagate(layer, hidden.clone(), kwargs, batch_size) if cfg.next_inputs == "fp" else None
+        record = awq_record.__setitem__ if awq_record is not None else (lambda name, tensor: None)
+        job = LayerJob(index, prefix, groups, cfg, observe, layer=layer, kwargs=kwargs,
+                       scale_groups=spec.scale_groups, batch_size=batch_size, record=record, awq_state=awq_state)
+        results = method(job)
+        if fp_outputs is not None:
+            hidden.copy_(fp_outputs)  # the AWQ reference feeds the next layer full-precision outputs
+        else:  # the quantized layer's outputs are the next layer's inputs
+            _propagate(layer, hidden, kwargs, batch_size)
         layer_results = {prefix + name: qw for name, qw in results.items()}
         if sink is not None:
             sink(index, layer, layer_results)

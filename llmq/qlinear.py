@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .pack import unpack_cols, unpack_rows
+from .pack import AWQ_REVERSE_ORDER, unpack_cols, unpack_rows
 
 ROWS_PER_SLICE = 128  # a multiple of 32: slices start on packing-block boundaries for every width
 
@@ -55,3 +55,30 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+class AwqQuantLinear(QuantLinear):
+    """The same linear in AutoAWQ's GEMM layout: ``qweight`` int32 ``[in, out/8]`` and ``qzeros``
+    int32 ``[groups, out/8]`` packed along the output dimension in the nibble order
+    ``[0, 2, 4, 6, 1, 3, 5, 7]``, raw zero points, fp16 ``scales [groups, out]``, contiguous groups."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool,
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, 4, group_size
+        n_groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(in_features, out_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.empty(n_groups, out_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.empty(n_groups, out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def _columns(self, packed: torch.Tensor) -> torch.Tensor:
+        """Unpack ``[R, out/8]`` words to ``[R, out]`` codes in column order."""
+        nibbles = unpack_cols(packed, 4, self.out_features)  # [R, out], AWQ nibble order
+        return nibbles.reshape(packed.shape[0], -1, 8)[:, :, AWQ_REVERSE_ORDER].reshape(packed.shape[0], -1)
+
+    def _dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        codes = self._columns(self.qweight[start:stop])  # [rows, out]
+        zeros = self._columns(self.qzeros).float()  # [groups, out]
+        g = torch.arange(start, stop, device=codes.device) // self.group_size
+        return ((codes.float() - zeros[g]) * self.scales.float()[g]).to(dtype)

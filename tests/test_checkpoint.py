@@ -65,8 +65,7 @@ def test_same_recipe_and_seed_give_identical_bytes(tmp_path):
     outs = []
     for run in range(2):
         r = Recipe.from_dict({**recipe, "out": str(tmp_path / f"run{run}")})
-        model, tok, results = quantize(r)
-        outs.append(save(model, tok, results, r))
+        outs.append(save(quantize(r), r))
     files = sorted(p.name for p in outs[0].iterdir())
     assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 1
     assert files == sorted(p.name for p in outs[1].iterdir())

@@ -27,6 +27,9 @@ def test_stories260k_gptq_keeps_less_than_rtn_loses(report):
     assert ppl["FP"] < ppl["W4 GPTQ"] < ppl["W4 RTN"]
     assert kept("W3 GPTQ") <= 0.58
     assert kept("W3 GPTQ act-order") <= 0.48
+    # AWQ (issue 4): beats RTN at W4 and W3; combined with GPTQ at least as good as the better of the two
+    assert ppl["W4 AWQ"] < ppl["W4 RTN"] and ppl["W3 AWQ"] < ppl["W3 RTN"]
+    assert ppl["W3 AWQ+GPTQ"] <= min(ppl["W3 AWQ"], ppl["W3 GPTQ"])
 
 
 def test_tiny_llama_gptq_beats_rtn_on_held_out_c4(report):
@@ -36,3 +39,4 @@ def test_tiny_llama_gptq_beats_rtn_on_held_out_c4(report):
     assert table["FP"]["WikiText-2"] == pytest.approx(126.74, abs=0.2)  # training-log.txt: 126.7438
     assert table["W3 GPTQ"]["C4 900-999"] < table["W3 RTN"]["C4 900-999"]
     assert table["W3 GPTQ act-order"]["C4 900-999"] < table["W3 RTN"]["C4 900-999"]
+    assert table["W3 AWQ"]["C4 900-999"] < table["W3 RTN"]["C4 900-999"]

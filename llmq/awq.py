@@ -1,0 +1,194 @@
+"""Activation-aware weight quantization: scale search, exact folding, clip search.
+
+AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration",
+MLSys 2024): input channels with large activations matter most, so scale them up before rounding
+(``W diag(s)``) and fold ``1/s`` into the module that produces the linears' input. The functions
+here are pure tensor/module operations; which modules form a group is the caller's (``arch.ScaleGroup``).
+The grids and normalisations follow the reference implementation as packaged in AutoAWQ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from .config import QuantConfig
+from .quant import _minmax_qparams, quantize, rtn_quantize
+
+
+def _is_weight_norm(prev: nn.Module) -> bool:
+    """A norm computing ``weight * normed(x)`` (+ bias): nn.LayerNorm or a ``*RMSNorm`` (LLaMA, Mistral, Qwen)."""
+    return isinstance(prev, nn.LayerNorm) or type(prev).__name__.endswith("RMSNorm")
+
+
+def _prev_channels(prev: nn.Module) -> int:
+    if isinstance(prev, nn.Linear):
+        return prev.out_features
+    if _is_weight_norm(prev):
+        weight = getattr(prev, "weight", None)
+        if weight is None or weight.dim() != 1:
+            raise ValueError(f"{type(prev).__name__} has no 1-D weight to fold a scale into")
+        return weight.shape[0]
+    raise ValueError(
+        f"cannot fold a scale into {type(prev).__name__}: supported are nn.Linear, nn.LayerNorm and norms "
+        "computing weight * x (*RMSNorm); (1 + weight) norms such as Gemma's are not supported"
+    )
+
+
+def can_fold(prev: nn.Module, linears: list[nn.Linear]) -> bool:
+    """Whether ``fold_scales`` applies: a supported ``prev`` whose out-channels equal every linear's in_features.
+
+    False e.g. for ``v_proj -> o_proj`` under grouped-query attention (v has fewer rows than o has inputs).
+    """
+    try:
+        channels = _prev_channels(prev)
+    except ValueError:
+        return False
+    return bool(linears) and all(isinstance(fc, nn.Linear) and fc.in_features == channels for fc in linears)
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
+    """Fold AWQ scales exactly: ``W[:, j] *= s_j`` in each linear, ``prev``'s output channel ``j`` ``/= s_j``.
+
+    ``prev`` is an nn.Linear (rows of weight and bias), nn.LayerNorm or a ``weight * x`` RMSNorm (weight and
+    bias). Norms computing ``x * (1 + weight)`` (Gemma) are not supported and raise, as do mismatched shapes.
+    Arithmetic is in float32, cast back to each parameter's dtype.
+    """
+    if not can_fold(prev, linears):
+        raise ValueError(
+            f"cannot fold scales of {type(prev).__name__} into {[type(fc).__name__ for fc in linears]}: "
+            "prev must be a Linear/LayerNorm/RMSNorm whose out-channels equal every linear's in_features"
+        )
+    s = scales.detach().float().flatten()
+    if s.numel() != linears[0].in_features:
+        raise ValueError(f"{s.numel()} scales for {linears[0].in_features} input channels")
+    for fc in linears:
+        w = fc.weight
+        w.copy_((w.float() * s.to(w.device)[None, :]).to(w.dtype))
+    if isinstance(prev, nn.Linear):
+        w = prev.weight
+        w.copy_((w.float() / s.to(w.device)[:, None]).to(w.dtype))
+    else:
+        w = prev.weight
+        w.copy_((w.float() / s.to(w.device)).to(w.dtype))
+    bias = getattr(prev, "bias", None)
+    if bias is not None:
+        bias.copy_((bias.float() / s.to(bias.device)).to(bias.dtype))
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _weight_mean(linears: list[nn.Linear], group_size: int) -> torch.Tensor:
+    """Per input channel mean of ``|W|`` normalised by its group's max (AutoAWQ's ``w_mean``, duo scaling)."""
+    w = torch.cat([fc.weight.detach().float() for fc in linears], dim=0).abs()
+    cols = w.shape[1]
+    gs = group_size if group_size > 0 and cols % group_size == 0 else cols
+    g = w.view(w.shape[0], cols // gs, gs)
+    g = g / (g.amax(dim=-1, keepdim=True) + 1e-6)
+    return g.view(w.shape[0], cols).mean(0)
+
+
+@torch.no_grad()
+def search_scale(
+    x: torch.Tensor,
+    linears: list[nn.Linear],
+    inspect: Callable[[torch.Tensor], torch.Tensor],
+    cfg: QuantConfig,
+    n_grid: int = 20,
+    duo: bool = False,
+    quantize_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """AWQ's grid search (Lin et al. 2024, Sec. 3.2): ``s = mean|x|^alpha``, alpha in ``0, 1/n, ..., (n-1)/n``.
+
+    ``x`` is the linears' input (``[tokens, in]`` or ``[batch, seq, in]``), ``inspect`` maps it to the
+    compared output (the one linear, or a closure over an attention/MLP block; a tuple output compares its
+    first element). For each candidate every linear temporarily holds ``Q(W diag(s)) diag(s)^-1`` (RTN under
+    ``cfg``), so ``prev`` is untouched; the MSE against the full-precision output picks the best. With
+    ``duo``, ``s = mean|x|^alpha / w_mean^(1-alpha)``. Scales are normalised by ``sqrt(max * min)``, as AutoAWQ.
+    Original weights are restored. Returns ``(scales [in] float32, best loss)``; alpha=0 is plain RTN.
+    ``quantize_fn(W diag(s), s)`` replaces RTN by the rounding that will really follow (e.g. GPTQ), so
+    the scales are chosen for it: candidates good for RTN can be bad for GPTQ, which compensates errors.
+    """
+    x_mean = x.detach().abs().reshape(-1, x.shape[-1]).float().mean(0)
+    w_mean = _weight_mean(linears, cfg.group_size) if duo else None
+    originals = [fc.weight.detach().clone() for fc in linears]
+    fp_out = _first(inspect(x)).float()
+    best_loss, best_scales = math.inf, None
+    try:
+        for i in range(n_grid):
+            alpha = i / n_grid
+            if w_mean is not None:
+                s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+            else:
+                s = x_mean.pow(alpha).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
+            for fc, w in zip(linears, originals, strict=True):
+                sv = s.to(w.device)[None, :]
+                ws = w.float() * sv
+                wq = quantize_fn(ws, s) if quantize_fn is not None else rtn_quantize(ws, cfg).dequantize()
+                fc.weight.data = (wq / sv).to(w.dtype)
+            loss = (fp_out - _first(inspect(x)).float()).pow(2).mean().item()
+            if loss < best_loss:
+                best_loss, best_scales = loss, s.clone()
+    finally:
+        for fc, w in zip(linears, originals, strict=True):
+            fc.weight.data = w
+    if best_scales is None:
+        raise ValueError("AWQ scale search found no finite loss (non-finite activations or weights?)")
+    return best_scales.cpu(), best_loss
+
+
+@torch.no_grad()
+def search_clip(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    cfg: QuantConfig,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    n_tokens: int = 512,
+) -> torch.Tensor:
+    """AWQ clip search (AutoAWQ ``_compute_best_clip`` / ``_apply_clip``): the clipped weight ``[out, in]``.
+
+    Per (output row, group) shrink ``max|w|`` by ``1 - i/n_grid`` for ``i < max_shrink * n_grid`` and keep the
+    one minimising the group's partial-output error ``sum_t ((Q(clip(w)) - w) x_t)^2`` over ``n_tokens`` tokens
+    sampled evenly from ``x``; ``w`` is clamped to ``[-max, max]``. Quantization is RTN min-max under ``cfg``.
+    The reference skips q/k projections (their output error says little about attention scores); that policy
+    belongs to the caller.
+    """
+    out_f, cols = w.shape
+    gs = cfg.group_size if cfg.group_size > 0 else cols
+    n_groups = -(-cols // gs)
+    pad = n_groups * gs - cols  # zero columns change neither a group's range (which holds 0) nor outputs
+    wf = torch.nn.functional.pad(w.detach().float(), (0, pad)).view(out_f, 1, n_groups, gs)
+    xf = x.detach().reshape(-1, x.shape[-1]).float().to(w.device)
+    xf = xf[:: max(1, xf.shape[0] // n_tokens)][:n_tokens]
+    xf = torch.nn.functional.pad(xf, (0, pad)).view(1, -1, n_groups, gs)
+    best_max = torch.empty(out_f, 1, n_groups, 1, device=w.device)
+    batch = max(1, (1 << 24) // max(1, xf.shape[1] * n_groups * gs))
+    for r in range(0, out_f, batch):
+        wb = wf[r : r + batch]
+        org_max = wb.abs().amax(dim=-1, keepdim=True)
+        best = org_max.clone()
+        min_err = torch.full_like(org_max, math.inf)
+        org_out = (xf * wb).sum(dim=-1)  # rows, tokens, groups
+        for i in range(int(max_shrink * n_grid)):
+            max_val = org_max * (1 - i / n_grid)
+            cur = torch.clamp(wb, -max_val, max_val)
+            xmin = cur.amin(dim=-1, keepdim=True).clamp(max=0)
+            xmax = cur.amax(dim=-1, keepdim=True).clamp(min=0)
+            scale, zero = _minmax_qparams(xmin, xmax, cfg.maxq, cfg.sym)
+            q = scale * (quantize(cur, scale, zero, cfg.maxq) - zero)
+            err = ((xf * q).sum(dim=-1) - org_out).pow(2).mean(dim=1).view(min_err.shape)
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best = torch.where(better, max_val, best)
+        best_max[r : r + batch] = best
+    clipped = torch.clamp(wf, -best_max, best_max).view(out_f, n_groups * gs)[:, :cols]
+    return clipped.to(w.dtype)

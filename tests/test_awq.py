@@ -1,0 +1,139 @@
+import pytest
+import torch
+from helpers import shared_path, tiny_model
+from transformers import AutoModelForCausalLM
+
+from llmq.arch import ARCHITECTURES, get_arch, get_layers
+from llmq.awq import can_fold, fold_scales, search_clip, search_scale
+from llmq.config import QuantConfig
+from llmq.quant import rtn_quantize
+
+CALIB = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+CFG3 = QuantConfig(method="rtn", bits=3, group_size=32)
+
+
+def _randomise_norms(model, gen):
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.mul_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_folding_random_scales_is_exact(model_type):
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_model(model_type)
+    _randomise_norms(model, gen)
+    spec = get_arch(model_type)
+    with torch.no_grad():
+        before = model(CALIB).logits
+    folded = set()
+    for layer in get_layers(model, spec):
+        for group in spec.scale_groups:
+            prev = layer.get_submodule(group.prev)
+            linears = [layer.get_submodule(name) for name in group.linears]
+            if not can_fold(prev, linears):
+                with pytest.raises(ValueError):
+                    fold_scales(prev, linears, torch.ones(linears[0].in_features))
+                continue
+            fold_scales(prev, linears, torch.randn(linears[0].in_features, generator=gen).exp())
+            folded.add(group.prev)
+    assert {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"} <= folded
+    with torch.no_grad():
+        after = model(CALIB).logits
+    assert torch.allclose(before, after, atol=1e-4), (before - after).abs().max()
+
+
+def test_fold_rejects_mismatched_and_unsupported():
+    prev, fc = torch.nn.Linear(8, 16), torch.nn.Linear(12, 4)
+    assert not can_fold(prev, [fc])
+    with pytest.raises(ValueError):
+        fold_scales(prev, [fc], torch.ones(12))
+    assert not can_fold(torch.nn.GELU(), [torch.nn.Linear(8, 4)])
+
+
+def test_fold_into_layernorm_with_bias_and_linear():
+    torch.manual_seed(0)
+    x = torch.randn(10, 8)
+    for prev in (torch.nn.LayerNorm(8), torch.nn.Linear(6, 8)):
+        if isinstance(prev, torch.nn.LayerNorm):
+            x_in = x
+            with torch.no_grad():
+                prev.weight.uniform_(0.5, 2)
+                prev.bias.normal_()
+        else:
+            x_in = torch.randn(10, 6)
+        fcs = [torch.nn.Linear(8, 5), torch.nn.Linear(8, 3)]
+        with torch.no_grad():
+            want = [fc(prev(x_in)) for fc in fcs]
+            fold_scales(prev, fcs, torch.randn(8).exp())
+            got = [fc(prev(x_in)) for fc in fcs]
+        for a, b in zip(want, got, strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_searched_scales_fold_exactly_on_stories260k():
+    model = AutoModelForCausalLM.from_pretrained(shared_path("assets", "stories260K")).eval()
+    layer = get_layers(model, get_arch("llama"))[1]
+    captured = {}
+
+    def hook(name):
+        return lambda module, args: captured.__setitem__(name, args[0].detach().clone())
+
+    handles = [layer.mlp.register_forward_pre_hook(hook("mlp")),
+               layer.mlp.down_proj.register_forward_pre_hook(hook("down"))]
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    for h in handles:
+        h.remove()
+    mlp_lin = [layer.mlp.gate_proj, layer.mlp.up_proj]
+    s_mlp, loss_mlp = search_scale(captured["mlp"], mlp_lin, layer.mlp, CFG3)
+    s_down, loss_down = search_scale(captured["down"], [layer.mlp.down_proj], layer.mlp.down_proj, CFG3, duo=True)
+    for s in (s_mlp, s_down):
+        assert torch.isfinite(s).all() and (s > 0).all()
+    assert not (torch.allclose(s_mlp, torch.ones_like(s_mlp)) and torch.allclose(s_down, torch.ones_like(s_down)))
+    assert loss_mlp >= 0 and loss_down >= 0
+    fold_scales(layer.post_attention_layernorm, mlp_lin, s_mlp)
+    fold_scales(layer.mlp.up_proj, [layer.mlp.down_proj], s_down)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(before, after, atol=1e-4), (before - after).abs().max()
+
+
+@pytest.mark.parametrize("duo", [False, True])
+def test_search_scale_beats_rtn_with_outlier_channels(duo):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 128, generator=gen)
+    outliers = torch.tensor([3, 17, 40, 77, 100])
+    x[:, outliers] *= torch.linspace(10, 50, len(outliers))
+    fc = torch.nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(64, 128, generator=gen) * 0.05)
+    original = fc.weight.detach().clone()
+    _, rtn_loss = search_scale(x, [fc], fc, CFG3, n_grid=1)  # alpha = 0 only: s = 1, plain RTN
+    with torch.no_grad():
+        direct = (fc(x) - x @ rtn_quantize(original, CFG3).dequantize().T).pow(2).mean().item()
+    assert rtn_loss == pytest.approx(direct, rel=1e-4)
+    scales, loss = search_scale(x, [fc], fc, CFG3, duo=duo)
+    assert torch.equal(fc.weight, original), "weights are restored"
+    assert torch.isfinite(scales).all() and (scales > 0).all()
+    assert loss <= rtn_loss
+    assert loss < 0.9 * rtn_loss
+
+
+@pytest.mark.parametrize("cols", [128, 100])
+def test_search_clip_reduces_output_error(cols):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, cols, generator=gen)
+    x = torch.randn(2048, cols, generator=gen)
+    clipped = search_clip(w, x, CFG3)
+    assert clipped.shape == w.shape
+    assert (clipped.abs() <= w.abs()).all(), "clipping never widens the range"
+    sample = x[::4]
+
+    def err(weight):
+        return ((rtn_quantize(weight, CFG3).dequantize() - w) @ sample.T).pow(2).sum().item()
+
+    assert err(clipped) <= err(w)
+    assert not torch.equal(clipped, w)
