@@ -62,7 +62,7 @@ def stories260k(shared: Path = SHARED, rows: dict[int, list[str]] | None = None)
     third = len(text) // 3
     calib = calibration_windows(text[:third], tok, nsamples=64, seqlen=128, seed=0, per_document=False)
     evals = {"TinyStories": eval_windows([text[third:]], tok, 128)}
-    w4 = ["RTN", "GPTQ", "GPTQ act-order", "GPTQ min-max", "GPTQ act-order min-max", "AWQ", "AWQ+GPTQ"]
+    w4 = ["RTN", "GPTQ", "GPTQ act-order", "GPTQ min-max", "GPTQ act-order min-max", "AWQ"]
     return _table(path, calib, evals, 32, rows or {4: w4, 3: list(RUNS)})
 
 
@@ -75,7 +75,7 @@ def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) 
     wiki = shared / "assets" / "wikitext2-raw" / "wikitext-2-raw-v1.test.rows.jsonl"
     evals = {"WikiText-2": eval_windows(str(wiki), tok, 256), "C4 900-999": eval_windows(c4[900:], tok, 256)}
     return _table(path, calib, evals, 128,
-                  rows or {4: ["RTN", "GPTQ"], 3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ", "AWQ+GPTQ"]})
+                  rows or {4: ["RTN", "GPTQ"], 3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ"]})
 
 
 def markdown(title: str, table: dict[str, dict]) -> str:

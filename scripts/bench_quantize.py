@@ -4,7 +4,7 @@
         --calib ../shared/assets/c4-sample/c4_train_00000_first1000.jsonl --nsamples 128 --seqlen 256
 
 Reports wall time (load + calibration + quantization), quantization time, seconds per decoder
-layer (mean and each), and the process's peak RSS.
+layer (mean and each), the time spent in AWQ's scale and clip search, and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
-    p.add_argument("--method", default="gptq")
+    p.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq", "awq+gptq"])
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--act-order", action="store_true")
@@ -35,6 +35,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    import llmq.methods
     from llmq.api import load_model, resolve_device
     from llmq.config import QuantConfig
     from llmq.data import get_calibration
@@ -45,6 +46,15 @@ def main() -> None:
                       mse=args.mse)
     model, tokenizer = load_model(args.model)
     calib = get_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed)
+    awq_search_s = [0.0]  # time inside AWQ's scale and clip search, summed over layers
+    apply_awq = llmq.methods.apply_awq
+
+    def timed_apply_awq(*a, **kw):
+        t = time.perf_counter()
+        apply_awq(*a, **kw)
+        awq_search_s[0] += time.perf_counter() - t
+
+    llmq.methods.apply_awq = timed_apply_awq
     layer_times: list[float] = []
     t_layer = [time.perf_counter()]
 
@@ -64,6 +74,7 @@ def main() -> None:
         "wall_s": round(end - start, 3), "quantize_s": round(end - t_quant, 3),
         "s_per_layer": round(sum(layer_times) / len(layer_times), 3),
         "layer_s": [round(t, 3) for t in layer_times],
+        "awq_search_s": round(awq_search_s[0], 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }))
 
