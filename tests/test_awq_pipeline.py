@@ -94,3 +94,29 @@ def test_awq_recipe_writes_its_search_and_apply_awq_reproduces_the_bytes(tmp_pat
                                "apply_awq": str(tmp_path / "search.safetensors")})
     out2 = save(quantize(second), second)
     assert (out / "model.safetensors").read_bytes() == (out2 / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_searched_scales_fold_exactly_in_every_architecture(model_type):
+    """The scales the AWQ search picks, folded into a fresh copy without any rounding, leave the logits as they were."""
+    from llmq.arch import get_arch, get_layers
+    from llmq.awq import fold_scales
+
+    record: dict[str, torch.Tensor] = {}
+    quantize_layers(tiny_model(model_type), CALIB, QuantConfig(method="awq", bits=3, group_size=32),
+                    awq_record=record)
+    model = tiny_model(model_type)  # same seed: the original weights
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model(ids).logits
+    spec, folded = get_arch(model_type), 0
+    for i, layer in enumerate(get_layers(model, spec)):
+        for sg in spec.scale_groups:
+            key = f"{spec.layers}.{i}.{sg.prev}.awq_scale"
+            if key in record:
+                fold_scales(layer.get_submodule(sg.prev), [layer.get_submodule(n) for n in sg.linears], record[key])
+                folded += 1
+    assert folded >= 3 * 2  # both norms and up -> down in each of the 2 layers
+    assert any(not torch.allclose(s, torch.ones_like(s)) for k, s in record.items() if k.endswith(".awq_scale"))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, before, atol=1e-4)
