@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .arch import ScaleGroup
+from .awq import can_fold, fold_scales, search_clip, search_scale
 from .config import QuantConfig
 from .errors import WeightError
 from .gptq import HessianAccumulator, gptq_quantize
@@ -124,15 +125,19 @@ def _gather_inputs(job: LayerJob, names: list[str]) -> dict[str, torch.Tensor]:
 def apply_awq(job: LayerJob, gptq_rounding: bool = False) -> None:
     """AWQ (Lin et al., 2024): fold activation-aware scales into the layer, then clip each weight.
 
-    Scales come from the search (Sec. 3.2) or from ``job.awq_state``; either way they are recorded.
-    Clipping is skipped for q/k projections, as the reference: their own output error says little
-    about the attention scores they feed. With ``gptq_rounding`` the scale search rounds each
-    candidate with GPTQ (on the Hessian of the scaled inputs) and there is no clipping: GPTQ picks
-    its ranges with its own search, and AWQ's clips and RTN-chosen scales both made GPTQ worse
-    (stories260K W3 g32: 8.11 with them against 7.99 for GPTQ alone).
+    Scales and clips come from the search or from ``job.awq_state``; either way they are recorded.
+    With ``gptq_rounding`` the scale search rounds each candidate with GPTQ (on the Hessian of the
+    scaled inputs) and there is no clipping: GPTQ picks its ranges with its own search, and AWQ's
+    clips and RTN-chosen scales both made GPTQ worse (stories260K W3 g32: 8.11 with them against
+    7.99 for GPTQ alone).
     """
-    from .awq import can_fold, fold_scales, search_clip, search_scale
+    _fold_scales(job, gptq_rounding)
+    if not gptq_rounding:
+        _clip_weights(job)
 
+
+def _fold_scales(job: LayerJob, gptq_rounding: bool) -> None:
+    """Search (Sec. 3.2) or re-apply each scale group's ``s`` and fold it into the layer exactly."""
     layer, state = job.layer, job.awq_state
     first_inputs = None if state is not None else _gather_inputs(job, [sg.linears[0] for sg in job.scale_groups])
     for sg in job.scale_groups:
@@ -153,10 +158,16 @@ def apply_awq(job: LayerJob, gptq_rounding: bool = False) -> None:
             log.info("layer %d %s -> %s: scale loss %.5g", job.index, sg.prev, ",".join(sg.linears), loss)
         fold_scales(prev, linears, scales)
         job.record(key, scales.detach().cpu())
-    if gptq_rounding:
-        return
-    gs = job.cfg.group_size
-    clipped = [n for g in job.groups for n, m in g.items()  # whole groups only, as the reference
+
+
+def _clip_weights(job: LayerJob) -> None:
+    """Clip each weight's range per group (searched, or re-applied from ``job.awq_state``).
+
+    Skips q/k projections, as the reference: their own output error says little about the
+    attention scores they feed; and linears with a partial last group.
+    """
+    state, gs = job.awq_state, job.cfg.group_size
+    clipped = [n for g in job.groups for n, m in g.items()
                if not n.endswith(("q_proj", "k_proj")) and (gs < 0 or m.in_features % gs == 0)]
     inputs = None if state is not None else _gather_inputs(job, clipped)
     for name in clipped:
@@ -169,12 +180,11 @@ def apply_awq(job: LayerJob, gptq_rounding: bool = False) -> None:
         else:
             with torch.no_grad():
                 w = search_clip(module.weight.data.float(), inputs[name].reshape(-1, module.in_features), job.cfg)
-            rows = w.shape[0]
-            max_val = w.reshape(rows, -1, gs if gs > 0 else w.shape[1]).abs().amax(dim=2)  # [out, groups]
-        g = max_val.shape[1]
-        w = module.weight.data.float().reshape(module.out_features, g, -1)
-        module.weight.data = torch.clamp(w, -max_val[..., None], max_val[..., None]).reshape(
-            module.out_features, -1).to(module.weight.dtype)
+            # clamping at the clipped weight's own group maxima reproduces the clip exactly
+            max_val = w.reshape(w.shape[0], -1, gs if gs > 0 else w.shape[1]).abs().amax(dim=2)  # [out, groups]
+        w = module.weight.data.float().reshape(module.out_features, max_val.shape[1], -1)  # [out, groups, gs]
+        w = torch.clamp(w, -max_val[..., None], max_val[..., None])
+        module.weight.data = w.reshape(module.out_features, -1).to(module.weight.dtype)
         job.record(key, max_val.detach().cpu())
 
 
