@@ -32,24 +32,27 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
-    def _dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    def _zeros(self) -> torch.Tensor:
+        """Zero points ``[groups, out]`` as float32."""
+        return unpack_cols(self.qzeros, self.bits, self.out_features).float() + self.zero_offset
+
+    def _dequantize_rows(self, start: int, stop: int, dtype: torch.dtype, zeros: torch.Tensor) -> torch.Tensor:
         """Input rows ``start:stop`` of the transposed weight, ``[stop - start, out]``, in ``dtype``."""
         words_per_row = self.bits / 32
         codes = unpack_rows(self.qweight[int(start * words_per_row) : int(stop * words_per_row)], self.bits,
                             stop - start)  # [rows, out]
-        zeros = unpack_cols(self.qzeros, self.bits, self.out_features).float() + self.zero_offset  # [groups, out]
         g = self.g_idx[start:stop].long()
         return ((codes.float() - zeros[g]) * self.scales.float()[g]).to(dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole ``[out, in]`` weight the codes stand for (float32 arithmetic, returned in ``dtype``)."""
-        return self._dequantize_rows(0, self.in_features, torch.float32).T.to(dtype or self.scales.dtype)
+        return self._dequantize_rows(0, self.in_features, torch.float32, self._zeros()).T.to(dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
+        out, zeros = None, self._zeros()  # unpacked once per call, shared by every slice
         for start in range(0, self.in_features, ROWS_PER_SLICE):
             stop = min(start + ROWS_PER_SLICE, self.in_features)
-            part = x[..., start:stop] @ self._dequantize_rows(start, stop, x.dtype)  # [..., out]
+            part = x[..., start:stop] @ self._dequantize_rows(start, stop, x.dtype, zeros)  # [..., out]
             out = part if out is None else out.add_(part)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
@@ -77,8 +80,10 @@ class AwqQuantLinear(QuantLinear):
         nibbles = unpack_cols(packed, 4, self.out_features)  # [R, out], AWQ nibble order
         return nibbles.reshape(packed.shape[0], -1, 8)[:, :, AWQ_REVERSE_ORDER].reshape(packed.shape[0], -1)
 
-    def _dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    def _zeros(self) -> torch.Tensor:
+        return self._columns(self.qzeros).float()  # [groups, out], raw zero points
+
+    def _dequantize_rows(self, start: int, stop: int, dtype: torch.dtype, zeros: torch.Tensor) -> torch.Tensor:
         codes = self._columns(self.qweight[start:stop])  # [rows, out]
-        zeros = self._columns(self.qzeros).float()  # [groups, out]
         g = torch.arange(start, stop, device=codes.device) // self.group_size
         return ((codes.float() - zeros[g]) * self.scales.float()[g]).to(dtype)
