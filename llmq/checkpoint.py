@@ -17,14 +17,14 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import CheckpointError, ConfigError
 
@@ -50,44 +50,128 @@ def half_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
 
 
-class ShardWriter:
-    """Appends tensors to safetensors shards of at most ``max_bytes``; ``close`` names them and writes the index."""
+# safetensors dtype names; ``save_file`` lays tensors out by this rank (descending), then by name
+_ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+              torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+              torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
+_ST_RANK = {name: rank for rank, name in enumerate(_ST_DTYPES.values())}
+_ST_TORCH = {name: dtype for dtype, name in _ST_DTYPES.items()}
+_CHUNK = 64 << 20  # bytes copied at a time, so a tensor (or activations) larger than RAM can be written
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
+
+def tensor_bytes(tensor: torch.Tensor) -> Iterator[memoryview]:
+    """A contiguous CPU tensor's raw bytes, in chunks (a memory-mapped tensor is read piece by piece)."""
+    flat = tensor.reshape(-1).view(torch.uint8)
+    for i in range(0, flat.numel(), _CHUNK):
+        yield memoryview(flat[i : i + _CHUNK].numpy())
+
+
+def write_safetensors(path: Path, specs: list[tuple[str, str, list[int], int]],
+                      read: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time: ``specs`` are ``(name, dtype, shape, nbytes)``.
+
+    ``read(name)`` is called once per tensor, in file order, so memory holds one tensor at a time.
+    The bytes are exactly those of ``safetensors.torch.save_file`` (same order, header and padding).
+    """
+    order = sorted(specs, key=lambda s: (-_ST_RANK[s[1]], s[0]))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape, nbytes in order:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, dtype, shape, _ in order:
+            tensor = read(name).detach().to("cpu").contiguous()
+            if _ST_DTYPES[tensor.dtype] != dtype or list(tensor.shape) != shape:
+                raise RuntimeError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {dtype} {shape}")
+            for chunk in tensor_bytes(tensor):
+                f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``save_file`` that streams each tensor's bytes (works for memory-mapped tensors larger than RAM)."""
+    specs = [(k, _ST_DTYPES[t.dtype], list(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()]
+    write_safetensors(path, specs, tensors.__getitem__, {"format": "pt"})
+
+
+class SpoolWriter:
+    """Appends tensors' bytes to one spool file as they come; ``close`` lays them out as safetensors shards.
+
+    Memory holds one tensor at a time, however large the model. ``sync()`` returns the state to
+    commit after each unit of work; a writer built with that ``state`` cuts the spool back to it,
+    so a killed run continues exactly where its last commit left off.
+    """
+
+    def __init__(self, folder: Path, name: str = "spool.bin", state: dict[str, Any] | None = None):
+        self.folder, self.path = folder, folder / name
+        self.entries: list[dict[str, Any]] = list(state["entries"]) if state else []
+        self.file = open(self.path, "r+b" if state else "wb")
+        if state:
+            self.file.truncate(state["bytes"])
+        self.file.seek(0, os.SEEK_END)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += nbytes
+        tensor = tensor.detach().to("cpu").contiguous()
+        offset = self.file.tell()
+        for chunk in tensor_bytes(tensor):
+            self.file.write(chunk)
+        self.entries.append({"name": name, "dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                             "offset": offset, "nbytes": self.file.tell() - offset})
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.folder / f"shard-{len(self.shards):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+    def sync(self) -> dict[str, Any]:
+        """Flush to disk; the returned state (JSON-serialisable) is what a resumed writer restarts from."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        return {"bytes": self.file.tell(), "entries": list(self.entries)}
 
-    def close(self) -> None:
-        self.flush()
-        n = len(self.shards)
-        if n == 1:
-            self.shards[0][0].rename(self.folder / SINGLE_FILE)
-            return
-        weight_map, total = {}, 0
-        for i, (path, names) in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.rename(self.folder / final)
-            weight_map.update({name: final for name in names})
-            total += (self.folder / final).stat().st_size
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    def read(self, entry: dict[str, Any]) -> torch.Tensor:
+        self.file.flush()
+        buf = torch.empty(entry["nbytes"], dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(entry["offset"])
+            f.readinto(memoryview(buf.numpy()))
+        return buf.view(_ST_TORCH[entry["dtype"]]).reshape(entry["shape"])
+
+    def close(self, max_bytes: int | None = None,
+              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Write the shards (``model.safetensors`` or ``model-0000i-of-0000n`` plus the index), drop the spool.
+
+        Shards are cut in arrival order at ``max_bytes``; ``transform(name, tensor)`` may rewrite a
+        tensor's values (never its dtype or shape) on the way out.
+        """
+        shards: list[list[dict[str, Any]]] = []
+        size = 0
+        for e in self.entries:
+            if not shards or (max_bytes is not None and shards[-1] and size + e["nbytes"] > max_bytes):
+                shards.append([])
+                size = 0
+            shards[-1].append(e)
+            size += e["nbytes"]
+        n = len(shards)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for file_name, shard in zip(names, shards, strict=True):
+            by_name = {e["name"]: e for e in shard}
+
+            def read(name: str, by_name: dict = by_name) -> torch.Tensor:
+                t = self.read(by_name[name])
+                return transform(name, t) if transform is not None else t
+            tmp = self.folder / (file_name + ".tmp")
+            write_safetensors(tmp, [(e["name"], e["dtype"], e["shape"], e["nbytes"]) for e in shard], read,
+                              {"format": "pt"})
+            tmp.rename(self.folder / file_name)
+        if n > 1:
+            weight_map = {e["name"]: file_name for file_name, shard in zip(names, shards, strict=True) for e in shard}
+            total = sum((self.folder / name).stat().st_size for name in names)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        self.file.close()
+        self.path.unlink()
 
 
 @contextmanager

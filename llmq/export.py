@@ -21,10 +21,10 @@ from transformers import PreTrainedModel
 
 from . import __version__
 from .arch import ArchSpec, get_arch
-from .checkpoint import ShardWriter, atomic_output_dir, half_dtype, parse_size, write_json
+from .checkpoint import SpoolWriter, atomic_output_dir, half_dtype, parse_size, write_json
 from .config import QuantConfig
 from .errors import ConfigError
-from .pack import pack_awq, pack_gptq
+from .pack import pack_awq, pack_cols, pack_gptq, unpack_cols
 from .quant import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,84 @@ def quantization_config(
     return qc
 
 
+def _v2_zeros_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed raw zero points -> the v1 convention's packed ``zero - 1`` (same shape and dtype)."""
+    zeros = unpack_cols(qzeros, bits, qzeros.shape[1] * 32 // bits).to(torch.int64)
+    return pack_cols(zeros - 1, bits)
+
+
+class PackedWriter:
+    """Writes a packed checkpoint into a staging folder tensor by tensor, never holding more than one.
+
+    Quantized linears are spooled with raw (v2) zero points; ``close`` settles the format: "auto"
+    becomes v1 when no zero point is 0 (known only once every layer is done) and the zero points
+    are rewritten on the way into the shards. ``state``/``sync`` make the writer resumable.
+    """
+
+    def __init__(self, staging: Path, requested: str, dtype: torch.dtype, bits: int,
+                 state: dict[str, Any] | None = None):
+        if requested not in FORMATS:
+            raise ConfigError(f"format {requested!r} is unknown: choose one of {', '.join(FORMATS)}")
+        self.requested, self.dtype, self.bits = requested, dtype, bits
+        self.spool = SpoolWriter(staging, state=state["spool"] if state else None)
+        self.has_zero = bool(state["has_zero"]) if state else False
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """A tensor stored as is: floating point in the checkpoint's half dtype."""
+        self.spool.add(key, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
+
+    def add_quantized(self, name: str, qw: QuantizedWeight) -> None:
+        if self.requested == "awq":
+            packed = _awq_tensors(name, qw)
+        else:
+            if bool((qw.zeros == 0).any()):
+                choose_format({name: qw}, self.requested)  # raises for an explicit v1
+                self.has_zero = True
+            packed = pack_gptq(qw.codes, qw.scales, qw.zeros, qw.g_idx, qw.bits, "gptq_v2")
+        for suffix, t in packed.items():
+            self.spool.add(f"{name}.{suffix}", t)
+
+    @property
+    def format(self) -> str:
+        if self.requested == "auto":
+            return "gptq_v2" if self.has_zero else "gptq"
+        return self.requested
+
+    def sync(self) -> dict[str, Any]:
+        return {"spool": self.spool.sync(), "has_zero": self.has_zero}
+
+    def close(self, max_bytes: int) -> str:
+        """Write the shards; returns the format they are in."""
+        fmt = self.format
+        v1 = fmt == "gptq"
+        self.spool.close(max_bytes, lambda name, t: _v2_zeros_to_v1(t, self.bits) if v1 and name.endswith(
+            ".qzeros") else t)
+        return fmt
+
+
+def write_metadata(staging: Path, config: Any, dtype: torch.dtype, cfg: QuantConfig, fmt: str, n_layers: int,
+                   unquantized: list[str], recipe: dict[str, Any] | None, tokenizer: Any = None,
+                   generation_config: Any = None, extra: dict[str, Callable[[Path], None]] | None = None) -> None:
+    """Everything but the weights: config.json with quantization_config, quantize_config.json, tokenizer."""
+    spec = get_arch(config.model_type)
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["dtype"] = str(dtype).removeprefix("torch.")
+    if fmt == "awq":
+        qc = awq_quantization_config(cfg, unquantized, recipe)
+    else:
+        qc = quantization_config(cfg, fmt, spec, n_layers, unquantized, recipe)
+    config_dict["quantization_config"] = qc
+    write_json(staging / "config.json", config_dict)
+    write_json(staging / "quantize_config.json", qc)
+    if generation_config is not None:
+        generation_config.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    for name, write in (extra or {}).items():
+        write(staging / name)
+
+
 def save_packed(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -117,7 +195,7 @@ def save_packed(
     ``extra`` maps file names to writers for files that go into the same folder, atomically with it.
     """
     spec = get_arch(model.config.model_type)
-    fmt = choose_format(results, fmt)
+    choose_format(results, fmt)  # an impossible explicit format fails before anything is written
     dtype = half_dtype(next(model.parameters()).dtype)
     modules = dict(model.named_modules())
     quantized_params = {f"{name}.weight" for name in results}
@@ -130,33 +208,15 @@ def save_packed(
                     tuple(modules[name].weight.shape))
     tied = "lm_head.weight" if getattr(model.config, "tie_word_embeddings", False) else None
     with atomic_output_dir(out, overwrite) as staging:
-        writer = ShardWriter(staging, parse_size(max_shard_size))
+        writer = PackedWriter(staging, fmt, dtype, cfg.bits)
         for key, tensor in model.state_dict().items():
             if key == tied:
                 continue
             if key in quantized_params:
-                name = key[: -len(".weight")]
-                qw = results[name]
-                packed = _awq_tensors(name, qw) if fmt == "awq" else pack_gptq(
-                    qw.codes, qw.scales, qw.zeros, qw.g_idx, qw.bits, fmt)
-                for suffix, t in packed.items():
-                    writer.add(f"{name}.{suffix}", t)
+                writer.add_quantized(key[: -len(".weight")], results[key[: -len(".weight")]])
             else:
-                writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-        writer.close()
-        config = model.config.to_dict()
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        if fmt == "awq":
-            qc = awq_quantization_config(cfg, unquantized, recipe)
-        else:
-            qc = quantization_config(cfg, fmt, spec, len(model.get_submodule(spec.layers)), unquantized, recipe)
-        config["quantization_config"] = qc
-        write_json(staging / "config.json", config)
-        write_json(staging / "quantize_config.json", qc)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for name, write in (extra or {}).items():
-            write(staging / name)
+                writer.add(key, tensor)
+        fmt = writer.close(parse_size(max_shard_size))
+        write_metadata(staging, model.config, dtype, cfg, fmt, len(model.get_submodule(spec.layers)), unquantized,
+                       recipe, tokenizer, getattr(model, "generation_config", None), extra)
     return Path(out)
