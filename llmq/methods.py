@@ -23,6 +23,7 @@ from .config import QuantConfig
 from .errors import WeightError
 from .gptq import HessianAccumulator, gptq_quantize
 from .quant import QuantizedWeight, rtn_quantize
+from .timing import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class LayerJob:
     # AWQ search results: ``record(name, tensor)`` saves one; ``awq_state`` re-applies saved ones
     record: Callable[[str, torch.Tensor], None] = lambda name, tensor: None
     awq_state: dict[str, torch.Tensor] | None = None
+    timer: StageTimes = field(default_factory=StageTimes)  # where the layer's time goes
 
 
 def check_finite(name: str, tensor: torch.Tensor, what: str = "weight") -> None:
@@ -64,9 +66,41 @@ def rtn_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     for group in job.groups:
         for name, module in group.items():
             check_finite(job.prefix + name, module.weight)
-            results[name] = rtn_quantize(module.weight.data, job.cfg)
+            with job.timer("solve"):
+                results[name] = rtn_quantize(module.weight.data, job.cfg)
             write_back(module, results[name])
     return results
+
+
+class SharedHessians:
+    """One Hessian per distinct input: linears fed the same tensor (q/k/v, gate/up) share it.
+
+    Sharing is decided on the first batch by storage identity; a reference to each owner's
+    latest input is kept, so a freed tensor's memory can never be mistaken for a shared input.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], timer: StageTimes):
+        self.modules, self.timer = modules, timer
+        self.accs: dict[str, HessianAccumulator] = {}
+        self.owner: dict[str, str] = {}  # linear -> the linear whose accumulator it uses
+        self.last: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.owner:
+            same = [o for o, prev in self.last.items() if prev.data_ptr() == x.data_ptr()
+                    and prev.shape == x.shape and prev.stride() == x.stride()]
+            self.owner[name] = same[0] if same else name
+            if not same:
+                self.accs[name] = HessianAccumulator(self.modules[name].in_features, self.modules[name].weight.device)
+        if self.owner[name] != name:
+            return
+        self.last[name] = x
+        with self.timer("hessian"):
+            self.accs[name].add(x)
+
+    def hessian(self, name: str) -> torch.Tensor:
+        self.last.clear()
+        return self.accs[self.owner[name]].hessian()
 
 
 def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
@@ -76,12 +110,14 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     for group in groups:
         for name, module in group.items():
             check_finite(job.prefix + name, module.weight)
-        accs = {name: HessianAccumulator(m.in_features, m.weight.device) for name, m in group.items()}
-        job.observe(group, lambda name, x, accs=accs: accs[name].add(x))
+        hessians = SharedHessians(group, job.timer)
+        with job.timer("observe"):
+            job.observe(group, hessians.add)
         for name, module in group.items():
-            H = accs[name].hessian()
+            H = hessians.hessian(name)
             check_finite(job.prefix + name, H, "calibration Hessian (inputs overflowed?)")
-            res = gptq_quantize(module.weight.data, H, job.cfg)
+            with job.timer("solve"):
+                res = gptq_quantize(module.weight.data, H, job.cfg)
             log.info("layer %d %-22s loss %.5g damp %.3g", job.index, name, res.loss, res.damp)
             results[name] = res.weight
             write_back(module, res.weight)
@@ -190,13 +226,15 @@ def _clip_weights(job: LayerJob) -> None:
 
 def awq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     """AWQ scales and clipping, then round to nearest."""
-    apply_awq(job)
+    with job.timer("awq_search"):
+        apply_awq(job)
     return rtn_layer(job)
 
 
 def awq_gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     """AWQ scales searched for GPTQ rounding, then GPTQ."""
-    apply_awq(job, gptq_rounding=True)
+    with job.timer("awq_search"):
+        apply_awq(job, gptq_rounding=True)
     return gptq_layer(job)
 
 

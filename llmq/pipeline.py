@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -24,11 +26,12 @@ from .arch import ArchSpec, get_arch, get_layers, layer_linears
 from .config import QuantConfig
 from .methods import METHOD_FNS, LayerJob, check_finite
 from .quant import QuantizedWeight
+from .timing import StageTimes
 
 log = logging.getLogger(__name__)
 
 LayerResults = dict[str, QuantizedWeight]  # full module name -> quantized weight
-Sink = Callable[[int, nn.Module, LayerResults], None]
+Sink = Callable[[int, nn.Module, LayerResults, torch.Tensor], None]
 
 
 class LayerSource(Protocol):
@@ -52,6 +55,21 @@ class InMemoryLayers:
         layer.to("cpu")
 
 
+def allocate_activations(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                         offload_dir: Path | None = None, name: str = "hidden") -> torch.Tensor:
+    """An empty activation buffer on ``device``, or memory-mapped from a file in ``offload_dir``.
+
+    A mapped buffer lives in the page cache: the OS writes it out and drops it under memory
+    pressure, so calibration sets larger than RAM (or than GPU memory) still fit.
+    """
+    if offload_dir is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    offload_dir.mkdir(parents=True, exist_ok=True)
+    path = offload_dir / f"{name}.bin"
+    path.unlink(missing_ok=True)
+    return torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+
+
 class _StopForward(Exception):
     pass
 
@@ -59,10 +77,12 @@ class _StopForward(Exception):
 class _Catcher(nn.Module):
     """Stands in for the first decoder layer: records its inputs and stops the forward pass."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, n: int, alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]):
         super().__init__()
         self.layer = layer  # kept so attributes such as attention_type stay reachable
-        self.hidden: list[torch.Tensor] = []
+        self.n, self.alloc = n, alloc
+        self.hidden: torch.Tensor | None = None
+        self.count = 0
         self.kwargs: dict[str, Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -74,25 +94,31 @@ class _Catcher(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if args:
             raise RuntimeError("decoder layer called with positional arguments beyond hidden_states")
-        self.hidden.append(hidden_states)
+        if self.hidden is None:
+            self.hidden = self.alloc((self.n, *hidden_states.shape[1:]), hidden_states.dtype)
+        self.hidden[self.count : self.count + hidden_states.shape[0]] = hidden_states
+        self.count += hidden_states.shape[0]
         if self.kwargs is None:
             self.kwargs = kwargs
         raise _StopForward
 
 
 def capture_layer_inputs(
-    model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, device: torch.device
+    model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, device: torch.device,
+    offload_dir: Path | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Hidden states ``[n, seqlen, hidden]`` entering layer 0 and the layer's keyword arguments.
 
     Runs only the modules before the first layer (embedding, rotary) on ``device``: windows go one
     at a time, so the captured kwargs (mask, positions) have batch 1 and broadcast over any batch.
+    The hidden states are kept in the model's dtype, on ``device`` or mapped from ``offload_dir``.
     """
     layers = get_layers(model, spec)
     before = [model.get_submodule(name) for name in spec.before]
     for module in before:
         module.to(device)
-    catcher = _Catcher(layers[0])
+    catcher = _Catcher(layers[0], input_ids.shape[0],
+                       lambda shape, dtype: allocate_activations(shape, dtype, device, offload_dir))
     layers[0] = catcher
     try:
         with torch.no_grad():
@@ -106,12 +132,16 @@ def capture_layer_inputs(
         for module in before:
             module.to("cpu")
     kwargs = {k: v for k, v in (catcher.kwargs or {}).items() if k not in ("past_key_values", "past_key_value")}
-    return torch.cat(catcher.hidden), kwargs
+    return catcher.hidden, kwargs
 
 
 def _layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _device_of(layer: nn.Module) -> torch.device:
+    return next(layer.parameters()).device
 
 
 def _observe(
@@ -120,25 +150,27 @@ def _observe(
 ) -> None:
     """Run ``layer`` over ``hidden`` in batches, calling ``fn(name, x)`` with each listed module's input.
 
-    Each batch stops as soon as every listed module has seen it: the rest of the layer is not needed.
+    Each batch stops as soon as every listed module has been reached (pre-hooks: the last one
+    itself never runs); the rest of the layer is not needed.
     """
     pending: set[str] = set()
+    device = _device_of(layer)
 
     def hook(name: str):
-        def _hook(module: nn.Module, args: tuple, output: Any) -> None:
+        def _hook(module: nn.Module, args: tuple) -> None:
             fn(name, args[0].detach())
             pending.discard(name)
             if not pending:
                 raise _StopForward
         return _hook
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
     try:
         with torch.no_grad():
             for i in range(0, hidden.shape[0], batch_size):
                 pending.update(modules)
                 try:
-                    _layer_forward(layer, hidden[i : i + batch_size], kwargs)
+                    _layer_forward(layer, hidden[i : i + batch_size].to(device), kwargs)
                 except _StopForward:
                     pass
     finally:
@@ -146,12 +178,16 @@ def _observe(
             h.remove()
 
 
-def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int) -> torch.Tensor:
-    """Replace ``hidden`` by the layer's outputs, batch by batch, in place."""
+def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's outputs for ``hidden``, batch by batch, into ``out`` (default: ``hidden``, in place)."""
+    out = hidden if out is None else out
+    device = _device_of(layer)
     with torch.no_grad():
         for i in range(0, hidden.shape[0], batch_size):
-            hidden[i : i + batch_size] = _layer_forward(layer, hidden[i : i + batch_size], kwargs)
-    return hidden
+            y = _layer_forward(layer, hidden[i : i + batch_size].to(device), kwargs)
+            out[i : i + batch_size] = y.to(out.device)
+    return out
 
 
 def quantize_layers(
@@ -165,27 +201,45 @@ def quantize_layers(
     keep_fp: Callable[[str, nn.Linear], bool] | None = None,
     awq_state: dict[str, torch.Tensor] | None = None,
     awq_record: dict[str, torch.Tensor] | None = None,
+    start: int = 0,
+    resume_hidden: Callable[[torch.Tensor], None] | None = None,
+    offload_dir: Path | None = None,
+    timer: StageTimes | None = None,
 ) -> LayerResults:
     """Quantize every decoder layer's linears with ``cfg.method``; returns all quantized weights.
 
     ``input_ids`` ``[n, seqlen]`` are the calibration windows. ``source`` yields the layers
-    (default: the model's own, in memory); ``sink`` receives each finished layer, and when one is
-    given the results are not also kept (so memory stays at one layer's). Linears for which
-    ``keep_fp(full_name, module)`` is true stay in full precision (e.g. shapes a format cannot hold).
-    AWQ methods fill ``awq_record`` with their search results, or re-apply ``awq_state`` without searching.
+    (default: the model's own, in memory); ``sink(index, layer, results, hidden)`` receives each
+    finished layer and the next layer's inputs, and when one is given the results are not also
+    kept (so memory stays at one layer's). Linears for which ``keep_fp(full_name, module)`` is true
+    stay in full precision (e.g. shapes a format cannot hold). AWQ methods fill ``awq_record`` with
+    their search results, or re-apply ``awq_state`` without searching.
+
+    Resuming: ``start`` skips the layers before it, and ``resume_hidden(buffer)`` fills the
+    activation buffer with that layer's saved inputs. With ``offload_dir`` the activations are
+    memory-mapped files there instead of tensors on ``device``.
     """
     spec = get_arch(model.config.model_type)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = source or InMemoryLayers(model, spec)
     method = METHOD_FNS[cfg.method]
     n_layers = len(get_layers(model, spec))
+    timer = timer or StageTimes()
 
-    hidden, kwargs = capture_layer_inputs(model, spec, input_ids, device)
+    with timer("capture"):
+        hidden, kwargs = capture_layer_inputs(model, spec, input_ids, device, offload_dir)
+        if start:
+            resume_hidden(hidden)
     log.info("captured %d calibration windows of %d tokens for %d layers", *hidden.shape[:2], n_layers)
+    fp_outputs = None
+    if cfg.next_inputs == "fp":
+        fp_outputs = allocate_activations(tuple(hidden.shape), hidden.dtype, hidden.device, offload_dir, "fp_outputs")
 
     all_results: LayerResults = {}
-    for index in tqdm(range(n_layers), desc=f"{cfg.method} W{cfg.bits}", unit="layer"):
-        layer = source.load_layer(index).to(device)
+    for index in tqdm(range(start, n_layers), desc=f"{cfg.method} W{cfg.bits}", unit="layer",
+                      initial=start, total=n_layers):
+        with timer("load"):
+            layer = source.load_layer(index).to(device)
         prefix = f"{spec.layers}.{index}."
         linears = layer_linears(layer, spec)
         for name, module in linears.items():
@@ -195,19 +249,23 @@ def quantize_layers(
         groups = tuple(g for g in ({n: linears[n] for n in group if n in linears} for group in spec.sequential) if g)
 
         observe = functools.partial(_observe, layer, hidden, kwargs, batch_size)
-        fp_outputs = _propagate(layer, hidden.clone(), kwargs, batch_size) if cfg.next_inputs == "fp" else None
-        record = awq_record.__setitem__ if awq_record is not None else (lambda name, tensor: None)
-        job = LayerJob(index, prefix, groups, cfg, observe, layer=layer, kwargs=kwargs,
-                       scale_groups=spec.scale_groups, batch_size=batch_size, record=record, awq_state=awq_state)
-        results = method(job)
         if fp_outputs is not None:
-            hidden.copy_(fp_outputs)  # the AWQ reference feeds the next layer full-precision outputs
-        else:  # the quantized layer's outputs are the next layer's inputs
-            _propagate(layer, hidden, kwargs, batch_size)
+            with timer("propagate"):
+                _propagate(layer, hidden, kwargs, batch_size, out=fp_outputs)
+        record = awq_record.__setitem__ if awq_record is not None else (lambda name, tensor: None)
+        job = LayerJob(index, prefix, groups, cfg, observe, layer=layer, kwargs=kwargs, scale_groups=spec.scale_groups,
+                       batch_size=batch_size, record=record, awq_state=awq_state, timer=timer)
+        results = method(job)
+        with timer("propagate"):
+            if fp_outputs is not None:
+                hidden.copy_(fp_outputs)  # the AWQ reference feeds the next layer full-precision outputs
+            else:  # the quantized layer's outputs are the next layer's inputs
+                _propagate(layer, hidden, kwargs, batch_size)
         layer_results = {prefix + name: qw for name, qw in results.items()}
-        if sink is not None:
-            sink(index, layer, layer_results)
-        else:
-            all_results.update(layer_results)
+        with timer("write"):
+            if sink is not None:
+                sink(index, layer, layer_results, hidden)
+            else:
+                all_results.update(layer_results)
         source.release_layer(index, layer)
     return all_results

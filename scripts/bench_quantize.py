@@ -4,7 +4,8 @@
         --calib ../shared/assets/c4-sample/c4_train_00000_first1000.jsonl --nsamples 128 --seqlen 256
 
 Reports wall time (load + calibration + quantization), quantization time, seconds per decoder
-layer (mean and each), the time spent in AWQ's scale and clip search, and the process's peak RSS.
+layer (mean and each), seconds per stage summed over layers (load, observe, hessian, solve,
+propagate, awq_search, write), and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -35,37 +36,29 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import llmq.methods
     from llmq.api import load_model, resolve_device
     from llmq.config import QuantConfig
     from llmq.data import get_calibration
     from llmq.pipeline import quantize_layers
+    from llmq.timing import StageTimes
 
     start = time.perf_counter()
     cfg = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, act_order=args.act_order,
                       mse=args.mse)
     model, tokenizer = load_model(args.model)
     calib = get_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed)
-    awq_search_s = [0.0]  # time inside AWQ's scale and clip search, summed over layers
-    apply_awq = llmq.methods.apply_awq
-
-    def timed_apply_awq(*a, **kw):
-        t = time.perf_counter()
-        apply_awq(*a, **kw)
-        awq_search_s[0] += time.perf_counter() - t
-
-    llmq.methods.apply_awq = timed_apply_awq
     layer_times: list[float] = []
     t_layer = [time.perf_counter()]
 
-    def sink(index, layer, results) -> None:
+    def sink(index, layer, results, hidden) -> None:
         now = time.perf_counter()
         layer_times.append(now - t_layer[0])
         t_layer[0] = now
 
+    timer = StageTimes()
     t_quant = time.perf_counter()
     t_layer[0] = t_quant
-    quantize_layers(model, calib, cfg, device=resolve_device(args.device), sink=sink)
+    quantize_layers(model, calib, cfg, device=resolve_device(args.device), sink=sink, timer=timer)
     end = time.perf_counter()
     print(json.dumps({
         "model": args.model, "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
@@ -74,7 +67,7 @@ def main() -> None:
         "wall_s": round(end - start, 3), "quantize_s": round(end - t_quant, 3),
         "s_per_layer": round(sum(layer_times) / len(layer_times), 3),
         "layer_s": [round(t, 3) for t in layer_times],
-        "awq_search_s": round(awq_search_s[0], 3),
+        "stage_s": timer.as_dict(),  # observe includes hessian; awq_search includes its own forwards
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }))
 
