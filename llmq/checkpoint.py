@@ -139,8 +139,9 @@ class SpoolWriter:
         return buf.view(_ST_TORCH[entry["dtype"]]).reshape(entry["shape"])
 
     def close(self, max_bytes: int | None = None,
-              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
-        """Write the shards (``model.safetensors`` or ``model-0000i-of-0000n`` plus the index), drop the spool.
+              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+              single_name: str = SINGLE_FILE) -> None:
+        """Write the shards (``single_name`` or ``model-0000i-of-0000n`` plus the index), drop the spool.
 
         Shards are cut in arrival order at ``max_bytes``; ``transform(name, tensor)`` may rewrite a
         tensor's values (never its dtype or shape) on the way out.
@@ -154,7 +155,7 @@ class SpoolWriter:
             shards[-1].append(e)
             size += e["nbytes"]
         n = len(shards)
-        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = [single_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for file_name, shard in zip(names, shards, strict=True):
             by_name = {e["name"]: e for e in shard}
 

@@ -15,7 +15,12 @@ QUANTIZE_HELP = """Quantize MODEL's decoder-layer linears layer by layer and wri
 
 The checkpoint uses the GPTQ layout (int32-packed codes, fp16 scales, quantization_config in
 config.json) that llmq.from_pretrained, transformers (with gptqmodel) and vLLM load. Linears whose
-shape the layout cannot hold (a dimension not a multiple of 32) stay in full precision."""
+shape the layout cannot hold (a dimension not a multiple of 32) stay in full precision.
+
+The model is streamed: each decoder layer is read from the input safetensors shards when it is
+quantized and its packed tensors are appended to the output, so memory holds about one layer plus
+the calibration activations. The run can be killed at any point: the same command continues from
+the first unfinished layer (state in .<out>.partial beside --out) and writes the same bytes."""
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +54,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="next layer's inputs from the quantized layer (default) or the full-precision one "
                         "(the AWQ reference)")
     p.add_argument("--max-shard-size", help="largest safetensors shard (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (and discard an unfinished run with other settings)")
+    p.add_argument("--offload-activations", metavar="DIR",
+                   help="keep calibration activations in memory-mapped files under DIR instead of RAM/GPU "
+                        "(automatic, in the output's work folder, when they exceed half the free memory)")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +96,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import quantize, save
+    from .api import quantize_to_disk
     from .config import Recipe
 
     keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
@@ -97,7 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
     if not recipe.out:
         raise LlmqError("no output folder: pass --out DIR (or `out:` in the recipe)")
-    save(quantize(recipe), recipe, overwrite=args.overwrite)
+    quantize_to_disk(recipe, overwrite=args.overwrite, offload_activations=args.offload_activations)
     print(f"wrote {recipe.out}")
     return 0
 
