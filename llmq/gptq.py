@@ -33,9 +33,13 @@ class HessianAccumulator:
         self.n_tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
+        """``H``, computed in place: the accumulator is spent (a 11008-wide H is 485 MB; no second copy)."""
         if self.n_tokens == 0:
             raise RuntimeError("no calibration tokens reached this module: its forward hook never ran")
-        return self.sum * (2.0 / self.n_tokens)
+        if self.sum is None:
+            raise RuntimeError("hessian() was already taken from this accumulator")
+        H, self.sum = self.sum.mul_(2.0 / self.n_tokens), None
+        return H
 
 
 @dataclass
@@ -54,11 +58,15 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor
     mean_diag = torch.mean(torch.diag(H)).item()
     damp = damp_percent * mean_diag
     for _ in range(MAX_DAMP_RETRIES):
-        Hd = H + damp * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+        Hd = H.clone()
+        Hd.diagonal().add_(damp)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # at most three [in, in] matrices alive at once
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0 and torch.isfinite(U).all():
                 return U, damp
         log.info("Cholesky failed with damp %.3g; retrying with 10x damping", damp)
@@ -82,42 +90,46 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
     ``diag H``) and static groups (group parameters from the original weights, natural ``g_idx``,
     so act-order needs no reordering at inference).
     """
-    W = W.clone().float()
-    H = H.clone().float()
+    W = W.float() if W.dtype != torch.float32 else W.clone()
     rows, cols = W.shape
     gs = cfg.group_size if cfg.group_size > 0 else cols
     n_groups = -(-cols // gs)
 
     dead = torch.diag(H) == 0  # inputs that were always zero: any value is free, use 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    if dead.any():
+        H = H.float().clone()
+        H[dead, dead] = 1
+        W[:, dead] = 0
 
     if cfg.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
+        Hinv, damp = inverse_cholesky(H[perm[:, None], perm], cfg.damp_percent)
     else:
-        perm = torch.arange(cols, device=W.device)
-    invperm = torch.argsort(perm)
-
-    Hinv, damp = inverse_cholesky(H[perm][:, perm], cfg.damp_percent)
+        perm = None
+        Hinv, damp = inverse_cholesky(H.float(), cfg.damp_percent)
     if Hinv is None:
         log.warning(
             "GPTQ: H is not positive definite even with damp %.3g; this module falls back to RTN "
             "(more or more varied calibration text usually fixes this)", damp,
         )
         return GPTQResult(rtn_quantize(W, cfg), float("nan"), damp, fell_back_to_rtn=True)
+    invperm = torch.argsort(perm) if perm is not None else None
 
     if cfg.static_groups:
         scales, zeros = group_qparams(W, cfg)
         g_idx = natural_g_idx(cols, gs, W.device)
-        col_group = g_idx[perm].long()  # group of each permuted column
+        col_group = (g_idx[perm] if perm is not None else g_idx).tolist()  # group of each quantized column
     else:
         scales = torch.zeros(rows, n_groups, device=W.device)
         zeros = torch.zeros(rows, n_groups, device=W.device)
-        col_group = torch.arange(cols, device=W.device) // gs  # groups follow the quantization order
-        g_idx = col_group[invperm].to(torch.int32)
+        col_group = [c // gs for c in range(cols)]  # groups follow the quantization order
+        g_idx = torch.tensor(col_group, dtype=torch.int32, device=W.device)
+        if invperm is not None:
+            g_idx = g_idx[invperm]
 
-    W = W[:, perm]
-    codes = torch.zeros_like(W)
+    if perm is not None:
+        W = W[:, perm]
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
     loss = torch.zeros((), device=W.device)
     bs = _block_size(cfg.block_size, gs, n_groups)
     for i1 in range(0, cols, bs):
@@ -125,25 +137,29 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        d_all = torch.diag(Hinv1).tolist()
+        g_prev = -1
         for i in range(i2 - i1):
             col = i1 + i
             if not cfg.static_groups and col % gs == 0:
                 end = min(col + gs, cols)  # groups never straddle a block, unless they start one
                 src = W1[:, i : end - i1] if end <= i2 else W[:, col:end]
                 scales[:, col // gs], zeros[:, col // gs] = row_qparams(src, cfg.bits, cfg.sym, cfg.mse)
+                g_prev = -1
             g = col_group[col]
+            if g != g_prev:
+                scale, zero, g_prev = scales[:, g].contiguous(), zeros[:, g].contiguous(), g
             w = W1[:, i]
-            q = quantize(w, scales[:, g], zeros[:, g], cfg.maxq)
+            q = quantize(w, scale, zero, cfg.maxq)
             codes[:, col] = q
-            dq = scales[:, g] * (q - zeros[:, g])
-            d = Hinv1[i, i]
-            loss += ((w - dq) ** 2).sum() / d**2 / 2
-            err = (w - dq) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            err = w.sub(q.sub_(zero).mul_(scale)).div_(d_all[i])  # (w - dequantized) / [H^-1]_jj
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        loss += Err1.pow(2).sum() / 2  # (w - q)^2 / [H^-1]_jj^2 / 2, summed per block
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     weight = QuantizedWeight(
-        codes[:, invperm].to(torch.uint8), scales, zeros.to(torch.uint8), g_idx, cfg.bits, cfg.group_size, cfg.sym
+        codes[:, invperm] if invperm is not None else codes, scales, zeros.to(torch.uint8), g_idx, cfg.bits,
+        cfg.group_size, cfg.sym,
     )
     return GPTQResult(weight, loss.item(), damp)

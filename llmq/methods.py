@@ -84,12 +84,15 @@ class SharedHessians:
         self.accs: dict[str, HessianAccumulator] = {}
         self.owner: dict[str, str] = {}  # linear -> the linear whose accumulator it uses
         self.last: dict[str, torch.Tensor] = {}
+        self.done: dict[str, torch.Tensor] = {}  # owner -> H, while linears sharing it are being solved
+        self.users: dict[str, int] = {}
 
     def add(self, name: str, x: torch.Tensor) -> None:
         if name not in self.owner:
             same = [o for o, prev in self.last.items() if prev.data_ptr() == x.data_ptr()
                     and prev.shape == x.shape and prev.stride() == x.stride()]
             self.owner[name] = same[0] if same else name
+            self.users[self.owner[name]] = self.users.get(self.owner[name], 0) + 1
             if not same:
                 self.accs[name] = HessianAccumulator(self.modules[name].in_features, self.modules[name].weight.device)
         if self.owner[name] != name:
@@ -99,8 +102,16 @@ class SharedHessians:
             self.accs[name].add(x)
 
     def hessian(self, name: str) -> torch.Tensor:
+        """``name``'s Hessian; the accumulator is spent on first use and H dropped after its last user."""
         self.last.clear()
-        return self.accs[self.owner[name]].hessian()
+        owner = self.owner[name]
+        if owner not in self.done:
+            self.done[owner] = self.accs.pop(owner).hessian()
+        H = self.done[owner]
+        self.users[owner] -= 1
+        if not self.users[owner]:
+            del self.done[owner]
+        return H
 
 
 def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:

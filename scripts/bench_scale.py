@@ -1,0 +1,135 @@
+"""Streaming GPTQ on a model with Llama-2-7B's exact shapes; prints one JSON line of figures.
+
+    python scripts/bench_scale.py                 # 32 layers: the full 7B shape (13.5 GB of bf16 weights)
+    python scripts/bench_scale.py --layers 2      # same width, 2 layers, for a quick run
+
+The first run writes a random-weight bf16 checkpoint (hidden 4096, intermediate 11008, 32 heads,
+vocab 32000, ``--layers`` decoder layers) in 5 GB safetensors shards under ``--cache-dir`` and
+reuses it afterwards; it is generated one tensor at a time, so making it needs little memory
+either. Then ``llmq.quantize_to_disk`` runs GPTQ W4 g128 with 16 windows of 512 tokens (TinyStories
+text from ../shared, stories260K's tokenizer, which fits in the 32000-token vocabulary) on
+``--device`` (default cpu) and the line reports wall time, seconds per layer, seconds per stage
+summed over layers, peak RSS (this process, the quantization only: the checkpoint is generated in
+a child process) and the output size, beside the input size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                 vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+SHARD_BYTES = 5 * 10**9
+
+
+def make_checkpoint(folder: Path, layers: int) -> None:
+    """Random N(0, 0.02) linears and embeddings, unit norms, bf16, written tensor by tensor."""
+    from accelerate import init_empty_weights
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llmq.checkpoint import INDEX_FILE, write_safetensors
+
+    config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **LLAMA2_7B)
+    with init_empty_weights():
+        skeleton = LlamaForCausalLM(config)
+    specs = [(k, "BF16", list(t.shape), t.numel() * 2) for k, t in skeleton.state_dict().items()]
+
+    def generate(name: str) -> torch.Tensor:
+        shape = dict((k, s) for k, _, s, _ in specs)[name]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=torch.bfloat16)
+        seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    shards: list[list[tuple]] = [[]]
+    for spec in specs:
+        if shards[-1] and sum(s[3] for s in shards[-1]) + spec[3] > SHARD_BYTES:
+            shards.append([])
+        shards[-1].append(spec)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(tmp / name, shard, generate, {"format": "pt"})
+        weight_map.update({s[0]: name for s in shard})
+        print(f"wrote {name}", file=sys.stderr)
+    total = sum(s[3] for s in specs)
+    (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    config.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(SHARED / "assets" / "stories260K").save_pretrained(tmp)
+    tmp.rename(folder)
+
+
+def dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=32, help="decoder layers (32 is Llama-2-7B)")
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-dir", default=os.environ.get("LLMQ_BENCH_CACHE", Path.home() / ".cache" / "llmq-bench"),
+                   help="where the random checkpoint is kept (and the output written)")
+    p.add_argument("--offload-activations", metavar="DIR", help="as llmq quantize --offload-activations")
+    p.add_argument("--keep", action="store_true", help="keep the quantized output")
+    p.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    cache = Path(args.cache_dir)
+    model_dir = cache / f"llama2-7b-shape-{args.layers}L"
+    if args.generate_only:
+        make_checkpoint(model_dir, args.layers)
+        return
+    if not model_dir.is_dir():  # generated in a child, so its memory does not count in this run's peak
+        subprocess.run([sys.executable, __file__, "--generate-only", "--layers", str(args.layers),
+                        "--cache-dir", str(cache)], check=True)
+
+    from llmq.api import quantize_to_disk
+    from llmq.config import Recipe
+    from llmq.timing import StageTimes
+
+    calib = SHARED / "assets" / "tinystories-text" / "TinyStories-valid.Ahmedessaa-30k.txt"
+    out = cache / f"out-{args.layers}L-w{args.bits}g{args.group_size}"
+    recipe = Recipe.from_dict(dict(model=str(model_dir), out=str(out), method="gptq", bits=args.bits,
+                                   group_size=args.group_size, calib=str(calib), nsamples=args.nsamples,
+                                   seqlen=args.seqlen, device=args.device))
+    timer = StageTimes()
+    start = time.perf_counter()
+    quantize_to_disk(recipe, overwrite=True, offload_activations=args.offload_activations, timer=timer)
+    wall = time.perf_counter() - start
+    stages = timer.as_dict(1)
+    if "observe" in stages:  # observe includes the Hessian updates: report the forwards on their own
+        stages["observe_forward"] = round(stages["observe"] - stages.get("hessian", 0.0), 1)
+    result = {
+        "tool": "llmq", "layers": args.layers, "hidden": 4096, "intermediate": 11008, "method": "gptq",
+        "bits": args.bits, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
+        "device": args.device, "threads": torch.get_num_threads(),
+        "wall_s": round(wall, 1), "s_per_layer": round(wall / args.layers, 1), "stage_s": stages,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "input_gb": round(dir_bytes(model_dir) / 1e9, 2), "output_gb": round(dir_bytes(out) / 1e9, 3),
+    }
+    if not args.keep:
+        shutil.rmtree(out)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
