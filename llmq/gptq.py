@@ -17,6 +17,7 @@ from .quant import QuantizedWeight, group_qparams, natural_g_idx, quantize, row_
 
 log = logging.getLogger(__name__)
 
+SUB_BLOCK = 16  # columns per rank-1-updated sub-block inside a lazy block
 MAX_DAMP_RETRIES = 4  # damping x10 each time: 1%, 10%, 100%, 1000% of mean(diag H)
 
 
@@ -107,6 +108,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
     else:
         perm = None
         Hinv, damp = inverse_cholesky(H.float(), cfg.damp_percent)
+    del H  # frees it when the caller passed its only reference (a 485 MB matrix for an 11008-wide input)
     if Hinv is None:
         log.warning(
             "GPTQ: H is not positive definite even with damp %.3g; this module falls back to RTN "
@@ -132,6 +134,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
     loss = torch.zeros((), device=W.device)
     bs = _block_size(cfg.block_size, gs, n_groups)
+    # group starts must fall on sub-block boundaries, so their columns are fully updated when read
+    sub = SUB_BLOCK if cfg.static_groups or n_groups == 1 or gs % SUB_BLOCK == 0 else 1
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         W1 = W[:, i1:i2].clone()
@@ -153,8 +157,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
             q = quantize(w, scale, zero, cfg.maxq)
             codes[:, col] = q
             err = w.sub(q.sub_(zero).mul_(scale)).div_(d_all[i])  # (w - dequantized) / [H^-1]_jj
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            # rank-1 updates stay inside a sub-block of `sub` columns; the rest of the block gets the
+            # sub-block's errors as one matmul (the lazy-batch idea of Sec. 3, applied twice)
+            j2 = min((i // sub + 1) * sub, i2 - i1)
+            W1[:, i:j2].addr_(err, Hinv1[i, i:j2], alpha=-1)
             Err1[:, i] = err
+            if i + 1 == j2 and j2 < i2 - i1:
+                j1 = j2 - sub
+                W1[:, j2:].addmm_(Err1[:, j1:j2], Hinv1[j1:j2, j2:], alpha=-1)
         loss += Err1.pow(2).sum() / 2  # (w - q)^2 / [H^-1]_jj^2 / 2, summed per block
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 

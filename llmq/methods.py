@@ -79,8 +79,9 @@ class SharedHessians:
     latest input is kept, so a freed tensor's memory can never be mistaken for a shared input.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], timer: StageTimes):
-        self.modules, self.timer = modules, timer
+    def __init__(self, modules: dict[str, nn.Linear], timer: StageTimes,
+                 check: Callable[[str, torch.Tensor], None] = lambda name, H: None):
+        self.modules, self.timer, self.check = modules, timer, check
         self.accs: dict[str, HessianAccumulator] = {}
         self.owner: dict[str, str] = {}  # linear -> the linear whose accumulator it uses
         self.last: dict[str, torch.Tensor] = {}
@@ -107,6 +108,7 @@ class SharedHessians:
         owner = self.owner[name]
         if owner not in self.done:
             self.done[owner] = self.accs.pop(owner).hessian()
+            self.check(owner, self.done[owner])
         H = self.done[owner]
         self.users[owner] -= 1
         if not self.users[owner]:
@@ -121,14 +123,13 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     for group in groups:
         for name, module in group.items():
             check_finite(job.prefix + name, module.weight)
-        hessians = SharedHessians(group, job.timer)
+        hessians = SharedHessians(group, job.timer, check=lambda name, H: check_finite(
+            job.prefix + name, H, "calibration Hessian (inputs overflowed?)"))
         with job.timer("observe"):
             job.observe(group, hessians.add)
         for name, module in group.items():
-            H = hessians.hessian(name)
-            check_finite(job.prefix + name, H, "calibration Hessian (inputs overflowed?)")
-            with job.timer("solve"):
-                res = gptq_quantize(module.weight.data, H, job.cfg)
+            with job.timer("solve"):  # H passed inline: the solver frees it once it has H^-1
+                res = gptq_quantize(module.weight.data, hessians.hessian(name), job.cfg)
             log.info("layer %d %-22s loss %.5g damp %.3g", job.index, name, res.loss, res.damp)
             results[name] = res.weight
             write_back(module, res.weight)

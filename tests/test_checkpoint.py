@@ -262,3 +262,42 @@ def test_sliced_forward_matches_the_full_dequantized_reference(bits, in_features
     from llmq.quant import dequantize
 
     assert torch.equal(layer.dequantized_weight(torch.float32), dequantize(codes, scales, zeros, g_idx))
+
+
+def test_streamed_shards_are_the_bytes_save_file_writes(tmp_path):
+    from llmq.checkpoint import save_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(5, 7, generator=g).half(), "b": torch.randn(3, generator=g).bfloat16(),
+               "codes": torch.randint(0, 2**31 - 1, (4, 2), dtype=torch.int32, generator=g),
+               "u8": torch.randint(0, 255, (9,), dtype=torch.uint8, generator=g), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 3), "idx": torch.arange(6)}
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    save_tensors(tmp_path / "ours.safetensors", tensors)
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_spool_resumed_from_a_commit_discards_what_came_after(tmp_path):
+    from llmq.checkpoint import SpoolWriter
+
+    tensors = {f"t{i}": torch.randn(100, 10 + i) for i in range(6)}
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "run").mkdir()
+    ref = SpoolWriter(tmp_path / "ref")
+    for k, t in tensors.items():
+        ref.add(k, t)
+    ref.close(max_bytes=12_000)
+    killed = SpoolWriter(tmp_path / "run")
+    for k in ("t0", "t1", "t2"):
+        killed.add(k, tensors[k])
+    state = json.loads(json.dumps(killed.sync()))  # what a run commits to progress.json
+    killed.add("t3", torch.full((100, 13), float("nan")))  # written after the commit, then "killed"
+    killed.file.close()
+    resumed = SpoolWriter(tmp_path / "run", state=state)
+    for k in ("t3", "t4", "t5"):
+        resumed.add(k, tensors[k])
+    resumed.close(max_bytes=12_000)
+    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert len(names) > 2 and names == sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert all((tmp_path / "ref" / n).read_bytes() == (tmp_path / "run" / n).read_bytes() for n in names)
+    assert torch.equal(load_file(tmp_path / "run" / "model-00002-of-00003.safetensors")["t2"], tensors["t2"])

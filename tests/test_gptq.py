@@ -145,3 +145,24 @@ def test_gptq_output_error_below_rtn_on_real_layers(tiny_llama_layer_inputs, bit
         err_gptq = torch.linalg.norm(X @ (W - q_gptq).T).item()
         err_rtn = torch.linalg.norm(X @ (W - q_rtn).T).item()
         assert err_gptq < err_rtn, f"{name}: GPTQ {err_gptq:.4g} >= RTN {err_rtn:.4g}"
+
+
+def test_linears_fed_the_same_input_share_one_hessian_equal_to_their_own():
+    from helpers import tiny_model
+
+    from llmq.methods import SharedHessians
+    from llmq.pipeline import _observe
+
+    layer = tiny_model("llama", num_hidden_layers=1).model.layers[0]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"]
+    modules = {n: layer.get_submodule(n) for n in names}
+    hidden = torch.randn(6, 16, 64)
+    pos = torch.arange(16)[None]
+    kwargs = {"position_embeddings": tiny_model("llama").model.rotary_emb(hidden, pos), "attention_mask": None}
+    shared = SharedHessians(modules, timer=lambda stage: __import__("contextlib").nullcontext())
+    _observe(layer, hidden, kwargs, 4, modules, shared.add)
+    own = {n: HessianAccumulator(m.in_features) for n, m in modules.items()}
+    _observe(layer, hidden, kwargs, 4, modules, lambda n, x: own[n].add(x))
+    assert len(shared.accs) == 2  # one for q/k/v (the normed input), one for gate/up
+    for n in names:
+        assert torch.equal(shared.hessian(n), own[n].hessian())

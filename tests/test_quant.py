@@ -88,3 +88,35 @@ def test_dequantize_follows_g_idx():
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         QuantConfig(**kwargs)
+
+
+def mse_search_reference(w, bits, sym, grid=100, maxshrink=0.8, norm=2.4):
+    """The reference GPTQ code's search, one shrink factor at a time (the slow, obvious version)."""
+    from llmq.quant import _minmax_qparams, quantize
+
+    maxq = 2**bits - 1
+    zeros = torch.zeros(w.shape[0])
+    xmin, xmax = torch.minimum(w.min(dim=1).values, zeros), torch.maximum(w.max(dim=1).values, zeros)
+    scale, zero = _minmax_qparams(xmin, xmax, maxq, sym)
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(maxshrink * grid)):
+        p = 1 - i / grid
+        s, z = _minmax_qparams(p * xmin, p * xmax, maxq, sym)
+        q = s[:, None] * (quantize(w, s[:, None], z[:, None], maxq) - z[:, None])
+        err = (q - w).abs_().pow_(norm).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+@pytest.mark.parametrize("shape", [(4096, 128), (300, 32), (7, 5), (3000, 1000)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_batched_mse_search_equals_the_one_at_a_time_reference(shape, bits, sym):
+    w = torch.randn(shape) * 0.02
+    w[0] = 0
+    w[1] = w[1].abs()  # a row with no negative weight (zero point at 0)
+    scale, zero = row_qparams(w, bits, sym, mse=True)
+    ref_scale, ref_zero = mse_search_reference(w, bits, sym)
+    assert torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero)

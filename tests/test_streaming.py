@@ -1,0 +1,204 @@
+"""Streaming quantization (``llmq quantize`` / ``quantize_to_disk``): memory, resume after SIGKILL, equivalence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import shared_path, tiny_model
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+import llmq.pipeline
+from llmq.api import quantize, quantize_to_disk, save
+from llmq.config import Recipe
+from llmq.errors import CheckpointError, ConfigError
+
+
+def make_model(folder: Path, seed: int = 0, **shape) -> Path:
+    """A random LLaMA saved as safetensors with stories260K's tokenizer (vocab 512)."""
+    model = tiny_model("llama", seed=seed, **{"vocab_size": 512, **shape})
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(shared_path("assets", "stories260K")).save_pretrained(folder)
+    return folder
+
+
+def recipe(model: Path, out: Path, **kw) -> Recipe:
+    text = shared_path("assets", "tinystories-text", "TinyStories-valid.Ahmedessaa-30k.txt")
+    raw = dict(model=str(model), out=str(out), method="gptq", bits=4, group_size=32, calib=str(text), nsamples=8,
+               seqlen=64)
+    return Recipe.from_dict({**raw, **kw})
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("fp") / "small", hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=3)
+
+
+@pytest.mark.parametrize("kw", [dict(method="gptq", act_order=True), dict(method="rtn", bits=3),
+                                dict(method="awq", format="awq"), dict(method="gptq", next_inputs="fp")],
+                         ids=["gptq-act-order", "rtn-w3", "awq", "gptq-fp-inputs"])
+def test_streaming_writes_the_bytes_of_the_in_memory_reference(small, tmp_path, kw):
+    # the reference loads the whole model and packs it at the end; a tiny shard size makes both cut shards
+    r_mem, r_stream = (recipe(small, tmp_path / name, max_shard_size="40KB", **kw) for name in ("mem", "stream"))
+    save(quantize(r_mem), r_mem)
+    quantize_to_disk(r_stream)
+    mem, stream = files(tmp_path / "mem"), files(tmp_path / "stream")
+    assert "model.safetensors.index.json" in mem
+    assert mem.keys() == stream.keys()
+    assert [name for name in mem if mem[name] != stream[name]] == []
+    assert not (tmp_path / ".stream.partial").exists()
+
+
+def test_offloaded_activations_give_the_same_bytes(small, tmp_path, monkeypatch):
+    used = []
+    allocate = llmq.pipeline.allocate_activations
+
+    def spy(shape, dtype, device, offload_dir=None, name="hidden"):
+        used.append(offload_dir)
+        return allocate(shape, dtype, device, offload_dir, name)
+    monkeypatch.setattr(llmq.pipeline, "allocate_activations", spy)
+    quantize_to_disk(recipe(small, tmp_path / "ram"))
+    assert used == [None]
+    quantize_to_disk(recipe(small, tmp_path / "disk"), offload_activations=tmp_path / "acts")
+    assert used[1] is not None and used[1].parent == tmp_path / "acts"
+    assert not any((tmp_path / "acts").iterdir())  # cleaned up after the run
+    assert files(tmp_path / "ram") == files(tmp_path / "disk")
+
+
+def test_a_finished_output_is_never_touched_without_overwrite(small, tmp_path):
+    r = recipe(small, tmp_path / "q")
+    quantize_to_disk(r)
+    before = files(tmp_path / "q")
+    with pytest.raises(CheckpointError, match="not empty.*--overwrite"):
+        quantize_to_disk(recipe(small, tmp_path / "q", bits=3))
+    assert files(tmp_path / "q") == before
+    quantize_to_disk(recipe(small, tmp_path / "q", bits=3), overwrite=True)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["bits"] == 3
+
+
+def test_an_unfinished_run_with_other_settings_is_not_resumed(small, tmp_path):
+    work = tmp_path / ".q.partial"
+    work.mkdir()
+    (work / "progress.json").write_text(json.dumps({"fingerprint": "another run", "next_layer": 1}))
+    with pytest.raises(CheckpointError, match="other settings.*--overwrite"):
+        quantize_to_disk(recipe(small, tmp_path / "q"))
+    quantize_to_disk(recipe(small, tmp_path / "q"), overwrite=True)
+    quantize_to_disk(recipe(small, tmp_path / "ref"))
+    assert files(tmp_path / "q") == files(tmp_path / "ref")
+
+
+def test_bad_inputs_are_refused_with_the_fix(small, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (small / name).exists():
+            (pickled / name).write_bytes((small / name).read_bytes())
+    torch.save({}, pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        quantize_to_disk(recipe(pickled, tmp_path / "a"))
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for p in small.iterdir():
+        (partial / p.name).write_bytes(p.read_bytes())
+    from safetensors.torch import load_file
+    tensors = load_file(partial / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.down_proj.weight"):
+        quantize_to_disk(recipe(partial, tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
+
+    quantize_to_disk(recipe(small, tmp_path / "q"))
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_to_disk(recipe(tmp_path / "q", tmp_path / "c"))
+
+
+# Peak RSS of one quantization, above the baseline after imports and calibration tokenization:
+# the kernel's high-water mark (VmHWM) is reset by writing 5 to /proc/self/clear_refs.
+MEASURE = r"""
+import json, sys
+import torch, transformers
+from llmq.api import quantize_to_disk
+from llmq.config import Recipe
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+recipe = Recipe.from_dict(json.loads(sys.argv[1]))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+quantize_to_disk(recipe)
+print(json.dumps({"added_peak": status("VmHWM") - before}))
+"""
+
+
+def test_peak_memory_grows_far_less_than_the_extra_layers(tmp_path, report):
+    # float32 layers of 12.6M parameters (50 MB): four more of them add 201 MB to the model
+    shape = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8)
+    peaks, sizes = {}, {}
+    for depth in (4, 8):
+        folder = make_model(tmp_path / f"d{depth}", num_hidden_layers=depth, **shape)
+        sizes[depth] = (folder / "model.safetensors").stat().st_size
+        r = recipe(folder, tmp_path / f"q{depth}", group_size=128, nsamples=4)
+        out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(r.to_dict())], capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        peaks[depth] = json.loads(out.stdout.strip().splitlines()[-1])["added_peak"]
+    extra_layers = sizes[8] - sizes[4]
+    growth = peaks[8] - peaks[4]
+    report(f"streaming peak memory added (MB): depth 4 {peaks[4] / 1e6:.0f}, depth 8 {peaks[8] / 1e6:.0f} "
+           f"(model {sizes[4] / 1e6:.0f} -> {sizes[8] / 1e6:.0f} MB); growth {growth / 1e6:.0f} MB for "
+           f"{extra_layers / 1e6:.0f} MB of extra layers")
+    assert growth < 0.2 * extra_layers
+    assert peaks[8] < 0.6 * sizes[8]  # never the whole model in memory
+
+
+def progress(work: Path) -> int:
+    try:
+        return json.loads((work / "progress.json").read_text())["next_layer"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def run_until(argv: list[str], work: Path, layers_done: int) -> None:
+    """Start ``llmq quantize`` and SIGKILL it as soon as ``layers_done`` layers are committed."""
+    proc = subprocess.Popen([sys.executable, "-m", "llmq.cli", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while progress(work) < layers_done and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err.decode()[-2000:]}"
+
+
+def test_sigkill_at_any_point_then_rerun_gives_identical_bytes(tmp_path):
+    model = make_model(tmp_path / "fp", num_hidden_layers=8, hidden_size=256, intermediate_size=512)
+    reference = recipe(model, tmp_path / "ref", max_shard_size="1MB")
+    quantize_to_disk(reference)
+    out = tmp_path / "q"
+    argv = ["quantize", str(model), "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib",
+            reference.calib.calib, "--nsamples", "8", "--seqlen", "64", "--max-shard-size", "1MB", "--out", str(out)]
+    work = tmp_path / ".q.partial"
+    run_until(argv, work, 2)  # killed somewhere in layer 3 (or just after committing layer 2)
+    assert not out.exists() and 2 <= progress(work) < 8
+    run_until(argv, work, 5)  # the rerun resumes, and is killed again
+    assert not out.exists() and 5 <= progress(work) < 8
+    assert subprocess.run([sys.executable, "-m", "llmq.cli", *argv], capture_output=True).returncode == 0
+    assert files(out) == files(tmp_path / "ref")
+    assert not work.exists()
