@@ -173,6 +173,9 @@ def write_metadata(staging: Path, config: Any, dtype: torch.dtype, cfg: QuantCon
     if generation_config is not None:
         generation_config.save_pretrained(staging)
     if tokenizer is not None:
+        # transformers records how the tokenizer was fetched (offline mode adds local_files_only);
+        # dropping it keeps the output's bytes independent of the environment
+        tokenizer.init_kwargs.pop("local_files_only", None)
         tokenizer.save_pretrained(staging)
     for name, write in (extra or {}).items():
         write(staging / name)
