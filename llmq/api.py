@@ -172,6 +172,11 @@ def _commit(work: Path, state: dict[str, Any]) -> None:
     tmp.replace(work / PROGRESS_FILE)
 
 
+def _state_files(state: dict[str, Any]) -> list[str]:
+    """The files a committed state needs (the spools are gone once the final shards are being written)."""
+    return ["spool.bin", state["hidden"]] + (["awq.spool"] if state.get("awq") else [])
+
+
 def _activation_budget(device: torch.device) -> int:
     """Bytes of activations kept in memory before they go to disk: half of what is free now."""
     if device.type == "cuda":
@@ -222,6 +227,9 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
                 raise CheckpointError(f"{work} holds an unfinished run with other settings or inputs: run the same "
                                       "command again to resume it, or pass --overwrite to discard it")
             state = None
+        if state is not None and not all((work / f).is_file() for f in _state_files(state)):
+            log.warning("%s was interrupted while writing its final files: starting it again", work)
+            state = None
         if state is None:
             for p in work.iterdir():
                 if p.name != ".lock":
@@ -230,8 +238,10 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
             log.info("resuming %s at layer %d", out, state["next_layer"])
         _stream_layers(recipe, config, spec, ckpt, tokenizer, calib, fingerprint, device, work, state,
                        offload_activations, batch_size, timer or StageTimes())
+        # progress goes first: a run killed from here on starts again from scratch
+        (work / PROGRESS_FILE).unlink(missing_ok=True)
         for p in work.iterdir():
-            if p.name in (PROGRESS_FILE, ".lock") or p.name.startswith("hidden-") or p.name == "activations":
+            if p.name == ".lock" or p.name.startswith("hidden-") or p.name == "activations":
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
