@@ -202,6 +202,7 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
     out = Path(recipe.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out} exists and is not empty: choose another output folder or pass --overwrite")
+    check_model_source(recipe.model)
     folder = resolve_folder(recipe.model)
     config = load_config(folder, recipe.trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:

@@ -202,3 +202,18 @@ def test_sigkill_at_any_point_then_rerun_gives_identical_bytes(tmp_path):
     assert subprocess.run([sys.executable, "-m", "llmq.cli", *argv], capture_output=True).returncode == 0
     assert files(out) == files(tmp_path / "ref")
     assert not work.exists()
+
+
+def test_a_run_killed_while_writing_its_final_files_starts_again(small, tmp_path, monkeypatch):
+    import llmq.api
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after the spool became shards: the committed state cannot resume
+    monkeypatch.setattr(llmq.api, "write_metadata", killed)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_to_disk(recipe(small, tmp_path / "q"))
+    assert (tmp_path / ".q.partial" / "progress.json").exists() and not (tmp_path / "q").exists()
+    monkeypatch.undo()
+    quantize_to_disk(recipe(small, tmp_path / "q"))
+    quantize_to_disk(recipe(small, tmp_path / "ref"))
+    assert files(tmp_path / "q") == files(tmp_path / "ref")
