@@ -50,7 +50,7 @@ class ShardedCheckpoint:
         self.where = shard_files(folder)
 
     def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, each shard opened once; a missing name is a clear error."""
+        """The named tensors (in ``keys`` order), each shard opened once; a missing name is a clear error."""
         missing = [k for k in keys if k not in self.where]
         if missing:
             raise CheckpointError(
@@ -64,7 +64,7 @@ class ShardedCheckpoint:
             with safe_open(str(path), framework="pt") as f:
                 for k in names:
                     out[k] = f.get_tensor(k)
-        return out
+        return {k: out[k] for k in keys}  # in the order asked for, whatever the shard layout
 
 
 def empty_model(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
