@@ -58,18 +58,19 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor
     """
     mean_diag = torch.mean(torch.diag(H)).item()
     damp = damp_percent * mean_diag
+    info = torch.zeros((), dtype=torch.int32, device=H.device)
     for _ in range(MAX_DAMP_RETRIES):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd  # at most three [in, in] matrices alive at once
+        # one working matrix, factorised and inverted in place (LAPACK potrf/potri): for an
+        # 11008-wide input that is 485 MB beside H instead of three copies
+        A = H.clone()
+        A.diagonal().add_(damp)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            if info == 0 and torch.isfinite(U).all():
-                return U, damp
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+            if info == 0 and torch.isfinite(A.sum()):  # a sum is NaN/Inf if any entry is
+                return A.triu_(), damp
+        del A
         log.info("Cholesky failed with damp %.3g; retrying with 10x damping", damp)
         damp *= 10
     return None, damp

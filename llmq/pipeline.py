@@ -41,6 +41,9 @@ class LayerSource(Protocol):
 
     def release_layer(self, index: int, layer: nn.Module) -> None: ...
 
+    def after_capture(self, model: nn.Module) -> None:
+        """The modules before the first layer (embedding) are not needed again."""
+
 
 class InMemoryLayers:
     """Layers of a model already in (CPU) memory: moved to the device and back."""
@@ -53,6 +56,9 @@ class InMemoryLayers:
 
     def release_layer(self, index: int, layer: nn.Module) -> None:
         layer.to("cpu")
+
+    def after_capture(self, model: nn.Module) -> None:
+        pass  # the model stays whole
 
 
 def allocate_activations(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -230,6 +236,7 @@ def quantize_layers(
         hidden, kwargs = capture_layer_inputs(model, spec, input_ids, device, offload_dir)
         if start:
             resume_hidden(hidden)
+        source.after_capture(model)
     log.info("captured %d calibration windows of %d tokens for %d layers", *hidden.shape[:2], n_layers)
     fp_outputs = None
     if cfg.next_inputs == "fp":
