@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from . import __version__
 from .arch import get_arch, get_layers, layer_linears
-from .checkpoint import SpoolWriter, half_dtype, parse_size, save_tensors
+from .checkpoint import SpoolWriter, check_output_free, half_dtype, parse_size, save_tensors
 from .config import Recipe
 from .data import get_calibration
 from .errors import CheckpointError, ConfigError
@@ -208,8 +208,7 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
     if not recipe.out:
         raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
     out = Path(recipe.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"{out} exists and is not empty: choose another output folder or pass --overwrite")
+    check_output_free(out, overwrite)
     check_model_source(recipe.model)
     fix_malloc_mmap_threshold()
     folder = resolve_folder(recipe.model)

@@ -131,7 +131,7 @@ class SpoolWriter:
         return {"bytes": self.file.tell(), "entries": list(self.entries)}
 
     def read(self, entry: dict[str, Any]) -> torch.Tensor:
-        self.file.flush()
+        """One spooled tensor, read back from disk (call after the spool is flushed)."""
         buf = torch.empty(entry["nbytes"], dtype=torch.uint8)
         with open(self.path, "rb") as f:
             f.seek(entry["offset"])
@@ -141,46 +141,61 @@ class SpoolWriter:
     def close(self, max_bytes: int | None = None,
               transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
               single_name: str = SINGLE_FILE) -> None:
-        """Write the shards (``single_name`` or ``model-0000i-of-0000n`` plus the index), drop the spool.
+        """Write the spooled tensors as shards (see :func:`write_shards`), then drop the spool.
 
-        Shards are cut in arrival order at ``max_bytes``; ``transform(name, tensor)`` may rewrite a
-        tensor's values (never its dtype or shape) on the way out.
+        ``transform(name, tensor)`` may rewrite a tensor's values (never its dtype or shape) on the way out.
         """
-        shards: list[list[dict[str, Any]]] = []
-        size = 0
-        for e in self.entries:
-            if not shards or (max_bytes is not None and shards[-1] and size + e["nbytes"] > max_bytes):
-                shards.append([])
-                size = 0
-            shards[-1].append(e)
-            size += e["nbytes"]
-        n = len(shards)
-        names = [single_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for file_name, shard in zip(names, shards, strict=True):
-            by_name = {e["name"]: e for e in shard}
+        self.file.flush()
+        by_name = {e["name"]: e for e in self.entries}
 
-            def read(name: str, by_name: dict = by_name) -> torch.Tensor:
-                t = self.read(by_name[name])
-                return transform(name, t) if transform is not None else t
-            tmp = self.folder / (file_name + ".tmp")
-            write_safetensors(tmp, [(e["name"], e["dtype"], e["shape"], e["nbytes"]) for e in shard], read,
-                              {"format": "pt"})
-            tmp.rename(self.folder / file_name)
-        if n > 1:
-            weight_map = {e["name"]: file_name for file_name, shard in zip(names, shards, strict=True) for e in shard}
-            total = sum((self.folder / name).stat().st_size for name in names)
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        def read(name: str) -> torch.Tensor:
+            t = self.read(by_name[name])
+            return transform(name, t) if transform is not None else t
+        write_shards(self.folder, [(e["name"], e["dtype"], e["shape"], e["nbytes"]) for e in self.entries], read,
+                     max_bytes, single_name)
         self.file.close()
         self.path.unlink()
+
+
+def write_shards(folder: Path, specs: list[tuple[str, str, list[int], int]], read: Callable[[str], torch.Tensor],
+                 max_bytes: int | None = None, single_name: str = SINGLE_FILE) -> None:
+    """Safetensors shards of at most ``max_bytes``, cut in ``specs`` order, each written tensor by tensor.
+
+    One shard is ``single_name``; more are ``model-0000i-of-0000n.safetensors`` plus the index.
+    Each shard is written under a temporary name and renamed when complete.
+    """
+    shards: list[list[tuple[str, str, list[int], int]]] = []
+    size = 0
+    for spec in specs:
+        if not shards or (max_bytes is not None and shards[-1] and size + spec[3] > max_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec[3]
+    n = len(shards)
+    names = [single_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for file_name, shard in zip(names, shards, strict=True):
+        tmp = folder / (file_name + ".tmp")
+        write_safetensors(tmp, shard, read, {"format": "pt"})
+        tmp.rename(folder / file_name)
+    if n > 1:
+        weight_map = {spec[0]: file_name for file_name, shard in zip(names, shards, strict=True) for spec in shard}
+        total = sum((folder / name).stat().st_size for name in names)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def check_output_free(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a non-empty output unless ``overwrite``: a finished checkpoint is never touched."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty: choose another output folder or pass --overwrite")
 
 
 @contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden staging folder beside ``out``; rename it to ``out`` only when the block succeeds."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out} exists and is not empty: choose another output folder or pass --overwrite")
+    check_output_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.incomplete-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -116,8 +116,7 @@ class PackedWriter:
 
     def __init__(self, staging: Path, requested: str, dtype: torch.dtype, bits: int,
                  state: dict[str, Any] | None = None):
-        if requested not in FORMATS:
-            raise ConfigError(f"format {requested!r} is unknown: choose one of {', '.join(FORMATS)}")
+        choose_format({}, requested)  # an unknown format fails here, before anything is written
         self.requested, self.dtype, self.bits = requested, dtype, bits
         self.spool = SpoolWriter(staging, state=state["spool"] if state else None)
         self.has_zero = bool(state["has_zero"]) if state else False

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -39,37 +40,26 @@ def make_checkpoint(folder: Path, layers: int) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from llmq.checkpoint import INDEX_FILE, write_safetensors
+    from llmq.checkpoint import write_shards
 
     config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **LLAMA2_7B)
     with init_empty_weights():
         skeleton = LlamaForCausalLM(config)
-    specs = [(k, "BF16", list(t.shape), t.numel() * 2) for k, t in skeleton.state_dict().items()]
+    shapes = {k: list(t.shape) for k, t in skeleton.state_dict().items()}
+    specs = [(k, "BF16", shape, math.prod(shape) * 2) for k, shape in shapes.items()]
 
     def generate(name: str) -> torch.Tensor:
-        shape = dict((k, s) for k, _, s, _ in specs)[name]
+        shape = shapes[name]
         if name.endswith("norm.weight"):
             return torch.ones(shape, dtype=torch.bfloat16)
         seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
         g = torch.Generator().manual_seed(seed)
         return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    shards: list[list[tuple]] = [[]]
-    for spec in specs:
-        if shards[-1] and sum(s[3] for s in shards[-1]) + spec[3] > SHARD_BYTES:
-            shards.append([])
-        shards[-1].append(spec)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(tmp / name, shard, generate, {"format": "pt"})
-        weight_map.update({s[0]: name for s in shard})
-        print(f"wrote {name}", file=sys.stderr)
-    total = sum(s[3] for s in specs)
-    (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    write_shards(tmp, specs, generate, SHARD_BYTES)
     config.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(SHARED / "assets" / "stories260K").save_pretrained(tmp)
     tmp.rename(folder)
