@@ -152,6 +152,7 @@ def test_linears_fed_the_same_input_share_one_hessian_equal_to_their_own():
 
     from llmq.methods import SharedHessians
     from llmq.pipeline import _observe
+    from llmq.timing import StageTimes
 
     layer = tiny_model("llama", num_hidden_layers=1).model.layers[0]
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"]
@@ -159,7 +160,7 @@ def test_linears_fed_the_same_input_share_one_hessian_equal_to_their_own():
     hidden = torch.randn(6, 16, 64)
     pos = torch.arange(16)[None]
     kwargs = {"position_embeddings": tiny_model("llama").model.rotary_emb(hidden, pos), "attention_mask": None}
-    shared = SharedHessians(modules, timer=lambda stage: __import__("contextlib").nullcontext())
+    shared = SharedHessians(modules, StageTimes())
     _observe(layer, hidden, kwargs, 4, modules, shared.add)
     own = {n: HessianAccumulator(m.in_features) for n, m in modules.items()}
     _observe(layer, hidden, kwargs, 4, modules, lambda n, x: own[n].add(x))

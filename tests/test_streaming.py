@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import shared_path, tiny_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 import llmq.pipeline
@@ -112,7 +112,6 @@ def test_bad_inputs_are_refused_with_the_fix(small, tmp_path):
     partial.mkdir()
     for p in small.iterdir():
         (partial / p.name).write_bytes(p.read_bytes())
-    from safetensors.torch import load_file
     tensors = load_file(partial / "model.safetensors")
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
