@@ -11,6 +11,14 @@ text from ../shared, stories260K's tokenizer, which fits in the 32000-token voca
 ``--device`` (default cpu) and the line reports wall time, seconds per layer, seconds per stage
 summed over layers, peak RSS (this process, the quantization only: the checkpoint is generated in
 a child process) and the output size, beside the input size.
+
+``--peer llm-compressor`` then runs llm-compressor's GPTQ on the same checkpoint with the same
+calibration tokens and the same settings (W4 g128 asymmetric, no act-order, damping 0.01, MSE range
+search as llmq's default, or min-max with ``--no-mse``), the way its README does it: the whole model
+loaded with ``from_pretrained``, ``oneshot`` with a ``GPTQModifier``, ``save_pretrained``. It runs in
+a child process (its own peak RSS) with ``--peer-python``, the interpreter where the peer is installed
+(llm-compressor pins an older transformers, so it usually lives in its own virtualenv). Three lines
+are printed: llmq's, the peer's, and the peer/llmq ratios.
 """
 
 from __future__ import annotations
@@ -69,6 +77,83 @@ def dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
 
 
+def peak_rss_mb() -> int:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+PEERS = ("llm-compressor",)
+
+
+def run_llmcompressor(model_dir: Path, calib: torch.Tensor, out: Path, bits: int, group_size: int,
+                      mse: bool) -> dict:
+    """llm-compressor's documented GPTQ flow; runs in the peer's interpreter and never imports llmq."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    stages = {}
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    stages["load"] = time.perf_counter() - t
+    nsamples, seqlen = calib.shape
+    dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": [[1] * seqlen] * nsamples})
+    weights = QuantizationArgs(num_bits=bits, group_size=group_size, strategy="group", symmetric=False,
+                               actorder=None, observer="memoryless_mse" if mse else "memoryless_minmax")
+    recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                          ignore=["lm_head"], dampening_frac=0.01, actorder=None)
+    t = time.perf_counter()
+    oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=seqlen, num_calibration_samples=nsamples,
+            shuffle_calibration_samples=False)
+    stages["quantize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model.save_pretrained(out, save_compressed=True)
+    stages["write"] = time.perf_counter() - t
+    return {"stage_s": {k: round(v, 1) for k, v in stages.items()}}
+
+
+def peer_main(args: argparse.Namespace, model_dir: Path) -> None:
+    """``--run-peer``: one peer run in this process; prints its JSON line."""
+    import llmcompressor  # imported before the clock starts, as llmq is
+    from safetensors.torch import load_file
+
+    calib = load_file(args.calib_file)["input_ids"]
+    out = Path(args.cache_dir) / f"out-{args.layers}L-w{args.bits}g{args.group_size}-{args.run_peer}"
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    figures = run_llmcompressor(model_dir, calib, out, args.bits, args.group_size, args.mse)
+    wall = time.perf_counter() - start
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    scheme = {k: weights["weights"][k] for k in ("num_bits", "group_size", "symmetric", "actorder", "observer")}
+    result = {"tool": args.run_peer, "version": llmcompressor.__version__, **figures, "scheme": scheme,
+              "layers": args.layers, "threads": torch.get_num_threads(), "wall_s": round(wall, 1),
+              "s_per_layer": round(wall / args.layers, 1), "peak_rss_mb": peak_rss_mb(),
+              "output_gb": round(dir_bytes(out) / 1e9, 3)}
+    shutil.rmtree(out)
+    print(json.dumps(result))
+
+
+def run_peer(args: argparse.Namespace, calib: torch.Tensor) -> dict:
+    """Runs ``--peer`` in a child process of ``--peer-python`` on the same calibration tokens."""
+    from safetensors.torch import save_file
+
+    cache = Path(args.cache_dir)
+    calib_file = cache / f"calib-{args.nsamples}x{args.seqlen}.safetensors"
+    save_file({"input_ids": calib.contiguous()}, calib_file)
+    cmd = [args.peer_python, __file__, "--run-peer", args.peer, "--layers", str(args.layers), "--bits", str(args.bits),
+           "--group-size", str(args.group_size), "--cache-dir", str(cache), "--calib-file", str(calib_file)]
+    if not args.mse:
+        cmd.append("--no-mse")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{args.peer} failed (exit {proc.returncode}); is it installed for {args.peer_python}? "
+                 f"e.g. python -m venv --system-site-packages peer && peer/bin/pip install llmcompressor, "
+                 f"then --peer-python peer/bin/python")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 is Llama-2-7B)")
@@ -81,12 +166,21 @@ def main() -> None:
                    help="where the random checkpoint is kept (and the output written)")
     p.add_argument("--offload-activations", metavar="DIR", help="as llmq quantize --offload-activations")
     p.add_argument("--keep", action="store_true", help="keep the quantized output")
+    p.add_argument("--no-mse", dest="mse", action="store_false",
+                   help="min-max group ranges instead of the MSE range search (llmq's GPTQ default)")
+    p.add_argument("--peer", choices=PEERS, help="also run this tool's GPTQ on the same checkpoint and calibration")
+    p.add_argument("--peer-python", default=sys.executable, help="the interpreter where --peer is installed")
     p.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--run-peer", choices=PEERS, help=argparse.SUPPRESS)
+    p.add_argument("--calib-file", help=argparse.SUPPRESS)
     args = p.parse_args()
     cache = Path(args.cache_dir)
     model_dir = cache / f"llama2-7b-shape-{args.layers}L"
     if args.generate_only:
         make_checkpoint(model_dir, args.layers)
+        return
+    if args.run_peer:
+        peer_main(args, model_dir)
         return
     if not model_dir.is_dir():  # generated in a child, so its memory does not count in this run's peak
         subprocess.run([sys.executable, __file__, "--generate-only", "--layers", str(args.layers),
@@ -100,7 +194,7 @@ def main() -> None:
     out = cache / f"out-{args.layers}L-w{args.bits}g{args.group_size}"
     recipe = Recipe.from_dict(dict(model=str(model_dir), out=str(out), method="gptq", bits=args.bits,
                                    group_size=args.group_size, calib=str(calib), nsamples=args.nsamples,
-                                   seqlen=args.seqlen, device=args.device))
+                                   seqlen=args.seqlen, device=args.device, mse=args.mse))
     timer = StageTimes()
     start = time.perf_counter()
     quantize_to_disk(recipe, overwrite=True, offload_activations=args.offload_activations, timer=timer)
@@ -111,14 +205,25 @@ def main() -> None:
     result = {
         "tool": "llmq", "layers": args.layers, "hidden": 4096, "intermediate": 11008, "method": "gptq",
         "bits": args.bits, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
-        "device": args.device, "threads": torch.get_num_threads(),
+        "mse": args.mse, "device": args.device, "threads": torch.get_num_threads(),
         "wall_s": round(wall, 1), "s_per_layer": round(wall / args.layers, 1), "stage_s": stages,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": peak_rss_mb(),
         "input_gb": round(dir_bytes(model_dir) / 1e9, 2), "output_gb": round(dir_bytes(out) / 1e9, 3),
     }
     if not args.keep:
         shutil.rmtree(out)
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
+    if args.peer:
+        from transformers import AutoTokenizer
+
+        from llmq.data import get_calibration
+
+        c = recipe.calib  # the windows llmq drew, drawn again the same way
+        calib_ids = get_calibration(c.calib, AutoTokenizer.from_pretrained(model_dir), c.nsamples, c.seqlen, c.seed)
+        peer = run_peer(args, calib_ids)
+        print(json.dumps(peer))
+        ratio = {k: round(peer[k] / result[k], 2) for k in ("wall_s", "peak_rss_mb", "output_gb")}
+        print(json.dumps({"ratio": f"{args.peer} / llmq", "layers": args.layers, **ratio}))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def mse_search_reference(w, bits, sym, grid=100, maxshrink=0.8, norm=2.4):
     return scale, zero
 
 
-@pytest.mark.parametrize("shape", [(4096, 128), (300, 32), (7, 5), (3000, 1000)])
+@pytest.mark.parametrize("shape", [(4096, 128), (11008, 128), (300, 32), (7, 5), (3000, 1000)])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [False, True])
 def test_batched_mse_search_equals_the_one_at_a_time_reference(shape, bits, sym):
