@@ -195,6 +195,7 @@ def main() -> None:
     recipe = Recipe.from_dict(dict(model=str(model_dir), out=str(out), method="gptq", bits=args.bits,
                                    group_size=args.group_size, calib=str(calib), nsamples=args.nsamples,
                                    seqlen=args.seqlen, device=args.device, mse=args.mse))
+    shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)  # a killed run's work: time every layer
     timer = StageTimes()
     start = time.perf_counter()
     quantize_to_disk(recipe, overwrite=True, offload_activations=args.offload_activations, timer=timer)
