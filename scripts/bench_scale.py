@@ -13,9 +13,12 @@ summed over layers, peak RSS (this process, the quantization only: the checkpoin
 a child process) and the output size, beside the input size.
 
 ``--peer llm-compressor`` then runs llm-compressor's GPTQ on the same checkpoint with the same
-calibration tokens and the same settings (W4 g128 asymmetric, no act-order, damping 0.01, MSE range
-search as llmq's default, or min-max with ``--no-mse``), the way its README does it: the whole model
-loaded with ``from_pretrained``, ``oneshot`` with a ``GPTQModifier``, ``save_pretrained``. It runs in
+calibration tokens and the same settings (W4 g128 asymmetric, no act-order, damping 0.01, and
+llmq's MSE range search space through its ``memoryless_mse`` observer, or min-max ranges for both
+with ``--no-mse``; it fixes each group's range on the original weights before the solve, llmq on
+the updated weights when the solve reaches the group, as the reference GPTQ code does), the way its
+README does it: the whole model loaded with ``from_pretrained``, ``oneshot`` with a
+``GPTQModifier``, ``save_pretrained``. It runs in
 a child process (its own peak RSS) with ``--peer-python``, the interpreter where the peer is installed
 (llm-compressor pins an older transformers, so it usually lives in its own virtualenv). Three lines
 are printed: llmq's, the peer's, and the peer/llmq ratios.
@@ -99,8 +102,10 @@ def run_llmcompressor(model_dir: Path, calib: torch.Tensor, out: Path, bits: int
     stages["load"] = time.perf_counter() - t
     nsamples, seqlen = calib.shape
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": [[1] * seqlen] * nsamples})
+    # llmq's search space: shrink factors 1 - i/100 down to 0.2, error sum |w - q|^2.4 (the reference GPTQ code's)
+    search = dict(observer="memoryless_mse", observer_kwargs=dict(maxshrink=0.8, grid=100, norm=2.4))
     weights = QuantizationArgs(num_bits=bits, group_size=group_size, strategy="group", symmetric=False,
-                               actorder=None, observer="memoryless_mse" if mse else "memoryless_minmax")
+                               actorder=None, **(search if mse else dict(observer="memoryless_minmax")))
     recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                           ignore=["lm_head"], dampening_frac=0.01, actorder=None)
     t = time.perf_counter()
@@ -126,7 +131,8 @@ def peer_main(args: argparse.Namespace, model_dir: Path) -> None:
     figures = run_llmcompressor(model_dir, calib, out, args.bits, args.group_size, args.mse)
     wall = time.perf_counter() - start
     weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
-    scheme = {k: weights["weights"][k] for k in ("num_bits", "group_size", "symmetric", "actorder", "observer")}
+    scheme = {k: weights["weights"][k] for k in ("num_bits", "group_size", "symmetric", "actorder", "observer",
+                                                   "observer_kwargs")}
     result = {"tool": args.run_peer, "version": llmcompressor.__version__, **figures, "scheme": scheme,
               "layers": args.layers, "threads": torch.get_num_threads(), "wall_s": round(wall, 1),
               "s_per_layer": round(wall / args.layers, 1), "peak_rss_mb": peak_rss_mb(),
