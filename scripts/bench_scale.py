@@ -81,6 +81,14 @@ def dir_bytes(folder: Path) -> int:
 
 
 def peak_rss_mb() -> int:
+    """This process's peak RSS in MiB: VmHWM, which starts afresh at exec. (``ru_maxrss`` does not: a
+    child started by ``subprocess`` reports its parent's peak if that is higher.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
