@@ -89,7 +89,7 @@ def row_qparams(
     s_all, z_all = _minmax_qparams(shrink * xmin, shrink * xmax, maxq, sym)  # [n_shrink, rows]
     err = torch.empty_like(s_all)
     rows, cols = w.shape
-    row_step = min(rows, max(1, _MSE_CHUNK // max(1, cols)))
+    row_step = max(1, min(rows, _MSE_CHUNK // max(1, cols)))  # at least 1, so a 0-row weight loops 0 times
     step = max(1, _MSE_CHUNK // (row_step * max(1, cols)))
     for r in range(0, rows, row_step):
         w_rows = w[r : r + row_step]

@@ -18,10 +18,10 @@ llmq's MSE range search space through its ``memoryless_mse`` observer, or min-ma
 with ``--no-mse``; it fixes each group's range on the original weights before the solve, llmq on
 the updated weights when the solve reaches the group, as the reference GPTQ code does), the way its
 README does it: the whole model loaded with ``from_pretrained``, ``oneshot`` with a
-``GPTQModifier``, ``save_pretrained``. It runs in
-a child process (its own peak RSS) with ``--peer-python``, the interpreter where the peer is installed
-(llm-compressor pins an older transformers, so it usually lives in its own virtualenv). Three lines
-are printed: llmq's, the peer's, and the peer/llmq ratios.
+``GPTQModifier``, ``save_pretrained``. It runs in a child process (its own peak RSS) with
+``--peer-python``, the interpreter where the peer is installed (llm-compressor pins an older
+transformers, so it usually lives in its own virtualenv). Three lines are printed: llmq's, the
+peer's, and the peer/llmq ratios.
 """
 
 from __future__ import annotations
