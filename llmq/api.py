@@ -1,35 +1,40 @@
-"""The quantization job end to end: load a model, draw calibration windows, quantize, save.
+"""The quantization job end to end: resolve the model, check the plan, calibrate, quantize, save.
 
-This is what ``llmq quantize`` and the Python API run; each step is also usable on its own.
+This is what ``llmq quantize`` and the Python API run. Where the model comes from is
+``llmq.source``, the device and dtype policy ``llmq.device``, the work folder and its resumable
+state ``llmq.resume``; this module puts them together.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import __version__
-from .arch import get_arch, get_layers, layer_linears
+from .arch import ArchSpec, get_arch, get_layers, layer_linears
 from .checkpoint import SpoolWriter, check_output_free, half_dtype, parse_size, save_tensors
 from .config import Recipe
 from .data import get_calibration
+from .device import activation_budget, compute_dtype, resolve_device
 from .errors import CheckpointError, ConfigError
-from .export import PackedWriter, save_packed, write_metadata
-from .loader import from_pretrained, resolve_folder
+from .export import PackedWriter, check_format, check_layout, save_packed, write_metadata
+from .killpoints import kill_point
+from .loader import from_pretrained
 from .pack import can_pack
 from .pipeline import LayerResults, quantize_layers
+from .resume import WorkFolder
+from .source import resolve_model
 from .stream import (
     ShardedCheckpoint,
     StreamingLayers,
@@ -43,62 +48,56 @@ from .timing import StageTimes
 
 log = logging.getLogger(__name__)
 
-AWQ_SEARCH_FILE = "awq_search.safetensors"
+# AWQ's searched scales and clips (safetensors bytes), for --apply-awq. Not named *.safetensors: a
+# loader that takes every *.safetensors file of a folder without an index (vLLM does) would read it
+# as weights.
+AWQ_SEARCH_FILE = "awq_search.llmq"
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else CUDA when present, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def check_model_source(name_or_path: str) -> None:
-    """Fail early, with the fix, when a local model path does not exist.
-
-    Hub ids (``org/name``) are left to transformers, which reads them from the hub or its cache.
-    """
-    path = Path(name_or_path)
-    if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} has no config.json: point at a transformers model folder")
-        return
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or path.suffix
-    if looks_local:
-        raise CheckpointError(
-            f"model path {name_or_path} does not exist: give a local transformers model folder "
-            "or a Hugging Face hub id such as meta-llama/Llama-2-7b-hf"
-        )
-
-
-def load_config(name_or_path: str | Path, trust_remote_code: bool = False) -> Any:
+def load_config(folder: str | Path, trust_remote_code: bool = False) -> Any:
     try:
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise CheckpointError(f"cannot load a model config from {name_or_path}: {e}") from e
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load a model config from {folder}: {e}") from e
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False
+    name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """A causal LM on the CPU and its tokenizer; the architecture is checked before any weight loads.
 
-    A quantized checkpoint (``quantization_config`` in its config) loads packed through
-    :func:`llmq.from_pretrained`; anything else through transformers.
+    ``name_or_path`` is a local folder or a hub id (read through the hub cache). A quantized
+    checkpoint (``quantization_config`` in its config) loads packed through
+    :func:`llmq.from_pretrained`, in float32 unless ``dtype`` says otherwise; anything else through
+    transformers, in ``dtype`` or else the compute dtype of :func:`llmq.device.compute_dtype`.
     """
-    check_model_source(name_or_path)
-    config = load_config(name_or_path, trust_remote_code)
+    folder = resolve_model(name_or_path, revision, trust_remote_code=trust_remote_code)
+    config = load_config(folder, trust_remote_code)
     get_arch(config.model_type)
     if getattr(config, "quantization_config", None) is not None:
-        model = from_pretrained(name_or_path, torch_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
-                                trust_remote_code=trust_remote_code)
+        model = from_pretrained(folder, torch_dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype or "auto", trust_remote_code=trust_remote_code
-        )
+            folder, dtype=dtype or compute_dtype(checkpoint_dtype(config)), trust_remote_code=trust_remote_code)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec) -> None:
+    """Everything the writer would refuse, checked on the model's skeleton before any calibration."""
+    check_format(recipe.format, recipe.quant)
+    shapes = {f"{spec.layers}.{i}.{name}": (m.out_features, m.in_features)
+              for i, layer in enumerate(get_layers(model, spec)) for name, m in layer_linears(layer, spec).items()}
+    check_layout(recipe.format, recipe.quant, shapes)
+    if recipe.apply_awq is not None:
+        if recipe.quant.method not in ("awq", "awq+gptq"):
+            raise ConfigError(f"apply_awq re-applies AWQ scales, but method is {recipe.quant.method!r}: "
+                              "use --method awq or awq+gptq, or drop --apply-awq")
+        if not Path(recipe.apply_awq).is_file():
+            raise ConfigError(f"apply_awq file {recipe.apply_awq} does not exist: give the {AWQ_SEARCH_FILE} "
+                              "an earlier AWQ run wrote beside its checkpoint")
 
 
 class Quantized(NamedTuple):
@@ -106,6 +105,7 @@ class Quantized(NamedTuple):
     tokenizer: Any
     results: LayerResults  # full module name -> codes and quantization parameters
     awq: dict[str, torch.Tensor]  # AWQ search results (scales, clips) by name; empty for other methods
+    dtype: torch.dtype = torch.float16  # unquantized tensors are saved in this dtype (the checkpoint's half dtype)
 
 
 def _calibration(recipe: Recipe, tokenizer: Any) -> torch.Tensor:
@@ -115,12 +115,12 @@ def _calibration(recipe: Recipe, tokenizer: Any) -> torch.Tensor:
     return get_calibration(c.calib, tokenizer, c.nsamples, c.seqlen, c.seed)
 
 
-def _keep_fp(recipe: Recipe) -> Callable[[str, torch.nn.Linear], bool]:
+def _keep_fp(recipe: Recipe) -> Callable[[str, nn.Linear], bool]:
     """Linears whose shape the output layout cannot hold stay in full precision."""
-    bits, gs, awq_format = recipe.quant.bits, recipe.quant.group_size, recipe.format == "awq"
+    bits = recipe.quant.bits
 
-    def keep_fp(name: str, m: torch.nn.Linear) -> bool:
-        return not can_pack(m.in_features, m.out_features, bits) or (awq_format and m.in_features % gs != 0)
+    def keep_fp(name: str, m: nn.Linear) -> bool:
+        return not can_pack(m.in_features, m.out_features, bits)
     return keep_fp
 
 
@@ -129,55 +129,73 @@ def _recorded(recipe: Recipe) -> dict[str, Any]:
     return {k: v for k, v in recipe.to_dict().items() if k not in ("out", "device")}
 
 
+class Plan(NamedTuple):
+    folder: Path  # the local model folder (a hub snapshot for a hub id)
+    config: Any
+    spec: ArchSpec
+    stored_dtype: torch.dtype  # the checkpoint's dtype
+    dtype: torch.dtype  # the compute dtype of the layer forwards
+    skeleton: nn.Module  # the model on the meta device
+
+
+def plan(recipe: Recipe) -> Plan:
+    """Resolve the model and check the whole job on its skeleton: fails before calibration or any write."""
+    check_format(recipe.format, recipe.quant)
+    folder = resolve_model(recipe.model, recipe.revision, trust_remote_code=recipe.trust_remote_code)
+    config = load_config(folder, recipe.trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ConfigError(f"{recipe.model} is already quantized: quantize its full-precision original")
+    spec = get_arch(config.model_type)
+    stored = checkpoint_dtype(config)
+    dtype = compute_dtype(stored, recipe.compute_dtype)
+    skeleton = empty_model(config, dtype, recipe.trust_remote_code)
+    check_plan(recipe, skeleton, spec)
+    return Plan(folder, config, spec, stored, dtype, skeleton)
+
+
 def quantize(recipe: Recipe, packable_only: bool = True) -> Quantized:
     """Run ``recipe`` on the whole model in memory (for evaluation; :func:`quantize_to_disk` streams).
 
     With ``packable_only``, linears whose shape the output layout cannot hold stay in full
     precision, so the in-memory model is exactly the one the packed checkpoint decodes to.
     """
-    model, tokenizer = load_model(recipe.model, trust_remote_code=recipe.trust_remote_code)
+    p = plan(recipe)
+    model, tokenizer = load_model(p.folder, dtype=p.dtype, trust_remote_code=recipe.trust_remote_code)
     calib = _calibration(recipe, tokenizer)
     awq_state = load_file(recipe.apply_awq) if recipe.apply_awq else None
     awq_record: dict[str, torch.Tensor] = {}
     results = quantize_layers(model, calib, recipe.quant, device=resolve_device(recipe.device),
                               keep_fp=_keep_fp(recipe) if packable_only else None, awq_state=awq_state,
                               awq_record=awq_record)
-    return Quantized(model, tokenizer, results, awq_record)
+    return Quantized(model, tokenizer, results, awq_record, half_dtype(p.stored_dtype))
 
 
 def save(run: Quantized, recipe: Recipe, overwrite: bool = False) -> Path:
     """Write the packed checkpoint of a ``quantize(recipe)`` run to ``recipe.out``.
 
-    AWQ search results go beside it as ``awq_search.safetensors`` (for ``--apply-awq``).
+    AWQ search results go beside it as ``awq_search.llmq`` (for ``--apply-awq``).
     """
-    model, tokenizer, results, awq = run
     if not recipe.out:
         raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
-    extra = {AWQ_SEARCH_FILE: lambda path: save_tensors(path, awq)} if awq else {}
-    return save_packed(model, tokenizer, results, recipe.out, recipe.quant, recipe=_recorded(recipe),
-                       fmt=recipe.format, max_shard_size=recipe.max_shard_size, overwrite=overwrite, extra=extra)
+    extra = {AWQ_SEARCH_FILE: lambda path: save_tensors(path, run.awq)} if run.awq else {}
+    return save_packed(run.model, run.tokenizer, run.results, recipe.out, recipe.quant, recipe=_recorded(recipe),
+                       fmt=recipe.format, max_shard_size=recipe.max_shard_size, overwrite=overwrite, extra=extra,
+                       dtype=run.dtype)
 
 
-PROGRESS_FILE = "progress.json"
-
-
-def _fingerprint(recipe: Recipe, calib: torch.Tensor, ckpt: ShardedCheckpoint) -> str:
-    """What must match for a partial run to be resumed: settings, calibration tokens, input shards."""
+def _settings(recipe: Recipe, calib: torch.Tensor, ckpt: ShardedCheckpoint) -> str:
+    """What must match for a partial run to be resumed at all: settings, calibration tokens, input shards."""
     inputs = {p.name: p.stat().st_size for p in sorted(set(ckpt.where.values()))}
-    blob = json.dumps({"recipe": _recorded(recipe), "llmq": __version__, "inputs": inputs}, sort_keys=True)
+    blob = json.dumps({"recipe": _recorded(recipe), "inputs": inputs}, sort_keys=True)
     h = hashlib.sha256(blob.encode())
     h.update(calib.numpy().tobytes())
     return h.hexdigest()
 
 
-def _commit(work: Path, state: dict[str, Any]) -> None:
-    """Replace the progress file atomically: a kill leaves either the old state or the new one."""
-    tmp = work / (PROGRESS_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(state))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(work / PROGRESS_FILE)
+def _environment(device: torch.device, dtype: torch.dtype, batch_size: int) -> dict[str, Any]:
+    """What else changes the bytes: a partial run made elsewhere is not resumed but started afresh."""
+    return {"llmq": __version__, "torch": torch.__version__, "device": device.type, "dtype": str(dtype),
+            "batch_size": batch_size}
 
 
 def _state_files(state: dict[str, Any]) -> list[str]:
@@ -185,14 +203,9 @@ def _state_files(state: dict[str, Any]) -> list[str]:
     return ["spool.bin", state["hidden"]] + (["awq.spool"] if state.get("awq") else [])
 
 
-def _activation_budget(device: torch.device) -> int:
-    """Bytes of activations kept in memory before they go to disk: half of what is free now."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
-    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024 // 2
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+def _scratch(path: Path) -> bool:
+    """Files of the work folder that are not part of the output."""
+    return path.name.startswith("hidden-") or path.name == "activations"
 
 
 def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activations: str | Path | None = None,
@@ -203,70 +216,33 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
     files in ``offload_activations``, or in the output's work folder when they exceed half the free
     memory). The work folder ``.<out>.partial`` beside the output holds the packed tensors so far
     and, after each layer, an atomically committed state; the same command run again after a kill
-    continues from the first unfinished layer and writes the same bytes as an uninterrupted run.
+    at any moment continues from the first unfinished layer and writes the same bytes as an
+    uninterrupted run.
     """
     if not recipe.out:
         raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
     out = Path(recipe.out)
     check_output_free(out, overwrite)
-    check_model_source(recipe.model)
+    p = plan(recipe)
     fix_malloc_mmap_threshold()
-    folder = resolve_folder(recipe.model)
-    config = load_config(folder, recipe.trust_remote_code)
-    if getattr(config, "quantization_config", None) is not None:
-        raise ConfigError(f"{recipe.model} is already quantized: quantize its full-precision original")
-    spec = get_arch(config.model_type)
-    ckpt = ShardedCheckpoint(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=recipe.trust_remote_code)
+    ckpt = ShardedCheckpoint(p.folder)
+    tokenizer = AutoTokenizer.from_pretrained(p.folder, trust_remote_code=recipe.trust_remote_code)
     calib = _calibration(recipe, tokenizer)
-    fingerprint = _fingerprint(recipe, calib, ckpt)
     device = resolve_device(recipe.device)
-
-    work = out.parent / f".{out.name}.partial"
-    work.mkdir(parents=True, exist_ok=True)
-    lock = open(work / ".lock", "w")  # noqa: SIM115 (held until the run ends)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise CheckpointError(f"another llmq run is writing {out} (it holds {work}/.lock)") from None
-    try:
-        state = json.loads((work / PROGRESS_FILE).read_text()) if (work / PROGRESS_FILE).is_file() else None
-        if state is not None and state["fingerprint"] != fingerprint:
-            if not overwrite:
-                raise CheckpointError(f"{work} holds an unfinished run with other settings or inputs: run the same "
-                                      "command again to resume it, or pass --overwrite to discard it")
-            state = None
-        if state is not None and not all((work / f).is_file() for f in _state_files(state)):
-            log.warning("%s was interrupted while writing its final files: starting it again", work)
-            state = None
-        if state is None:
-            for p in work.iterdir():
-                if p.name != ".lock":
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-        else:
-            log.info("resuming %s at layer %d", out, state["next_layer"])
-        _stream_layers(recipe, config, spec, ckpt, tokenizer, calib, fingerprint, device, work, state,
-                       offload_activations, batch_size, timer or StageTimes())
-        # progress goes first: a run killed from here on starts again from scratch
-        (work / PROGRESS_FILE).unlink(missing_ok=True)
-        for p in work.iterdir():
-            if p.name == ".lock" or p.name.startswith("hidden-") or p.name == "activations":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        work.rename(out)
-    finally:
-        lock.close()
+    settings = _settings(recipe, calib, ckpt)
+    with WorkFolder(out) as work:
+        state = work.load(settings, _environment(device, p.dtype, batch_size), overwrite, _state_files)
+        _stream_layers(recipe, p, ckpt, tokenizer, calib, settings, device, work, state, offload_activations,
+                       batch_size, timer or StageTimes())
+        work.finish(_scratch)
     log.info("wrote %s", out)
     return out
 
 
-def _stream_layers(recipe: Recipe, config: Any, spec: Any, ckpt: ShardedCheckpoint, tokenizer: Any,
-                   calib: torch.Tensor, fingerprint: str, device: torch.device, work: Path,
-                   state: dict[str, Any] | None, offload_activations: str | Path | None, batch_size: int,
-                   timer: StageTimes) -> None:
-    dtype = checkpoint_dtype(config)
-    model = empty_model(config, dtype, recipe.trust_remote_code)
+def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: Any, calib: torch.Tensor,
+                   settings: str, device: torch.device, work: WorkFolder, state: dict[str, Any] | None,
+                   offload_activations: str | Path | None, batch_size: int, timer: StageTimes) -> None:
+    model, spec, config, folder = p.skeleton, p.spec, p.config, work.path
     n_layers = len(get_layers(model, spec))
     keys = list(model.state_dict())
     layer_prefix = spec.layers + "."
@@ -275,10 +251,11 @@ def _stream_layers(recipe: Recipe, config: Any, spec: Any, ckpt: ShardedCheckpoi
     head = keys[:first]
     tail = [k for k in keys[first:] if not k.startswith(layer_prefix) and k != tied]
 
-    writer = PackedWriter(work, recipe.format, half_dtype(dtype), recipe.quant.bits,
+    out_dtype = half_dtype(p.stored_dtype)
+    writer = PackedWriter(folder, recipe.format, out_dtype, recipe.quant.bits,
                           state=state["writer"] if state else None)
     awq_method = recipe.quant.method in ("awq", "awq+gptq") and not recipe.apply_awq
-    awq_spool = SpoolWriter(work, "awq.spool", state=state["awq"] if state else None) if awq_method else None
+    awq_spool = SpoolWriter(folder, "awq.spool", state=state["awq"] if state else None) if awq_method else None
     unquantized: list[str] = list(state["unquantized"]) if state else []
     start = state["next_layer"] if state else 0
     with timer("load"):
@@ -288,22 +265,23 @@ def _stream_layers(recipe: Recipe, config: Any, spec: Any, ckpt: ShardedCheckpoi
             for key, tensor in ckpt.load(head).items():
                 writer.add(key, tensor)
 
-    hidden_bytes = calib.numel() * config.hidden_size * dtype.itemsize * (2 if recipe.quant.next_inputs == "fp" else 1)
+    hidden_bytes = calib.numel() * config.hidden_size * p.dtype.itemsize * (
+        2 if recipe.quant.next_inputs == "fp" else 1)
     offload_dir = None
     if offload_activations is not None:
-        offload_dir = Path(offload_activations) / f"llmq-{fingerprint[:16]}"
-    elif hidden_bytes > _activation_budget(device):
-        offload_dir = work / "activations"
+        offload_dir = Path(offload_activations) / f"llmq-{settings[:16]}"
+    elif hidden_bytes > activation_budget(device):
+        offload_dir = folder / "activations"
         log.warning("calibration activations (%.1f GB) exceed half the free memory: keeping them in %s",
                     hidden_bytes / 1e9, offload_dir)
 
     def resume_hidden(buffer: torch.Tensor) -> None:
-        with safe_open(str(work / state["hidden"]), framework="pt") as f:
+        with safe_open(str(folder / state["hidden"]), framework="pt") as f:
             saved = f.get_slice("hidden")
             for i in range(buffer.shape[0]):
                 buffer[i] = saved[i : i + 1][0].to(buffer.device)
 
-    def sink(index: int, layer: torch.nn.Module, results: LayerResults, hidden: torch.Tensor) -> None:
+    def sink(index: int, layer: nn.Module, results: LayerResults, hidden: torch.Tensor) -> None:
         prefix = f"{spec.layers}.{index}."
         for key, tensor in layer.state_dict().items():
             name = prefix + key.removesuffix(".weight")
@@ -316,14 +294,16 @@ def _stream_layers(recipe: Recipe, config: Any, spec: Any, ckpt: ShardedCheckpoi
             for key in sorted(k for k in awq_record if k.startswith(prefix)):
                 awq_spool.add(key, awq_record.pop(key))
         hidden_file = f"hidden-{index + 1:05d}.safetensors"
-        save_tensors(work / hidden_file, {"hidden": hidden})
-        _commit(work, {"fingerprint": fingerprint, "next_layer": index + 1, "hidden": hidden_file,
-                       "writer": writer.sync(), "awq": awq_spool.sync() if awq_spool else None,
-                       "unquantized": unquantized})
-        for old in work.glob("hidden-*.safetensors"):
+        save_tensors(folder / hidden_file, {"hidden": hidden}, kill="activations.write")
+        work.commit({"settings": settings, "environment": state_environment, "next_layer": index + 1,
+                     "hidden": hidden_file, "writer": writer.sync(), "awq": awq_spool.sync() if awq_spool else None,
+                     "unquantized": unquantized})
+        for old in folder.glob("hidden-*.safetensors"):
             if old.name != hidden_file:
                 old.unlink()
+        kill_point("layer.committed")
 
+    state_environment = _environment(device, p.dtype, batch_size)
     awq_record: dict[str, torch.Tensor] = {}
     awq_state = load_file(recipe.apply_awq) if recipe.apply_awq else None
     if start < n_layers:
@@ -337,10 +317,12 @@ def _stream_layers(recipe: Recipe, config: Any, spec: Any, ckpt: ShardedCheckpoi
         for key, tensor in ckpt.load(tail).items():
             writer.add(key, tensor)
         fmt = writer.close(parse_size(recipe.max_shard_size))
+        kill_point("finish.shards_written")
         extra = {}
         if awq_spool is not None and awq_spool.entries:
             extra[AWQ_SEARCH_FILE] = lambda path: awq_spool.close(single_name=path.name)
         elif awq_spool is not None:
             awq_spool.close()  # nothing was searched (no foldable scale): no file, as in memory
-        write_metadata(work, config, half_dtype(dtype), recipe.quant, fmt, n_layers, sorted(unquantized),
+        write_metadata(folder, config, out_dtype, recipe.quant, fmt, n_layers, sorted(unquantized),
                        _recorded(recipe), tokenizer, generation_config(ckpt.folder, config), extra)
+        kill_point("finish.metadata_written")

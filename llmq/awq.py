@@ -94,6 +94,21 @@ def _weight_mean(linears: list[nn.Linear], group_size: int) -> torch.Tensor:
     return g.view(w.shape[0], cols).mean(0)
 
 
+def _row_chunks(x: torch.Tensor, tokens: int) -> list[slice]:
+    """Slices of ``x``'s first dimension holding about ``tokens`` tokens each (a row is ``x[0].numel() / in``)."""
+    per_row = max(1, x[:1].numel() // x.shape[-1])
+    step = max(1, tokens // per_row)
+    return [slice(i, i + step) for i in range(0, x.shape[0], step)]
+
+
+def mean_abs(x: torch.Tensor, tokens: int = 4096) -> torch.Tensor:
+    """Per input channel ``mean |x|`` in float32, a chunk of tokens at a time (no float32 copy of ``x``)."""
+    total = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
+    for rows in _row_chunks(x, tokens):
+        total += x[rows].reshape(-1, x.shape[-1]).float().abs_().sum(0)
+    return total / max(1, x.numel() // x.shape[-1])
+
+
 @torch.no_grad()
 def search_scale(
     x: torch.Tensor,
@@ -103,22 +118,27 @@ def search_scale(
     n_grid: int = 20,
     duo: bool = False,
     quantize_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    batch_tokens: int = 4096,
 ) -> tuple[torch.Tensor, float]:
     """AWQ's grid search (Lin et al. 2024, Sec. 3.2): ``s = mean|x|^alpha``, alpha in ``0, 1/n, ..., (n-1)/n``.
 
-    ``x`` is the linears' input (``[tokens, in]`` or ``[batch, seq, in]``), ``inspect`` maps it to the
-    compared output (the one linear, or a closure over an attention/MLP block; a tuple output compares its
-    first element). For each candidate every linear temporarily holds ``Q(W diag(s)) diag(s)^-1`` (RTN under
-    ``cfg``), so ``prev`` is untouched; the MSE against the full-precision output picks the best. With
-    ``duo``, ``s = mean|x|^alpha / w_mean^(1-alpha)``. Scales are normalised by ``sqrt(max * min)``, as AutoAWQ.
-    Original weights are restored. Returns ``(scales [in] float32, best loss)``; alpha=0 is plain RTN.
-    ``quantize_fn(W diag(s), s)`` replaces RTN by the rounding that will really follow (e.g. GPTQ), so
-    the scales are chosen for it: candidates good for RTN can be bad for GPTQ, which compensates errors.
+    ``x`` is the linears' input (``[tokens, in]`` or ``[batch, seq, in]``), ``inspect`` maps a slice of it
+    (whole rows, about ``batch_tokens`` tokens) to the compared output (the one linear, or a closure over
+    an attention/MLP block; a tuple output compares its first element). For each candidate every linear
+    temporarily holds ``Q(W diag(s)) diag(s)^-1`` (RTN under ``cfg``), so ``prev`` is untouched; the MSE
+    against the full-precision output picks the best. With ``duo``, ``s = mean|x|^alpha / w_mean^(1-alpha)``.
+    Scales are normalised by ``sqrt(max * min)``, as AutoAWQ. Original weights are restored. Returns
+    ``(scales [in] float32, best loss)``; alpha=0 is plain RTN. ``quantize_fn(W diag(s), s)`` replaces RTN
+    by the rounding that will really follow (e.g. GPTQ), so the scales are chosen for it: candidates good
+    for RTN can be bad for GPTQ, which compensates errors. Memory beyond ``x``: the float32 reference
+    output and one slice's candidate output.
     """
-    x_mean = x.detach().abs().reshape(-1, x.shape[-1]).float().mean(0)
+    x_mean = mean_abs(x, batch_tokens)
     w_mean = _weight_mean(linears, cfg.group_size) if duo else None
     originals = [fc.weight.detach().clone() for fc in linears]
-    fp_out = _first(inspect(x)).float()
+    chunks = _row_chunks(x, batch_tokens)
+    fp_out = [_first(inspect(x[rows])).float() for rows in chunks]
+    n_out = sum(o.numel() for o in fp_out)
     best_loss, best_scales = math.inf, None
     try:
         for i in range(n_grid):
@@ -133,8 +153,11 @@ def search_scale(
                 sv = s.to(w.device)[None, :]
                 ws = w.float() * sv
                 wq = quantize_fn(ws, s) if quantize_fn is not None else rtn_quantize(ws, cfg).dequantize()
-                fc.weight.data = (wq / sv).to(w.dtype)
-            loss = (fp_out - _first(inspect(x)).float()).pow(2).mean().item()
+                del ws
+                fc.weight.data = wq.div_(sv).to(w.dtype)
+                del wq
+            loss = sum((ref - _first(inspect(x[rows])).float()).pow_(2).sum().item()
+                       for rows, ref in zip(chunks, fp_out, strict=True)) / n_out
             if loss < best_loss:
                 best_loss, best_scales = loss, s.clone()
     finally:
@@ -167,8 +190,8 @@ def search_clip(
     n_groups = -(-cols // gs)
     pad = n_groups * gs - cols  # zero columns change neither a group's range (which holds 0) nor outputs
     wf = torch.nn.functional.pad(w.detach().float(), (0, pad)).view(out_f, 1, n_groups, gs)
-    xf = x.detach().reshape(-1, x.shape[-1]).float().to(w.device)
-    xf = xf[:: max(1, xf.shape[0] // n_tokens)][:n_tokens]
+    xf = x.detach().reshape(-1, x.shape[-1])
+    xf = xf[:: max(1, xf.shape[0] // n_tokens)][:n_tokens].float().to(w.device)  # subsampled, then float32
     xf = torch.nn.functional.pad(xf, (0, pad)).view(1, -1, n_groups, gs)
     best_max = torch.empty(out_f, 1, n_groups, 1, device=w.device)
     batch = max(1, (1 << 24) // max(1, xf.shape[1] * n_groups * gs))

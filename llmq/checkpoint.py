@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError, ConfigError
+from .killpoints import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,13 @@ def tensor_bytes(tensor: torch.Tensor) -> Iterator[memoryview]:
 
 
 def write_safetensors(path: Path, specs: list[tuple[str, str, list[int], int]],
-                      read: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+                      read: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None,
+                      kill: str = "safetensors.write") -> None:
     """Write a safetensors file one tensor at a time: ``specs`` are ``(name, dtype, shape, nbytes)``.
 
     ``read(name)`` is called once per tensor, in file order, so memory holds one tensor at a time.
     The bytes are exactly those of ``safetensors.torch.save_file`` (same order, header and padding).
+    ``kill`` names the kill point reached after each tensor (see :mod:`llmq.killpoints`).
     """
     order = sorted(specs, key=lambda s: (-_ST_RANK[s[1]], s[0]))
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
@@ -90,14 +93,15 @@ def write_safetensors(path: Path, specs: list[tuple[str, str, list[int], int]],
                 raise RuntimeError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {dtype} {shape}")
             for chunk in tensor_bytes(tensor):
                 f.write(chunk)
+            kill_point(kill, f.flush)
         f.flush()
         os.fsync(f.fileno())
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], kill: str = "safetensors.write") -> None:
     """``save_file`` that streams each tensor's bytes (works for memory-mapped tensors larger than RAM)."""
     specs = [(k, _ST_DTYPES[t.dtype], list(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()]
-    write_safetensors(path, specs, tensors.__getitem__, {"format": "pt"})
+    write_safetensors(path, specs, tensors.__getitem__, {"format": "pt"}, kill)
 
 
 class SpoolWriter:
@@ -120,7 +124,10 @@ class SpoolWriter:
         tensor = tensor.detach().to("cpu").contiguous()
         offset = self.file.tell()
         for chunk in tensor_bytes(tensor):
-            self.file.write(chunk)
+            half = len(chunk) // 2
+            self.file.write(chunk[:half])
+            kill_point("spool.write", self.file.flush)  # a tensor half on disk, as a kill mid-write leaves it
+            self.file.write(chunk[half:])
         self.entries.append({"name": name, "dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                              "offset": offset, "nbytes": self.file.tell() - offset})
 
@@ -176,8 +183,9 @@ def write_shards(folder: Path, specs: list[tuple[str, str, list[int], int]], rea
     names = [single_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for file_name, shard in zip(names, shards, strict=True):
         tmp = folder / (file_name + ".tmp")
-        write_safetensors(tmp, shard, read, {"format": "pt"})
+        write_safetensors(tmp, shard, read, {"format": "pt"}, kill="shard.write")
         tmp.rename(folder / file_name)
+        kill_point("shard.renamed")
     if n > 1:
         weight_map = {spec[0]: file_name for file_name, shard in zip(names, shards, strict=True) for spec in shard}
         total = sum((folder / name).stat().st_size for name in names)

@@ -26,7 +26,8 @@ the first unfinished layer (state in .<out>.partial beside --out) and writes the
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model", description=QUANTIZE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="local folder or Hugging Face hub id")
+    p.add_argument("model", nargs="?", help="local folder or Hugging Face hub id (e.g. Qwen/Qwen2.5-7B)")
+    p.add_argument("--revision", help="hub branch, tag or commit of MODEL (default: main)")
     p.add_argument("--recipe", help="YAML recipe with the same keys as these options (group_size, ...)")
     p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"])
     p.add_argument("--bits", type=int, help="2, 3, 4 or 8 (default 4)")
@@ -43,6 +44,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 2048)")
     p.add_argument("--seed", type=int, help="seed for drawing calibration windows (default 0)")
     p.add_argument("--device", help="compute device (default: cuda when present, else cpu)")
+    p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of the layer forwards (default auto: the checkpoint's if bfloat16, else float32); "
+                        "Hessians and the solver are always float32")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--out", help="output folder (must not exist or be empty)")
     p.add_argument("--format", choices=["auto", "gptq", "gptq_v2", "awq"],
@@ -64,6 +68,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a model or packed checkpoint")
     p.add_argument("model", help="local folder (plain or packed) or hub id")
+    p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", help="folder of extra task YAMLs (e.g. tasks over local files)")
     p.add_argument("--num-fewshot", type=int)
@@ -74,13 +79,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a packed checkpoint")
-    p.add_argument("checkpoint", help="folder written by llmq quantize (or any GPTQ-layout checkpoint)")
+    p.add_argument("checkpoint", help="folder written by llmq quantize (or any GPTQ-layout checkpoint), or its hub id")
+    p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
 
 
 def _add_ppl(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ppl", help="perplexity by the GPTQ paper's protocol")
-    p.add_argument("model", help="local folder or hub id")
+    p.add_argument("model", help="local folder (plain or packed) or hub id")
+    p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
     p.add_argument("--dataset", default="wikitext2",
                    help="wikitext2 | c4 | a local .txt (one text) or .jsonl (rows joined with blank lines)")
     p.add_argument("--seqlen", type=int, default=2048)
@@ -101,7 +108,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
             "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
-            "apply_awq", "next_inputs")
+            "apply_awq", "next_inputs", "revision", "compute_dtype")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
     if not recipe.out:
@@ -112,10 +119,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .api import load_model, resolve_device
+    from .api import load_model
+    from .device import resolve_device
     from .eval import run_lm_eval
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, revision=args.revision)
     out = run_lm_eval(model, tokenizer, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
                       num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                       device=str(resolve_device(args.device)))
@@ -125,18 +133,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import checkpoint_info, format_info
+    from .source import resolve_model
 
-    info = checkpoint_info(args.checkpoint)
+    info = checkpoint_info(resolve_model(args.checkpoint, args.revision))
     print(json.dumps(info) if args.json else format_info(info))
     return 0
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    from .api import load_model, resolve_device
+    from .api import load_model
     from .data import eval_windows
+    from .device import resolve_device
     from .eval import perplexity
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, revision=args.revision)
     device = resolve_device(args.device)
     model.to(device)
     result = perplexity(model, eval_windows(args.dataset, tokenizer, args.seqlen), device=device)

@@ -49,6 +49,9 @@ class QuantConfig:
     next_inputs: str = "quantized"
     awq_grid: int = 20  # AWQ: points of the scale exponent grid in [0, 1)
     awq_duo: bool = False  # AWQ: divide by the weight magnitude too (s = s_x^a / s_w^(1-a))
+    # AWQ: the scale search runs on the first windows holding at most this many tokens (AutoAWQ's
+    # 128 x 512); it keeps one linear's inputs for them, so this bounds the search's memory
+    awq_max_tokens: int = 65536
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,6 +71,8 @@ class QuantConfig:
             object.__setattr__(self, "mse", self.method in ("gptq", "awq+gptq"))
         if self.next_inputs not in ("quantized", "fp"):
             raise ConfigError(f"next_inputs={self.next_inputs!r} must be 'quantized' or 'fp'")
+        if self.awq_max_tokens < 1:
+            raise ConfigError(f"awq_max_tokens={self.awq_max_tokens} must be positive (65536 is the usual value)")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} must be positive (128 is the usual value)")
 
@@ -105,10 +110,16 @@ class Recipe:
     format: str = "auto"  # packed layout: auto | gptq | gptq_v2 (zero-point conventions) | awq (GEMM)
     apply_awq: str | None = None  # AWQ search results to re-apply instead of searching
     max_shard_size: str = "5GB"
+    revision: str | None = None  # hub branch, tag or commit of ``model``
+    # dtype of the layer forwards: auto = the checkpoint's when bfloat16, else float32 (see llmq.device)
+    compute_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.format not in ("auto", "gptq", "gptq_v2", "awq"):
             raise ConfigError(f"format={self.format!r} is unknown: choose auto, gptq, gptq_v2 or awq")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"compute_dtype={self.compute_dtype!r} is unknown: choose auto, float32 or bfloat16 "
+                              "(float16 is refused: activations of some models overflow it)")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:
@@ -116,7 +127,8 @@ class Recipe:
         raw = {k.replace("-", "_"): v for k, v in raw.items()}
         quant_keys = {f.name for f in dataclasses.fields(QuantConfig)}
         calib_keys = {f.name for f in dataclasses.fields(CalibConfig)}
-        top_keys = {"model", "out", "device", "trust_remote_code", "format", "max_shard_size", "apply_awq"}
+        top_keys = {"model", "out", "device", "trust_remote_code", "format", "max_shard_size", "apply_awq", "revision",
+                    "compute_dtype"}
         unknown = sorted(set(raw) - quant_keys - calib_keys - top_keys)
         if unknown:
             known = ", ".join(sorted(quant_keys | calib_keys | top_keys))
@@ -130,7 +142,8 @@ class Recipe:
             calib=CalibConfig(**{k: v for k, v in raw.items() if k in calib_keys}),
             device=raw.get("device"),
             trust_remote_code=bool(raw.get("trust_remote_code", False)),
-            **{k: str(raw[k]) for k in ("format", "max_shard_size", "apply_awq") if raw.get(k) is not None},
+            **{k: str(raw[k]) for k in ("format", "max_shard_size", "apply_awq", "revision", "compute_dtype")
+               if raw.get(k) is not None},
         )
 
     @classmethod
@@ -146,8 +159,10 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict, the inverse of ``from_dict`` (recorded in the output's config)."""
-        out = {"model": self.model, "out": self.out, "device": self.device, "format": self.format,
-               "max_shard_size": self.max_shard_size, "apply_awq": self.apply_awq}
+        out = {"model": self.model, "out": self.out, "device": self.device, "trust_remote_code": self.trust_remote_code,
+               "format": self.format,
+               "max_shard_size": self.max_shard_size, "apply_awq": self.apply_awq, "revision": self.revision,
+               "compute_dtype": self.compute_dtype}
         out.update(dataclasses.asdict(self.quant))
         out.update(dataclasses.asdict(self.calib))
         return out

@@ -24,7 +24,7 @@ from .arch import ArchSpec, get_arch
 from .checkpoint import SpoolWriter, atomic_output_dir, half_dtype, parse_size, write_json
 from .config import QuantConfig
 from .errors import ConfigError
-from .pack import pack_awq, pack_cols, pack_gptq, unpack_cols
+from .pack import can_pack, pack_awq, pack_cols, pack_gptq, unpack_cols
 from .quant import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,44 @@ def choose_format(results: dict[str, QuantizedWeight], requested: str = "auto") 
         raise ConfigError('format "gptq" (v1) cannot store a zero point of 0, which this model has: '
                           'use gptq_v2 or auto')
     return requested
+
+
+def check_format(fmt: str, cfg: QuantConfig) -> None:
+    """Refuse, before any work, a layout that cannot hold what ``cfg`` produces; the message says the fix."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format {fmt!r} is unknown: choose one of {', '.join(FORMATS)}")
+    if fmt == "awq":
+        if cfg.bits != 4:
+            raise ConfigError(f"the AWQ GEMM layout holds 4-bit weights only, not bits={cfg.bits}: "
+                              "use --bits 4, or --format auto for the GPTQ layout")
+        if cfg.group_size <= 0:
+            raise ConfigError("the AWQ GEMM layout needs whole groups of a fixed size, not group_size=-1: "
+                              "use --group-size 128 (or 64, 32), or --format auto for the GPTQ layout")
+        if cfg.act_order and not cfg.static_groups:
+            raise ConfigError("act-order groups (a permuted g_idx) cannot be stored in the AWQ GEMM layout: "
+                              "add --static-groups, drop --act-order, or use --format auto for the GPTQ layout")
+    if fmt == "gptq" and not cfg.sym:
+        raise ConfigError('format "gptq" (v1) stores zero - 1 and cannot hold the zero point 0 that an asymmetric '
+                          "group of non-negative weights gets: use --format auto (v1 whenever every zero point "
+                          "is >= 1, else gptq_v2), --format gptq_v2, or --sym")
+
+
+def check_layout(fmt: str, cfg: QuantConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse linears (``name -> (out, in)``) that the layout could pack but not in ``cfg``'s groups.
+
+    Linears no layout can hold (a dimension not a multiple of 32) are not refused: they stay in
+    full precision, with a warning, as the checkpoint's config says.
+    """
+    if fmt != "awq":
+        return
+    bad = {name: k for name, (n, k) in shapes.items() if can_pack(k, n, cfg.bits) and k % cfg.group_size}
+    if bad:
+        name, k = next(iter(bad.items()))
+        divisors = [g for g in (128, 64, 32) if all(v % g == 0 for v in bad.values())]
+        raise ConfigError(
+            f"group_size={cfg.group_size} does not divide the {k} input features of {name} ({len(bad)} linear(s) "
+            "in all), and the AWQ GEMM layout holds whole groups only: use "
+            + (f"--group-size {divisors[0]}" if divisors else "another --group-size") + " or --format auto")
 
 
 def awq_quantization_config(cfg: QuantConfig, unquantized: list[str], recipe: dict[str, Any] | None
@@ -65,7 +103,7 @@ def _awq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     if qw.bits != 4 or qw.group_size <= 0 or k % qw.group_size:
         raise ConfigError(f"{name}: the AWQ GEMM layout holds 4-bit weights in whole groups only "
                           f"(bits={qw.bits}, group_size={qw.group_size}, in_features={k}); use --format gptq")
-    if not torch.equal(qw.g_idx.long(), torch.arange(k) // qw.group_size):
+    if not torch.equal(qw.g_idx.long().cpu(), torch.arange(k) // qw.group_size):
         raise ConfigError(f"{name}: act-order groups (a permuted g_idx) cannot be stored in the AWQ layout; "
                           "use --static-groups or --format gptq")
     return pack_awq(qw.codes, qw.zeros, qw.scales)
@@ -191,14 +229,17 @@ def save_packed(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     extra: dict[str, Callable[[Path], None]] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Pack ``results`` (full module name -> quantized weight) and save with the rest of ``model``.
 
+    Unquantized tensors are stored in ``dtype`` (default: the half dtype of the model's own).
     ``extra`` maps file names to writers for files that go into the same folder, atomically with it.
     """
     spec = get_arch(model.config.model_type)
+    check_format(fmt, cfg)
     choose_format(results, fmt)  # an impossible explicit format fails before anything is written
-    dtype = half_dtype(next(model.parameters()).dtype)
+    dtype = dtype or half_dtype(next(model.parameters()).dtype)
     modules = dict(model.named_modules())
     quantized_params = {f"{name}.weight" for name in results}
     unquantized = sorted(

@@ -26,26 +26,11 @@ from .checkpoint import shard_files
 from .errors import CheckpointError
 from .pack import GPTQ_BITS
 from .qlinear import AwqQuantLinear, QuantLinear
+from .source import resolve_model
 
 log = logging.getLogger(__name__)
 
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-
-
-def resolve_folder(path_or_hub_id: str) -> Path:
-    """A local folder as is; a hub id through the hub cache (``huggingface_hub.snapshot_download``)."""
-    path = Path(path_or_hub_id)
-    if path.is_dir():
-        return path
-    if path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") != 1:
-        raise CheckpointError(f"checkpoint {path_or_hub_id} does not exist: give a folder or a hub id (org/name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                                      "*.txt", "*.jinja"]))
-    except Exception as e:  # offline, unknown repo, gated repo: all mean "cannot get it"
-        raise CheckpointError(f"cannot fetch {path_or_hub_id} from the Hugging Face hub or its cache: {e}") from e
 
 
 def read_quant_config(config: Any) -> dict[str, Any]:
@@ -74,7 +59,9 @@ def read_quant_config(config: Any) -> dict[str, Any]:
 
 
 def _swap_quant_linears(model: nn.Module, shapes: dict[str, dict[str, tuple]], qc: dict[str, Any],
-                        dtype: torch.dtype) -> None:
+                        dtype: torch.dtype, scale_dtypes: dict[str, torch.dtype]) -> None:
+    """Replace each quantized linear by a packed module; its scales keep their stored dtype (fp16), so the
+    weights decode exactly whatever ``dtype`` the model computes in."""
     bits = qc["bits"]
     for name, tensors in shapes.items():
         try:
@@ -102,10 +89,12 @@ def _swap_quant_linears(model: nn.Module, shapes: dict[str, dict[str, tuple]], q
                     f"and a ({linear.out_features}, {linear.in_features}) weight: config and tensors disagree"
                 )
         if awq:
-            qlinear = AwqQuantLinear(k, n, qc["group_size"], linear.bias is not None, dtype=dtype, device="meta")
+            qlinear = AwqQuantLinear(k, n, qc["group_size"], linear.bias is not None, dtype=dtype, device="meta",
+                                     scales_dtype=scale_dtypes[name])
         else:
             qlinear = QuantLinear(k, n, bits, n_groups, linear.bias is not None,
-                                  zero_offset=1 if qc["checkpoint_format"] == "gptq" else 0, dtype=dtype, device="meta")
+                                  zero_offset=1 if qc["checkpoint_format"] == "gptq" else 0, dtype=dtype, device="meta",
+                                  scales_dtype=scale_dtypes[name])
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, qlinear)
 
@@ -128,35 +117,48 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, device: torch.d
         module._buffers[attr] = value
 
 
+_ST_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
 def from_pretrained(
-    path_or_hub_id: str,
+    path_or_hub_id: str | Path,
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype = torch.float16,
     device_map: str | dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> PreTrainedModel:
     """A transformers model whose quantized linears are :class:`QuantLinear` (packed) modules.
 
+    ``path_or_hub_id`` is a local folder or a hub id (``revision``: branch, tag or commit), read
+    through the hub cache. ``torch_dtype`` is the compute dtype; the stored scales are kept as they
+    are, so the weights decode to exactly what the quantizer produced in any dtype.
     ``device_map`` (accelerate's: ``"auto"``, a dict, or one device) spreads the loaded model over
     devices; without it everything goes to ``device``.
     """
-    folder = resolve_folder(path_or_hub_id)
+    folder = resolve_model(path_or_hub_id, revision, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     qc = read_quant_config(config)
     where = shard_files(folder)
     shapes: dict[str, dict[str, tuple]] = defaultdict(dict)
+    scale_dtypes: dict[str, torch.dtype] = {}
     for key, path in where.items():
         module, _, suffix = key.rpartition(".")
         if suffix in QUANT_SUFFIXES:
             with safe_open(str(path), framework="pt") as f:
-                shapes[module][suffix] = tuple(f.get_slice(key).get_shape())
+                sl = f.get_slice(key)
+                shapes[module][suffix] = tuple(sl.get_shape())
+                if suffix == "scales":
+                    if sl.get_dtype() not in _ST_FLOATS:
+                        raise CheckpointError(f"{key} has dtype {sl.get_dtype()}, expected F16, BF16 or F32")
+                    scale_dtypes[module] = _ST_FLOATS[sl.get_dtype()]
 
     skeleton_config = copy.deepcopy(config)
     del skeleton_config.quantization_config  # build a plain model; the swap below makes it quantized
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(skeleton_config, dtype=torch_dtype,
                                                  trust_remote_code=trust_remote_code)
-    _swap_quant_linears(model, shapes, qc, torch_dtype)
+    _swap_quant_linears(model, shapes, qc, torch_dtype, {m: scale_dtypes.get(m, torch.float16) for m in shapes})
 
     target = torch.device("cpu") if device_map is not None else torch.device(device)
     expected = {k for k, _ in model.named_parameters()} | {k for k, _ in model.named_buffers()

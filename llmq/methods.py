@@ -34,9 +34,10 @@ class LayerJob:
     prefix: str  # "model.layers.3." : prefix of this layer's module names in the model
     groups: tuple[dict[str, nn.Linear], ...]  # true-sequential groups of linears, by name in the layer
     cfg: QuantConfig
-    # observe(modules, fn): run the layer over all calibration inputs, calling fn(name, x) with
-    # each listed module's input batch; stops each batch early once all of them have run.
-    observe: Callable[[dict[str, nn.Linear], Callable[[str, torch.Tensor], None]], None]
+    # observe(modules, fn, windows=None): run the layer over the calibration inputs (the first
+    # ``windows`` of them, or all), calling fn(name, x) with each listed module's input batch; stops
+    # each batch early once all of them have run.
+    observe: Callable[..., None]
     layer: nn.Module | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # the layer's keyword arguments (mask, rotary)
     scale_groups: tuple[ScaleGroup, ...] = ()
@@ -45,6 +46,8 @@ class LayerJob:
     record: Callable[[str, torch.Tensor], None] = lambda name, tensor: None
     awq_state: dict[str, torch.Tensor] | None = None
     timer: StageTimes = field(default_factory=StageTimes)  # where the layer's time goes
+    windows: int = 1  # calibration windows, of ``seqlen`` tokens each
+    seqlen: int = 1
 
 
 def check_finite(name: str, tensor: torch.Tensor, what: str = "weight") -> None:
@@ -136,24 +139,18 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     return results
 
 
-def _inspector(module: nn.Module, kwargs: dict[str, Any], batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> module(x)`` over batches; attention modules also get the layer's mask and rotary arguments."""
+def _inspector(module: nn.Module, kwargs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> module(x)``; attention modules also get the layer's mask and rotary arguments."""
     takes_kwargs = not isinstance(module, nn.Linear) and "position_embeddings" in inspect.signature(
         module.forward).parameters
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for i in range(0, x.shape[0], batch_size):
-            out = module(x[i : i + batch_size], **kwargs) if takes_kwargs else module(x[i : i + batch_size])
-            outs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outs)
-    return run
+    return (lambda x: module(x, **kwargs)) if takes_kwargs else module
 
 
 def _gptq_rounding(x: torch.Tensor, cfg: QuantConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``(W diag(s), s) -> GPTQ(W diag(s))`` with the Hessian of the scaled inputs, ``H / (s s^T)``."""
     acc = HessianAccumulator(x.shape[-1], x.device)
-    acc.add(x)
+    for i in range(0, x.shape[0], 8):  # a few windows at a time: no float32 copy of all of x
+        acc.add(x[i : i + 8])
     H = acc.hessian()
 
     def rounding(ws: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -162,12 +159,29 @@ def _gptq_rounding(x: torch.Tensor, cfg: QuantConfig) -> Callable[[torch.Tensor,
     return rounding
 
 
-def _gather_inputs(job: LayerJob, names: list[str]) -> dict[str, torch.Tensor]:
-    """Each named linear's calibration inputs, ``[n, seqlen, in]``."""
-    batches: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    modules = {name: job.layer.get_submodule(name) for name in names}
-    job.observe(modules, lambda name, x: batches[name].append(x.clone()))
-    return {name: torch.cat(xs) for name, xs in batches.items()}
+def _gather_inputs(job: LayerJob, name: str, windows: int) -> torch.Tensor:
+    """One linear's inputs on the first ``windows`` calibration windows, ``[windows, seqlen, in]``."""
+    batches: list[torch.Tensor] = []
+    job.observe({name: job.layer.get_submodule(name)}, lambda _, x: batches.append(x.clone()), windows)
+    return torch.cat(batches)
+
+
+def _sample_inputs(job: LayerJob, names: list[str], n_tokens: int) -> dict[str, torch.Tensor]:
+    """Each named linear's inputs at ``n_tokens`` tokens evenly spaced over all calibration tokens
+    (``x.reshape(-1, in)[::stride][:n_tokens]`` of all of them), keeping only those tokens."""
+    total = job.windows * job.seqlen
+    keep = torch.arange(0, total, max(1, total // n_tokens))[:n_tokens]
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    seen = dict.fromkeys(names, 0)
+
+    def take(name: str, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        start = seen[name]
+        seen[name] += flat.shape[0]
+        idx = keep[(keep >= start) & (keep < seen[name])] - start
+        samples[name].append(flat[idx.to(flat.device)].clone())
+    job.observe({name: job.layer.get_submodule(name) for name in names}, take)
+    return {name: torch.cat(xs) for name, xs in samples.items()}
 
 
 def apply_awq(job: LayerJob, gptq_rounding: bool = False) -> None:
@@ -184,10 +198,20 @@ def apply_awq(job: LayerJob, gptq_rounding: bool = False) -> None:
         _clip_weights(job)
 
 
+def search_windows(cfg: QuantConfig, seqlen: int) -> int:
+    """Calibration windows the scale search runs on: at most ``cfg.awq_max_tokens`` tokens' worth."""
+    return max(1, cfg.awq_max_tokens // seqlen)
+
+
 def _fold_scales(job: LayerJob, gptq_rounding: bool) -> None:
-    """Search (Sec. 3.2) or re-apply each scale group's ``s`` and fold it into the layer exactly."""
+    """Search (Sec. 3.2) or re-apply each scale group's ``s`` and fold it into the layer exactly.
+
+    Groups go one at a time, each on its first linear's inputs over the first windows (at most
+    ``cfg.awq_max_tokens`` tokens), gathered after the groups before it were folded: memory holds
+    one linear's inputs, never all of them.
+    """
     layer, state = job.layer, job.awq_state
-    first_inputs = None if state is not None else _gather_inputs(job, [sg.linears[0] for sg in job.scale_groups])
+    windows = search_windows(job.cfg, job.seqlen)
     for sg in job.scale_groups:
         prev = layer.get_submodule(sg.prev)
         linears = [layer.get_submodule(name) for name in sg.linears]
@@ -198,14 +222,19 @@ def _fold_scales(job: LayerJob, gptq_rounding: bool) -> None:
             scales = state[key].to(linears[0].weight.device)
         else:
             compared = layer.get_submodule(sg.inspect) if sg.inspect else linears[0]
-            x = first_inputs[sg.linears[0]]
+            x = _gather_inputs(job, sg.linears[0], windows)
             with torch.no_grad():
-                scales, loss = search_scale(x, linears, _inspector(compared, job.kwargs, job.batch_size), job.cfg,
+                scales, loss = search_scale(x, linears, _inspector(compared, job.kwargs), job.cfg,
                                             n_grid=job.cfg.awq_grid, duo=job.cfg.awq_duo,
-                                            quantize_fn=_gptq_rounding(x, job.cfg) if gptq_rounding else None)
+                                            quantize_fn=_gptq_rounding(x, job.cfg) if gptq_rounding else None,
+                                            batch_tokens=job.batch_size * job.seqlen)
+            del x
             log.info("layer %d %s -> %s: scale loss %.5g", job.index, sg.prev, ",".join(sg.linears), loss)
         fold_scales(prev, linears, scales)
         job.record(key, scales.detach().cpu())
+
+
+CLIP_TOKENS = 512  # tokens the clip search compares outputs on (AutoAWQ's n_sample_token)
 
 
 def _clip_weights(job: LayerJob) -> None:
@@ -217,7 +246,7 @@ def _clip_weights(job: LayerJob) -> None:
     state, gs = job.awq_state, job.cfg.group_size
     clipped = [n for g in job.groups for n, m in g.items()
                if not n.endswith(("q_proj", "k_proj")) and (gs < 0 or m.in_features % gs == 0)]
-    inputs = None if state is not None else _gather_inputs(job, clipped)
+    inputs = None if state is not None or not clipped else _sample_inputs(job, clipped, CLIP_TOKENS)
     for name in clipped:
         module = job.layer.get_submodule(name)
         key = f"{job.prefix}{name}.awq_clip"
@@ -227,7 +256,7 @@ def _clip_weights(job: LayerJob) -> None:
             max_val = state[key].to(module.weight.device)
         else:
             with torch.no_grad():
-                w = search_clip(module.weight.data.float(), inputs[name].reshape(-1, module.in_features), job.cfg)
+                w = search_clip(module.weight.data.float(), inputs[name], job.cfg, n_tokens=CLIP_TOKENS)
             # clamping at the clipped weight's own group maxima reproduces the clip exactly
             max_val = w.reshape(w.shape[0], -1, gs if gs > 0 else w.shape[1]).abs().amax(dim=2)  # [out, groups]
         w = module.weight.data.float().reshape(module.out_features, max_val.shape[1], -1)  # [out, groups, gs]

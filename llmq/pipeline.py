@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .arch import ArchSpec, get_arch, get_layers, layer_linears
 from .config import QuantConfig
+from .device import exact_float32, resolve_device
 from .methods import METHOD_FNS, LayerJob, check_finite
 from .quant import QuantizedWeight
 from .timing import StageTimes
@@ -81,13 +82,21 @@ class _StopForward(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for the first decoder layer: records its inputs and stops the forward pass."""
+    """Stands in for a decoder layer during capture: records its keyword arguments, passes its input on.
 
-    def __init__(self, layer: nn.Module, n: int, alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]):
+    Layer 0's stand-in also records the hidden states of every window; the first window runs on
+    through every layer's stand-in, so each layer's own keyword arguments (a sliding-window or a
+    full-attention mask, local or global rotary tables) are recorded. The forward stops after the
+    last layer, so nothing after it (final norm, lm_head) runs.
+    """
+
+    def __init__(self, layer: nn.Module, index: int, last: bool, n: int,
+                 alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None):
         super().__init__()
         self.layer = layer  # kept so attributes such as attention_type stay reachable
-        self.n, self.alloc = n, alloc
+        self.index, self.last, self.n, self.alloc = index, last, n, alloc
         self.hidden: torch.Tensor | None = None
+        self.shape: torch.Size | None = None
         self.count = 0
         self.kwargs: dict[str, Any] | None = None
 
@@ -97,35 +106,45 @@ class _Catcher(nn.Module):
         except AttributeError:
             return getattr(self.layer, name)
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:
             raise RuntimeError("decoder layer called with positional arguments beyond hidden_states")
-        if self.hidden is None:
-            self.hidden = self.alloc((self.n, *hidden_states.shape[1:]), hidden_states.dtype)
-        self.hidden[self.count : self.count + hidden_states.shape[0]] = hidden_states
-        self.count += hidden_states.shape[0]
-        if self.kwargs is None:
-            self.kwargs = kwargs
-        raise _StopForward
+        if self.alloc is not None:  # layer 0
+            if self.hidden is None:
+                self.hidden = self.alloc((self.n, *hidden_states.shape[1:]), hidden_states.dtype)
+            self.hidden[self.count : self.count + hidden_states.shape[0]] = hidden_states
+            self.count += hidden_states.shape[0]
+        if self.kwargs is not None:
+            raise _StopForward  # every layer's arguments are known: later windows stop at layer 0
+        self.kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        self.shape = hidden_states.shape
+        if self.last:
+            raise _StopForward
+        return hidden_states
 
 
 def capture_layer_inputs(
     model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, device: torch.device,
     offload_dir: Path | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Hidden states ``[n, seqlen, hidden]`` entering layer 0 and the layer's keyword arguments.
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Hidden states ``[n, seqlen, hidden]`` entering layer 0, and each layer's keyword arguments.
 
     Runs only the modules before the first layer (embedding, rotary) on ``device``: windows go one
     at a time, so the captured kwargs (mask, positions) have batch 1 and broadcast over any batch.
-    The hidden states are kept in the model's dtype, on ``device`` or mapped from ``offload_dir``.
+    Layers whose attention differs (sliding and full attention in Gemma 2/3, Qwen2 ``layer_types``)
+    each get their own; tensors shared by several layers are stored once. The hidden states are
+    kept in the model's dtype, on ``device`` or mapped from ``offload_dir``.
     """
     layers = get_layers(model, spec)
     before = [model.get_submodule(name) for name in spec.before]
     for module in before:
         module.to(device)
-    catcher = _Catcher(layers[0], input_ids.shape[0],
-                       lambda shape, dtype: allocate_activations(shape, dtype, device, offload_dir))
-    layers[0] = catcher
+    n = len(layers)
+    catchers = [_Catcher(layers[i], i, i == n - 1, input_ids.shape[0],
+                         (lambda shape, dtype: allocate_activations(shape, dtype, device, offload_dir)) if i == 0
+                         else None) for i in range(n)]
+    for i, catcher in enumerate(catchers):
+        layers[i] = catcher
     try:
         with torch.no_grad():
             for row in input_ids:
@@ -134,11 +153,18 @@ def capture_layer_inputs(
                 except _StopForward:
                     pass
     finally:
-        layers[0] = catcher.layer
+        for i, catcher in enumerate(catchers):
+            layers[i] = catcher.layer
         for module in before:
             module.to("cpu")
-    kwargs = {k: v for k, v in (catcher.kwargs or {}).items() if k not in ("past_key_values", "past_key_value")}
-    return catcher.hidden, kwargs
+    missing = [c.index for c in catchers if c.kwargs is None]
+    if missing:
+        raise RuntimeError(f"decoder layers {missing} were never called: the model skips layers or calls them "
+                           "outside its layer list, which llmq cannot capture")
+    if any(c.shape != catchers[0].shape for c in catchers):
+        raise RuntimeError("a decoder layer received another shape than layer 0 gave it: the model expects "
+                           "layers to return something other than the hidden states tensor")
+    return catchers[0].hidden, [c.kwargs for c in catchers]
 
 
 def _layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -152,13 +178,15 @@ def _device_of(layer: nn.Module) -> torch.device:
 
 def _observe(
     layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
-    modules: dict[str, nn.Linear], fn: Callable[[str, torch.Tensor], None],
+    modules: dict[str, nn.Linear], fn: Callable[[str, torch.Tensor], None], windows: int | None = None,
 ) -> None:
-    """Run ``layer`` over ``hidden`` in batches, calling ``fn(name, x)`` with each listed module's input.
+    """Run ``layer`` over ``hidden`` (its first ``windows`` rows, or all) in batches, calling ``fn(name, x)``
+    with each listed module's input.
 
     Each batch stops as soon as every listed module has been reached (pre-hooks: the last one
     itself never runs); the rest of the layer is not needed.
     """
+    stop = hidden.shape[0] if windows is None else min(windows, hidden.shape[0])
     pending: set[str] = set()
     device = _device_of(layer)
 
@@ -173,10 +201,10 @@ def _observe(
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
     try:
         with torch.no_grad():
-            for i in range(0, hidden.shape[0], batch_size):
+            for i in range(0, stop, batch_size):
                 pending.update(modules)
                 try:
-                    _layer_forward(layer, hidden[i : i + batch_size].to(device), kwargs)
+                    _layer_forward(layer, hidden[i : min(i + batch_size, stop)].to(device), kwargs)
                 except _StopForward:
                     pass
     finally:
@@ -196,6 +224,7 @@ def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], b
     return out
 
 
+@exact_float32()  # Hessians and solves in full float32 on CUDA too (TF32 off), as the reference GPTQ code
 def quantize_layers(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -226,14 +255,14 @@ def quantize_layers(
     memory-mapped files there instead of tensors on ``device``.
     """
     spec = get_arch(model.config.model_type)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     source = source or InMemoryLayers(model, spec)
     method = METHOD_FNS[cfg.method]
     n_layers = len(get_layers(model, spec))
     timer = timer or StageTimes()
 
     with timer("capture"):
-        hidden, kwargs = capture_layer_inputs(model, spec, input_ids, device, offload_dir)
+        hidden, layer_kwargs = capture_layer_inputs(model, spec, input_ids, device, offload_dir)
         if start:
             resume_hidden(hidden)
         source.after_capture(model)
@@ -255,20 +284,23 @@ def quantize_layers(
             linears = {name: m for name, m in linears.items() if not keep_fp(prefix + name, m)}
         groups = tuple(g for g in ({n: linears[n] for n in group if n in linears} for group in spec.sequential) if g)
 
+        kwargs = layer_kwargs[index]
         observe = functools.partial(_observe, layer, hidden, kwargs, batch_size)
         if fp_outputs is not None:
             with timer("propagate"):
                 _propagate(layer, hidden, kwargs, batch_size, out=fp_outputs)
         record = awq_record.__setitem__ if awq_record is not None else (lambda name, tensor: None)
         job = LayerJob(index, prefix, groups, cfg, observe, layer=layer, kwargs=kwargs, scale_groups=spec.scale_groups,
-                       batch_size=batch_size, record=record, awq_state=awq_state, timer=timer)
+                       batch_size=batch_size, record=record, awq_state=awq_state, timer=timer,
+                       windows=hidden.shape[0], seqlen=hidden.shape[1])
         results = method(job)
         with timer("propagate"):
             if fp_outputs is not None:
                 hidden.copy_(fp_outputs)  # the AWQ reference feeds the next layer full-precision outputs
             else:  # the quantized layer's outputs are the next layer's inputs
                 _propagate(layer, hidden, kwargs, batch_size)
-        layer_results = {prefix + name: qw for name, qw in results.items()}
+        # finished codes leave the compute device: a 7B model's uint8 codes are ~7 GB
+        layer_results = {prefix + name: qw.to("cpu") for name, qw in results.items()}
         with timer("write"):
             if sink is not None:
                 sink(index, layer, layer_results, hidden)

@@ -20,7 +20,8 @@ class QuantLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored as GPTQ-layout ``qweight/qzeros/scales/g_idx`` buffers."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int, bias: bool,
-                 zero_offset: int, dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+                 zero_offset: int, dtype: torch.dtype = torch.float16, device: torch.device | str | None = None,
+                 scales_dtype: torch.dtype = torch.float16):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.zero_offset = zero_offset  # 1 for the "gptq" (v1) convention, which stores zero - 1
@@ -28,9 +29,17 @@ class QuantLinear(nn.Module):
                                                     device=device))
         self.register_buffer("qzeros", torch.empty(n_groups, out_features * bits // 32, dtype=torch.int32,
                                                    device=device))
-        self.register_buffer("scales", torch.empty(n_groups, out_features, dtype=dtype, device=device))
+        self.register_buffer("scales", torch.empty(n_groups, out_features, dtype=scales_dtype, device=device))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (torch's signature)
+        # A dtype cast of the model (.half(), .to(torch.bfloat16)) must not round the stored scales: the
+        # weights would no longer decode to what the quantizer produced. Only their device follows.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.qweight.device)
+        return self
 
     def _zeros(self) -> torch.Tensor:
         """Zero points ``[groups, out]`` as float32."""
@@ -45,8 +54,9 @@ class QuantLinear(nn.Module):
         return ((codes.float() - zeros[g]) * self.scales.float()[g]).to(dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The whole ``[out, in]`` weight the codes stand for (float32 arithmetic, returned in ``dtype``)."""
-        return self._dequantize_rows(0, self.in_features, torch.float32, self._zeros()).T.to(dtype or self.scales.dtype)
+        """The whole ``[out, in]`` weight the codes stand for (float32 arithmetic; returned in ``dtype``, float32
+        by default). The slow, obviously correct reference every fast path is tested against."""
+        return self._dequantize_rows(0, self.in_features, torch.float32, self._zeros()).T.to(dtype or torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, zeros = None, self._zeros()  # unpacked once per call, shared by every slice
@@ -66,13 +76,14 @@ class AwqQuantLinear(QuantLinear):
     ``[0, 2, 4, 6, 1, 3, 5, 7]``, raw zero points, fp16 ``scales [groups, out]``, contiguous groups."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool,
-                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None,
+                 scales_dtype: torch.dtype = torch.float16):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, 4, group_size
         n_groups = in_features // group_size
         self.register_buffer("qweight", torch.empty(in_features, out_features // 8, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.empty(n_groups, out_features // 8, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.empty(n_groups, out_features, dtype=dtype, device=device))
+        self.register_buffer("scales", torch.empty(n_groups, out_features, dtype=scales_dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     def _columns(self, packed: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ the weights llmq computes with are exactly the weights a packed checkpoint decod
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +32,17 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.zeros, self.g_idx)
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return dataclasses.replace(self, codes=self.codes.to(device), scales=self.scales.to(device),
+                                   zeros=self.zeros.to(device), g_idx=self.g_idx.to(device))
+
 
 def _fp16_exact(scale: torch.Tensor) -> torch.Tensor:
     """Round scales up to float16 (the stored dtype): rounding up keeps the range covered."""
     s16 = scale.clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16)
-    s16 = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
-    return s16.float()
+    # for a positive float16 the next value up has the next bit pattern (no nextafter kernel needed on any device)
+    up = (s16.view(torch.int16) + 1).view(torch.float16)
+    return torch.where(s16.float() < scale, up, s16).float()
 
 
 def _minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):

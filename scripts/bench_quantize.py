@@ -36,9 +36,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from llmq.api import load_model, resolve_device
+    from llmq.api import load_model
     from llmq.config import QuantConfig
     from llmq.data import get_calibration
+    from llmq.device import resolve_device
     from llmq.pipeline import quantize_layers
     from llmq.timing import StageTimes
 

@@ -70,7 +70,7 @@ def test_awq_gemm_checkpoint_reloads_with_equal_logits(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(bits=3, group_size=32), "4-bit weights in whole groups only"),
+    (dict(bits=3, group_size=32), "4-bit weights only"),
     (dict(bits=4, group_size=32, act_order=True, method="gptq"), "act-order groups"),
 ])
 def test_awq_layout_refuses_what_it_cannot_hold(tmp_path, kwargs, message):

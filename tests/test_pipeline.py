@@ -32,18 +32,50 @@ def test_table_names_real_modules_of_every_architecture(model_type):
     assert named == all_linears, "every linear of a decoder layer is in exactly one sequential group"
 
 
+def _replay(model, spec, ids, kwargs_of):
+    """Layer 0's captured inputs pushed through every layer with ``kwargs_of(index)``: each layer's output."""
+    hidden, kwargs = capture_layer_inputs(model, spec, ids, torch.device("cpu"))
+    outs = []
+    with torch.no_grad():
+        for i, layer in enumerate(get_layers(model, spec)):
+            hidden = _layer_forward(layer, hidden, kwargs_of(kwargs, i))  # a batch of n, kwargs captured at batch 1
+            outs.append(hidden)
+    return outs
+
+
 def test_captured_inputs_replay_the_full_model():
     """Layer 0's captured inputs, pushed through the layers with the captured kwargs, give the model's states."""
     model = tiny_model("qwen3")
     spec = get_arch("qwen3")
-    hidden, kwargs = capture_layer_inputs(model, spec, CALIB, torch.device("cpu"))
+    hidden, _ = capture_layer_inputs(model, spec, CALIB, torch.device("cpu"))
     with torch.no_grad():
         expected = model(CALIB, output_hidden_states=True).hidden_states
-        assert torch.allclose(hidden, expected[0])
-        # the last hidden state is taken after the final norm, so compare the layers before it
-        for layer, want in zip(get_layers(model, spec), expected[1:-1], strict=False):
-            hidden = _layer_forward(layer, hidden, kwargs)  # a batch of 6 with kwargs captured at batch 1
-            assert torch.allclose(hidden, want, atol=1e-5)
+    assert torch.allclose(hidden, expected[0])
+    # the last hidden state is taken after the final norm, so compare the layers before it
+    for got, want in zip(_replay(model, spec, CALIB, lambda kw, i: kw[i]), expected[1:-1], strict=False):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_each_layer_replays_with_its_own_attention_mask():
+    """Sliding-window and full-attention layers mixed (Qwen2 ``layer_types``): every layer gets its own mask."""
+    types = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    model = tiny_model("qwen2", num_hidden_layers=4, layer_types=types, use_sliding_window=True, sliding_window=6,
+                       max_window_layers=0)
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [None, 6, 6, None]
+    spec = get_arch("qwen2")
+    with torch.no_grad():
+        out = model(CALIB, output_hidden_states=True)
+    # the model's states after each layer: hidden_states[i + 1] for i < 3; the last one is after the final norm
+    want = [*out.hidden_states[1:-1], None]
+    got = _replay(model, spec, CALIB, lambda kw, i: kw[i])
+    for i in range(3):
+        assert torch.allclose(got[i], want[i], atol=1e-5), f"layer {i}"
+    with torch.no_grad():
+        logits = model.lm_head(model.model.norm(got[3]))
+    assert torch.allclose(logits, out.logits, atol=1e-4), "layer 3"
+    # and the check can fail: layer 0's arguments for every layer give other states from the first sliding layer on
+    wrong = _replay(model, spec, CALIB, lambda kw, i: kw[0])
+    assert torch.allclose(wrong[0], want[0], atol=1e-5) and not torch.allclose(wrong[1], want[1], atol=1e-3)
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))

@@ -90,10 +90,31 @@ def test_a_finished_output_is_never_touched_without_overwrite(small, tmp_path):
 def test_an_unfinished_run_with_other_settings_is_not_resumed(small, tmp_path):
     work = tmp_path / ".q.partial"
     work.mkdir()
-    (work / "progress.json").write_text(json.dumps({"fingerprint": "another run", "next_layer": 1}))
+    (work / "progress.json").write_text(json.dumps({"settings": "another run", "next_layer": 1}))
     with pytest.raises(CheckpointError, match="other settings.*--overwrite"):
         quantize_to_disk(recipe(small, tmp_path / "q"))
     quantize_to_disk(recipe(small, tmp_path / "q"), overwrite=True)
+    quantize_to_disk(recipe(small, tmp_path / "ref"))
+    assert files(tmp_path / "q") == files(tmp_path / "ref")
+
+
+def test_a_run_started_in_another_environment_starts_afresh(small, tmp_path, monkeypatch, caplog):
+    """Same settings, other torch version (or device, dtype, batch size): resuming would not give the same bytes."""
+    import llmq.api
+
+    real = llmq.api._environment
+    monkeypatch.setattr(llmq.api, "_environment", lambda *a: {**real(*a), "torch": "0.0-elsewhere"})
+    r = recipe(small, tmp_path / "q")
+    with pytest.raises(KeyboardInterrupt):  # stopped after its first layer, as a kill would
+        monkeypatch.setattr(llmq.api, "kill_point", lambda name: (_ for _ in ()).throw(KeyboardInterrupt)
+                            if name == "layer.committed" else None)
+        quantize_to_disk(r)
+    state = json.loads((tmp_path / ".q.partial" / "progress.json").read_text())
+    assert state["next_layer"] == 1 and state["environment"]["torch"] == "0.0-elsewhere"
+    monkeypatch.undo()
+    with caplog.at_level("WARNING"):
+        quantize_to_disk(r)
+    assert "another environment (torch 0.0-elsewhere -> " in caplog.text and "starting afresh" in caplog.text
     quantize_to_disk(recipe(small, tmp_path / "ref"))
     assert files(tmp_path / "q") == files(tmp_path / "ref")
 
