@@ -75,7 +75,7 @@ def write_safetensors(path: Path, specs: list[tuple[str, str, list[int], int]],
 
     ``read(name)`` is called once per tensor, in file order, so memory holds one tensor at a time.
     The bytes are exactly those of ``safetensors.torch.save_file`` (same order, header and padding).
-    ``kill`` names the kill point reached after each tensor (see :mod:`llmq.killpoints`).
+    ``kill`` names the kill point reached inside each tensor's bytes (see :mod:`llmq.killpoints`).
     """
     order = sorted(specs, key=lambda s: (-_ST_RANK[s[1]], s[0]))
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
@@ -92,8 +92,10 @@ def write_safetensors(path: Path, specs: list[tuple[str, str, list[int], int]],
             if _ST_DTYPES[tensor.dtype] != dtype or list(tensor.shape) != shape:
                 raise RuntimeError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {dtype} {shape}")
             for chunk in tensor_bytes(tensor):
-                f.write(chunk)
-            kill_point(kill, f.flush)
+                half = len(chunk) // 2
+                f.write(chunk[:half])
+                kill_point(kill, f.flush)  # a tensor half on disk, as a kill mid-write leaves it
+                f.write(chunk[half:])
         f.flush()
         os.fsync(f.fileno())
 

@@ -40,3 +40,41 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
     return model.eval()
+
+
+def bf16_copy(src: Path, dst: Path) -> Path:
+    """``src`` (a model folder) saved again in bfloat16, as real hub checkpoints are, with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    if (src / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+def lay_out_in_hub_cache(cache: Path, repo_id: str, folder: Path, tags: tuple[str, ...] = ()) -> str:
+    """Put ``folder``'s files into ``cache`` the way huggingface_hub stores a download; returns the commit.
+
+    ``models--ORG--NAME/blobs/<sha256>`` holds each file once, ``snapshots/<commit>/`` links to the
+    blobs, and ``refs/main`` (and each tag in ``tags``) names the commit.
+    """
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.iterdir()):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in ("main", *tags):
+        (repo / "refs" / ref).write_text(commit)
+    return commit

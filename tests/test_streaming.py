@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -191,40 +190,61 @@ def test_peak_memory_grows_far_less_than_the_extra_layers(tmp_path, report):
     assert peaks[8] < sizes[8]  # less than the model itself, calibration text and tokenizer included
 
 
-def progress(work: Path) -> int:
-    try:
-        return json.loads((work / "progress.json").read_text())["next_layer"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
+# Named points (llmq/killpoints.py) spread over a run of the 3-layer model, which writes its head (the
+# embedding: spool write 1), then 30 tensors per layer, then the tail and the final shards.
+# Each point with the layers its kill leaves committed (None: no state at all).
+KILL_POINTS = {
+    "spool.write@1": None,  # the embedding half-written, nothing committed yet
+    "spool.write@45": 1,  # half a tensor of layer 1 on disk, after layer 0's commit
+    "activations.write@2": 1,  # layer 1's outputs half saved
+    "commit.written@2": 1,  # the new state written beside the old one, not yet renamed
+    "commit.renamed@2": 2,  # renamed, the folder not yet fsynced
+    "layer.committed@1": 1,  # between layers
+    "shard.write@3": 3,  # laying out the final shards: a shard half-written
+    "shard.renamed@1": 3,  # one shard complete, the others not
+    "finish.shards_written": 3,  # all shards, no config yet
+    "finish.metadata_written": 3,  # everything, the state still there
+    "finish.state_removed": None,  # the state dropped, the folder not yet renamed
+}
 
 
-def run_until(argv: list[str], work: Path, layers_done: int) -> None:
-    """Start ``llmq quantize`` and SIGKILL it as soon as ``layers_done`` layers are committed."""
-    proc = subprocess.Popen([sys.executable, "-m", "llmq.cli", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while progress(work) < layers_done and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err.decode()[-2000:]}"
+def committed(work: Path) -> int | None:
+    path = work / "progress.json"
+    return json.loads(path.read_text())["next_layer"] if path.is_file() else None
 
 
-def test_sigkill_at_any_point_then_rerun_gives_identical_bytes(tmp_path):
-    model = make_model(tmp_path / "fp", num_hidden_layers=8, hidden_size=256, intermediate_size=512)
-    reference = recipe(model, tmp_path / "ref", max_shard_size="1MB")
+def cli_quantize(r: Recipe) -> list[str]:
+    return ["quantize", r.model, "--method", r.quant.method, "--bits", str(r.quant.bits), "--group-size",
+            str(r.quant.group_size), "--calib", r.calib.calib, "--nsamples", str(r.calib.nsamples), "--seqlen",
+            str(r.calib.seqlen), "--max-shard-size", r.max_shard_size, "--out", r.out]
+
+
+def killed_at(point: str, r: Recipe) -> None:
+    """Run ``llmq quantize`` in a child process that SIGKILLs itself at ``point``."""
+    proc = subprocess.run([sys.executable, "-m", "llmq.cli", *cli_quantize(r)], capture_output=True, text=True,
+                          env={**os.environ, "LLMQ_KILL_AT": point})
+    assert proc.returncode == -signal.SIGKILL, f"{point} was never reached: {proc.stderr[-2000:]}"
+    assert not Path(r.out).exists(), "a killed run never leaves an output that looks complete"
+
+
+def test_a_kill_at_any_point_then_rerun_gives_the_uninterrupted_bytes(small, tmp_path):
+    reference = recipe(small, tmp_path / "ref", max_shard_size="40KB")
     quantize_to_disk(reference)
-    out = tmp_path / "q"
-    argv = ["quantize", str(model), "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib",
-            reference.calib.calib, "--nsamples", "8", "--seqlen", "64", "--max-shard-size", "1MB", "--out", str(out)]
-    work = tmp_path / ".q.partial"
-    run_until(argv, work, 2)  # killed somewhere in layer 3 (or just after committing layer 2)
-    assert not out.exists() and 2 <= progress(work) < 8
-    run_until(argv, work, 5)  # the rerun resumes, and is killed again
-    assert not out.exists() and 5 <= progress(work) < 8
-    assert subprocess.run([sys.executable, "-m", "llmq.cli", *argv], capture_output=True).returncode == 0
-    assert files(out) == files(tmp_path / "ref")
-    assert not work.exists()
+    ref = files(tmp_path / "ref")
+    assert "model.safetensors.index.json" in ref  # several shards, so the layout can be cut between them
+    for i, (point, layers) in enumerate(KILL_POINTS.items()):
+        r = recipe(small, tmp_path / f"q{i}", max_shard_size="40KB")
+        killed_at(point, r)
+        assert committed(tmp_path / f".q{i}.partial") == layers, point
+        quantize_to_disk(r)  # the same job again
+        assert files(Path(r.out)) == ref, point
+        assert not (tmp_path / f".q{i}.partial").exists()
+    # killed, resumed, killed again while resuming, resumed again
+    r = recipe(small, tmp_path / "twice", max_shard_size="40KB")
+    killed_at("layer.committed@1", r)
+    killed_at("spool.write@20", r)  # inside the layer after the one the first run finished
+    quantize_to_disk(r)
+    assert files(tmp_path / "twice") == ref
 
 
 def test_a_run_killed_while_writing_its_final_files_starts_again(small, tmp_path, monkeypatch):
