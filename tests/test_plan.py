@@ -1,0 +1,76 @@
+"""What a run writes and what it refuses: only the model's shards under *.safetensors, bad settings before any work."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import shared_path
+from test_streaming import make_model
+
+import llmq.api
+from llmq.api import quantize, quantize_to_disk, save
+from llmq.cli import main
+from llmq.config import Recipe
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("fp") / "m", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+
+
+def text() -> str:
+    return str(shared_path("assets", "tinystories-text", "tinystories_sample.cs336.txt"))
+
+
+def weight_files_are_the_index(folder: Path) -> None:
+    """Every *.safetensors file (anywhere below) is a shard the index names, or the single model.safetensors."""
+    found = {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")}
+    index = folder / "model.safetensors.index.json"
+    named = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    assert found == named, f"{folder.name}: {sorted(found - named)} are not weights a loader may read"
+
+
+CASES = [dict(method=m, format=f) for m in ("rtn", "gptq", "awq", "awq+gptq") for f in ("auto", "gptq_v2", "awq")]
+CASES += [dict(method="gptq", format="gptq", sym=True), dict(method="awq", format="gptq", sym=True)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_only_the_models_shards_are_safetensors_files(model, tmp_path, case):
+    for i, writer in enumerate(("memory", "stream")):
+        r = Recipe.from_dict(dict(model=str(model), out=str(tmp_path / writer), bits=4, group_size=32, calib=text(),
+                                  nsamples=4, seqlen=32, max_shard_size="40KB" if i else "5GB", **case))
+        save(quantize(r), r) if writer == "memory" else quantize_to_disk(r)
+        weight_files_are_the_index(tmp_path / writer)
+        if case["method"].startswith("awq"):  # the search artifact is there, for --apply-awq, under another name
+            assert (tmp_path / writer / llmq.api.AWQ_SEARCH_FILE).is_file()
+
+
+REFUSED = [
+    (["--format", "awq", "--bits", "3"], "the AWQ GEMM layout holds 4-bit weights only, not bits=3: use --bits 4"),
+    (["--format", "awq", "--act-order"], "act-order groups (a permuted g_idx) cannot be stored in the AWQ GEMM"),
+    (["--format", "awq", "--group-size", "-1"], "needs whole groups of a fixed size, not group_size=-1"),
+    (["--format", "awq", "--group-size", "48"], "group_size=48 does not divide the 64 input features of "
+                                                 "model.layers.0.self_attn.q_proj"),
+    (["--format", "gptq"], 'format "gptq" (v1) stores zero - 1 and cannot hold the zero point 0'),
+    (["--method", "awq", "--apply-awq", "no-such-search.llmq"], "apply_awq file no-such-search.llmq does not exist"),
+    (["--method", "gptq", "--apply-awq", "x.llmq"], "apply_awq re-applies AWQ scales, but method is 'gptq'"),
+    (["--recipe", "{recipe}"], "unknown recipe key(s) group; known keys:"),
+    (["--recipe", "{dtype_recipe}"], "compute_dtype='float16' is unknown"),
+]
+
+
+@pytest.mark.parametrize("argv, message", REFUSED, ids=[m[:30] for _, m in REFUSED])
+def test_bad_combinations_fail_before_any_work(model, tmp_path, monkeypatch, capsys, argv, message):
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran before the settings were checked")
+    monkeypatch.setattr(llmq.api, "get_calibration", no_calibration)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"model": str(model), "group": 64}))
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"model": str(model), "compute_dtype": "float16"}))
+    argv = [a.format(recipe=tmp_path / "r.yaml", dtype_recipe=tmp_path / "d.yaml") for a in argv]
+    out = tmp_path / "q"
+    positional = [] if "--recipe" in argv else [str(model)]
+    # --group-size 32 fits the model; a later --group-size in argv overrides it
+    assert main(["quantize", *positional, "--group-size", "32", *argv, "--calib", text(), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.yaml", "r.yaml"], "no output and no work folder"
