@@ -26,6 +26,7 @@ from llmq.eval import perplexity
 from llmq.pipeline import quantize_layers
 
 SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+# The tables follow the papers' protocol: asymmetric groups, whatever llmq's per-width default.
 RUNS = {
     "RTN": dict(method="rtn"),
     "GPTQ": {},
@@ -35,6 +36,9 @@ RUNS = {
     "AWQ": dict(method="awq"),
     "AWQ+GPTQ": dict(method="awq+gptq"),
     "AWQ+GPTQ act-order": dict(method="awq+gptq", act_order=True),
+    "RTN sym": dict(method="rtn", sym=True),
+    "GPTQ sym": dict(sym=True),
+    "GPTQ act-order sym": dict(act_order=True, sym=True),
 }
 
 
@@ -50,7 +54,7 @@ def _table(path: Path, calib, evals: dict, group_size: int, rows: dict[int, list
     out = {"FP": _ppl(path, calib, None, evals)}
     for bits, names in rows.items():
         for name in names:
-            cfg = QuantConfig(bits=bits, group_size=group_size, **RUNS[name])
+            cfg = QuantConfig(bits=bits, group_size=group_size, **{"sym": False, **RUNS[name]})
             out[f"W{bits} {name}"] = _ppl(path, calib, cfg, evals)
     return out
 

@@ -1,4 +1,4 @@
-"""``llmq info``: what a packed checkpoint holds, and what it costs on disk."""
+"""``llmq info``: what a packed checkpoint holds, what it costs on disk, and how vLLM will serve it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,45 @@ from .errors import CheckpointError
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "I16": 2, "F64": 8, "BOOL": 1}
 
+# vLLM's Marlin kernels (vllm/model_executor/layers/quantization/gptq_marlin.py, awq_marlin.py and
+# utils/marlin_utils.py): GPTQ only symmetric 4- or 8-bit (its uint4b8 / uint8b128 types), AWQ 4-bit
+# with zero points; groups of -1/32/64/128; each linear's output a multiple of 64 and input a multiple
+# of 128 (GPTQ_MARLIN_MIN_THREAD_N / _K). Anything else runs on vLLM's older GPTQ or AWQ GEMM kernels.
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+MARLIN_MIN_N, MARLIN_MIN_K = 64, 128
+
+
+def vllm_kernel(qc: dict[str, Any], linears: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """The vLLM kernel family a checkpoint qualifies for (``linears``: quantized ``name -> (out, in)``), and why
+    not Marlin when it does not."""
+    awq = qc.get("quant_method") == "awq"
+    bits, gs = qc.get("bits"), qc.get("group_size")
+    why = []
+    if awq:
+        if not qc.get("zero_point", True):
+            why.append("AWQ without zero points")
+    else:
+        if bits not in (4, 8):
+            why.append(f"bits={bits} (Marlin runs 4- and 8-bit)")
+        if not qc.get("sym"):
+            why.append("asymmetric (Marlin runs symmetric GPTQ only; quantize with --sym)")
+    if gs not in MARLIN_GROUP_SIZES:
+        why.append(f"group_size={gs} (Marlin takes -1, 32, 64 or 128)")
+    bad = [name for name, (n, k) in linears.items() if n % MARLIN_MIN_N or k % MARLIN_MIN_K]
+    if bad:
+        n, k = linears[bad[0]]
+        why.append(f"{len(bad)} linear(s) such as {bad[0]} ({n} x {k}) need out % {MARLIN_MIN_N} == 0 and "
+                   f"in % {MARLIN_MIN_K} == 0")
+    partial = [name for name, (_, k) in linears.items() if gs and gs > 0 and k % gs]
+    notes = []
+    if partial:
+        notes.append(f"{len(partial)} linear(s) such as {partial[0]} end in a partial group, which vLLM refuses")
+    if not awq and qc.get("checkpoint_format") == "gptq_v2" and why:
+        notes.append("gptq_v2 zero points: vLLM's GPTQ kernel has read them as v1 (vllm issue 26343); check that "
+                     "your vLLM reads gptq_v2, or quantize with --sym")
+    family = ("awq" if awq else "gptq") if why else ("awq_marlin" if awq else "gptq_marlin")
+    return {"kernel": family, "why_not_marlin": why, "notes": notes}
+
 
 def checkpoint_info(folder: str | Path) -> dict[str, Any]:
     """Method, bits, group size, effective bits per quantized weight (scales and zeros counted),
@@ -26,6 +65,7 @@ def checkpoint_info(folder: str | Path) -> dict[str, Any]:
     if qc is None:
         raise CheckpointError(f"{config_path} has no quantization_config: not a quantized checkpoint")
     quant_bytes = quant_weights = fp16_bytes = disk = 0
+    linears: dict[str, tuple[int, int]] = {}
     for key, path in shard_files(folder).items():
         with safe_open(str(path), framework="pt") as f:
             sl = f.get_slice(key)
@@ -39,7 +79,11 @@ def checkpoint_info(folder: str | Path) -> dict[str, Any]:
         if suffix in ("qweight", "qzeros", "scales", "g_idx"):
             quant_bytes += nbytes
             if suffix == "qweight":
-                weights = shape[0] * 32 // qc["bits"] * shape[1]
+                if qc.get("quant_method") == "awq":  # [in, out / 8]
+                    linears[module] = (shape[1] * 8, shape[0])
+                else:  # [in * bits / 32, out]
+                    linears[module] = (shape[1], shape[0] * 32 // qc["bits"])
+                weights = linears[module][0] * linears[module][1]
                 quant_weights += weights
                 fp16_bytes += 2 * weights
         else:
@@ -60,6 +104,7 @@ def checkpoint_info(folder: str | Path) -> dict[str, Any]:
         "fp16_bytes": fp16_bytes,
         "size_vs_fp16": disk / fp16_bytes if fp16_bytes else None,
         "unquantized": meta.get("unquantized", []),
+        "vllm": vllm_kernel(qc, linears),
     }
 
 
@@ -72,5 +117,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"size              {info['tensor_bytes'] / 1e6:.2f} MB vs {info['fp16_bytes'] / 1e6:.2f} MB in FP16 "
         f"({info['size_vs_fp16']:.1%})",
         f"unquantized       {', '.join(info['unquantized']) or 'none'}",
+        f"vLLM kernel       {info['vllm']['kernel']}"
+        + (f" (not Marlin: {'; '.join(info['vllm']['why_not_marlin'])})" if info["vllm"]["why_not_marlin"] else ""),
     ]
+    lines += [f"                  note: {note}" for note in info["vllm"]["notes"]]
     return "\n".join(lines)

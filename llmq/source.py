@@ -88,7 +88,9 @@ def resolve_model(name_or_path: str | Path, revision: str | None = None, weights
     at = f" at revision {revision}" if revision else ""
     patterns = FILE_PATTERNS + (["*.py"] if trust_remote_code else [])
     try:
-        folder = Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+        # offline, the cache is looked up without any request (as transformers does)
+        folder = Path(snapshot_download(name, revision=revision, allow_patterns=patterns,
+                                        local_files_only=is_offline()))
     except GatedRepoError:
         raise CheckpointError(
             f"{name} is a gated repository: accept its license on https://huggingface.co/{name} and log in "

@@ -1,12 +1,14 @@
-"""Streaming GPTQ on a model with Llama-2-7B's exact shapes; prints one JSON line of figures.
+"""Streaming quantization of a model with Llama-2-7B's exact shapes; prints one JSON line of figures.
 
     python scripts/bench_scale.py                 # 32 layers: the full 7B shape (13.5 GB of bf16 weights)
     python scripts/bench_scale.py --layers 2      # same width, 2 layers, for a quick run
+    python scripts/bench_scale.py --layers 2 --method gptq,awq   # one line per method, each in its own process
 
 The first run writes a random-weight bf16 checkpoint (hidden 4096, intermediate 11008, 32 heads,
 vocab 32000, ``--layers`` decoder layers) in 5 GB safetensors shards under ``--cache-dir`` and
 reuses it afterwards; it is generated one tensor at a time, so making it needs little memory
-either. Then ``llmq.quantize_to_disk`` runs GPTQ W4 g128 with 16 windows of 512 tokens (TinyStories
+either. Then ``llmq.quantize_to_disk`` runs ``--method`` (GPTQ by default; AWQ, AWQ+GPTQ, RTN) W4 g128 with
+16 windows of 512 tokens (TinyStories
 text from ../shared, stories260K's tokenizer, which fits in the 32000-token vocabulary) on
 ``--device`` (default cpu) and the line reports wall time, seconds per layer, seconds per stage
 summed over layers, peak RSS (this process, the quantization only: the checkpoint is generated in
@@ -136,7 +138,7 @@ def peer_main(args: argparse.Namespace, model_dir: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(0)
     start = time.perf_counter()
-    figures = run_llmcompressor(model_dir, calib, out, args.bits, args.group_size, args.mse)
+    figures = run_llmcompressor(model_dir, calib, out, args.bits, args.group_size, args.mse is not False)
     wall = time.perf_counter() - start
     weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     scheme = {k: weights["weights"][k] for k in ("num_bits", "group_size", "symmetric", "actorder", "observer",
@@ -158,7 +160,7 @@ def run_peer(args: argparse.Namespace, calib: torch.Tensor) -> dict:
     save_file({"input_ids": calib.contiguous()}, calib_file)
     cmd = [args.peer_python, __file__, "--run-peer", args.peer, "--layers", str(args.layers), "--bits", str(args.bits),
            "--group-size", str(args.group_size), "--cache-dir", str(cache), "--calib-file", str(calib_file)]
-    if not args.mse:
+    if args.mse is False:
         cmd.append("--no-mse")
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -180,7 +182,10 @@ def main() -> None:
                    help="where the random checkpoint is kept (and the output written)")
     p.add_argument("--offload-activations", metavar="DIR", help="as llmq quantize --offload-activations")
     p.add_argument("--keep", action="store_true", help="keep the quantized output")
-    p.add_argument("--no-mse", dest="mse", action="store_false",
+    p.add_argument("--method", default="gptq",
+                   help="gptq, awq, awq+gptq or rtn; several, comma-separated, run one after the other, each in its "
+                        "own process (so each peak RSS is its own), one JSON line each")
+    p.add_argument("--no-mse", dest="mse", action="store_false", default=None,
                    help="min-max group ranges instead of the MSE range search (llmq's GPTQ default)")
     p.add_argument("--peer", choices=PEERS, help="also run this tool's GPTQ on the same checkpoint and calibration")
     p.add_argument("--peer-python", default=sys.executable, help="the interpreter where --peer is installed")
@@ -200,14 +205,25 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--generate-only", "--layers", str(args.layers),
                         "--cache-dir", str(cache)], check=True)
 
+    methods = args.method.split(",")
+    if len(methods) > 1:
+        argv, skip = [], False
+        for a in sys.argv[1:]:  # this command line without its --method
+            if not skip and a != "--method" and not a.startswith("--method="):
+                argv.append(a)
+            skip = a == "--method"
+        for method in methods:
+            subprocess.run([sys.executable, __file__, *argv, f"--method={method}"], check=True)
+        return
     from llmq.api import quantize_to_disk
     from llmq.config import Recipe
     from llmq.timing import StageTimes
 
     calib = SHARED / "assets" / "tinystories-text" / "TinyStories-valid.Ahmedessaa-30k.txt"
-    out = cache / f"out-{args.layers}L-w{args.bits}g{args.group_size}"
-    recipe = Recipe.from_dict(dict(model=str(model_dir), out=str(out), method="gptq", bits=args.bits,
-                                   group_size=args.group_size, calib=str(calib), nsamples=args.nsamples,
+    method = methods[0]
+    out = cache / f"out-{args.layers}L-{method}-w{args.bits}g{args.group_size}"
+    recipe = Recipe.from_dict(dict(model=str(model_dir), out=str(out), method=method, bits=args.bits,
+                                   group_size=args.group_size, sym=False, calib=str(calib), nsamples=args.nsamples,
                                    seqlen=args.seqlen, device=args.device, mse=args.mse))
     shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)  # a killed run's work: time every layer
     timer = StageTimes()
@@ -218,9 +234,9 @@ def main() -> None:
     if "observe" in stages:  # observe includes the Hessian updates: report the forwards on their own
         stages["observe_forward"] = round(stages["observe"] - stages.get("hessian", 0.0), 1)
     result = {
-        "tool": "llmq", "layers": args.layers, "hidden": 4096, "intermediate": 11008, "method": "gptq",
+        "tool": "llmq", "layers": args.layers, "hidden": 4096, "intermediate": 11008, "method": method,
         "bits": args.bits, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
-        "mse": args.mse, "device": args.device, "threads": torch.get_num_threads(),
+        "mse": recipe.quant.mse, "device": args.device, "threads": torch.get_num_threads(),
         "wall_s": round(wall, 1), "s_per_layer": round(wall / args.layers, 1), "stage_s": stages,
         "peak_rss_mb": peak_rss_mb(),
         "input_gb": round(dir_bytes(model_dir) / 1e9, 2), "output_gb": round(dir_bytes(out) / 1e9, 3),
@@ -229,6 +245,8 @@ def main() -> None:
         shutil.rmtree(out)
     print(json.dumps(result), flush=True)
     if args.peer:
+        if method != "gptq":
+            sys.exit("--peer compares GPTQ runs: use it with --method gptq")
         from transformers import AutoTokenizer
 
         from llmq.data import get_calibration

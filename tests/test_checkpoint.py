@@ -301,3 +301,31 @@ def test_spool_resumed_from_a_commit_discards_what_came_after(tmp_path):
     assert len(names) > 2 and names == sorted(p.name for p in (tmp_path / "run").iterdir())
     assert all((tmp_path / "ref" / n).read_bytes() == (tmp_path / "run" / n).read_bytes() for n in names)
     assert torch.equal(load_file(tmp_path / "run" / "model-00002-of-00003.safetensors")["t2"], tensors["t2"])
+
+
+@pytest.mark.parametrize("qc, shapes, kernel, why", [
+    (dict(quant_method="gptq", bits=4, group_size=128, sym=True, checkpoint_format="gptq"),
+     {"a": (256, 256), "b": (768, 256)}, "gptq_marlin", []),
+    (dict(quant_method="gptq", bits=8, group_size=-1, sym=True, desc_act=True), {"a": (256, 768)}, "gptq_marlin", []),
+    (dict(quant_method="gptq", bits=4, group_size=128, sym=False, checkpoint_format="gptq"), {"a": (256, 256)},
+     "gptq", ["asymmetric"]),
+    (dict(quant_method="gptq", bits=3, group_size=256, sym=True), {"a": (256, 256)}, "gptq",
+     ["bits=3", "group_size=256"]),
+    (dict(quant_method="gptq", bits=4, group_size=32, sym=True), {"a": (64, 64)}, "gptq", ["(64 x 64) need"]),
+    (dict(quant_method="awq", bits=4, group_size=128, zero_point=True), {"a": (256, 256)}, "awq_marlin", []),
+])
+def test_info_says_which_vllm_kernel_a_checkpoint_gets(qc, shapes, kernel, why):
+    from llmq.info import vllm_kernel
+
+    got = vllm_kernel(qc, shapes)
+    assert got["kernel"] == kernel
+    assert len(got["why_not_marlin"]) == len(why) and all(w in r for w, r in zip(why, got["why_not_marlin"],
+                                                                                  strict=True)), got
+
+
+def test_info_reads_the_shapes_from_the_checkpoint(small_checkpoint):
+    _, out = small_checkpoint  # RTN W4 g32, asymmetric, hidden 64: two reasons Marlin does not take it
+    # (of the 2 x 7 linears only down_proj, 64 x 128, has the shape Marlin needs)
+    vllm = checkpoint_info(out)["vllm"]
+    assert vllm["kernel"] == "gptq" and len(vllm["why_not_marlin"]) == 2
+    assert "asymmetric" in vllm["why_not_marlin"][0] and "12 linear(s)" in vllm["why_not_marlin"][1]
