@@ -32,6 +32,7 @@ from .export import PackedWriter, check_format, check_layout, save_packed, write
 from .killpoints import kill_point
 from .loader import from_pretrained
 from .pack import can_pack
+from .methods import awq_search_bytes
 from .pipeline import LayerResults, quantize_layers
 from .resume import WorkFolder
 from .source import resolve_model
@@ -267,6 +268,10 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
 
     hidden_bytes = calib.numel() * config.hidden_size * p.dtype.itemsize * (
         2 if recipe.quant.next_inputs == "fp" else 1)
+    if awq_method:  # the scale search's own buffers count against the same budget
+        widest = max(m.in_features for layer in get_layers(model, spec) for m in layer_linears(layer, spec).values())
+        hidden_bytes += awq_search_bytes(recipe.quant, calib.shape[0], calib.shape[1], widest, config.hidden_size,
+                                         p.dtype.itemsize)
     offload_dir = None
     if offload_activations is not None:
         offload_dir = Path(offload_activations) / f"llmq-{settings[:16]}"

@@ -105,7 +105,7 @@ def mean_abs(x: torch.Tensor, tokens: int = 4096) -> torch.Tensor:
     """Per input channel ``mean |x|`` in float32, a chunk of tokens at a time (no float32 copy of ``x``)."""
     total = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
     for rows in _row_chunks(x, tokens):
-        total += x[rows].reshape(-1, x.shape[-1]).float().abs_().sum(0)
+        total += x[rows].reshape(-1, x.shape[-1]).float().abs().sum(0)  # .float() of float32 is x itself: no abs_
     return total / max(1, x.numel() // x.shape[-1])
 
 

@@ -32,7 +32,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"])
     p.add_argument("--bits", type=int, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, help="input columns per group, -1 for one per row (default 128)")
-    p.add_argument("--sym", action="store_true", default=None, help="symmetric (default: asymmetric)")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric groups (default: symmetric at 4 and 8 bits, where vLLM's Marlin kernels need it, "
+                        "asymmetric at 2 and 3 bits and in the AWQ layout)")
     p.add_argument("--act-order", action="store_true", default=None, help="GPTQ in descending diag(H) order")
     p.add_argument("--static-groups", action="store_true", default=None,
                    help="with --act-order: fix group parameters up front (natural g_idx)")

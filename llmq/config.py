@@ -16,6 +16,7 @@ import yaml
 from .errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+SYMMETRIC_BY_DEFAULT = (4, 8)  # the widths vLLM's Marlin kernels serve (symmetric GPTQ only)
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
@@ -30,7 +31,12 @@ class QuantConfig:
     method: str = "gptq"
     bits: int = 4
     group_size: int = 128
-    sym: bool = False
+    # None: symmetric at 4 and 8 bits, where vLLM's fast Marlin kernels take only symmetric GPTQ
+    # checkpoints, asymmetric at 2 and 3 bits, where no fast kernel cares (eval/sym_vs_asym.py). Symmetry
+    # cost nothing at W8 on both shared models and nothing at W4 on llmq-tiny-llama (g128, C4 121.99 ->
+    # 121.76), +3% at W4 on the 64-wide stories260K (g32, GPTQ 6.37 -> 6.56), and a lot at W3/W2
+    # (stories260K W3 GPTQ 7.99 -> 9.15; tiny-llama W3 C4 123.05 -> 123.26).
+    sym: bool | None = None
     # Search each group's clipping range (shrink grid, as the reference GPTQ code's ``mse`` option).
     # None: on for GPTQ, off for RTN, which stays the classic min-max baseline. On the test models
     # it cut GPTQ's W3 perplexity loss by a fifth (stories260K g32: 0.39 of RTN's loss, not 0.50).
@@ -67,6 +73,8 @@ class QuantConfig:
             )
         if not 0 < self.damp_percent < 1:
             raise ConfigError(f"damp_percent={self.damp_percent} must be in (0, 1); 0.01 is the usual value")
+        if self.sym is None:
+            object.__setattr__(self, "sym", self.bits in SYMMETRIC_BY_DEFAULT)
         if self.mse is None:
             object.__setattr__(self, "mse", self.method in ("gptq", "awq+gptq"))
         if self.next_inputs not in ("quantized", "fp"):
@@ -135,6 +143,8 @@ class Recipe:
             raise ConfigError(f"unknown recipe key(s) {', '.join(unknown)}; known keys: {known}")
         if "model" not in raw:
             raise ConfigError("the recipe names no model: add `model: <hub id or local folder>`")
+        if raw.get("sym") is None and raw.get("format") == "awq":
+            raw["sym"] = False  # the AWQ GEMM layout keeps zero points, and vLLM's AWQ Marlin kernel runs them
         return cls(
             model=str(raw["model"]),
             out=raw.get("out"),

@@ -203,6 +203,14 @@ def search_windows(cfg: QuantConfig, seqlen: int) -> int:
     return max(1, cfg.awq_max_tokens // seqlen)
 
 
+def awq_search_bytes(cfg: QuantConfig, windows: int, seqlen: int, widest_input: int, hidden: int,
+                     itemsize: int) -> int:
+    """Memory the scale search holds beside the activations: one linear's inputs on its windows (model
+    dtype) and the float32 outputs they are compared on."""
+    tokens = min(windows, search_windows(cfg, seqlen)) * seqlen
+    return tokens * (widest_input * itemsize + hidden * 4)
+
+
 def _fold_scales(job: LayerJob, gptq_rounding: bool) -> None:
     """Search (Sec. 3.2) or re-apply each scale group's ``s`` and fold it into the layer exactly.
 

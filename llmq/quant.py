@@ -48,8 +48,10 @@ def _fp16_exact(scale: torch.Tensor) -> torch.Tensor:
 def _minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
     """Scale and zero point covering ``[xmin, xmax]`` (which always contains 0, as the reference)."""
     if sym:
+        # a symmetric range is [-max|w|, max|w|] even when a group has no negative weight (the reference
+        # keeps xmin = 0 there, which with the zero point fixed mid-range leaves half the codes unused)
         xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
+        xmin = -xmax
     both_zero = (xmin == 0) & (xmax == 0)
     xmin = torch.where(both_zero, -1.0, xmin)
     xmax = torch.where(both_zero, 1.0, xmax)

@@ -137,3 +137,15 @@ def test_search_clip_reduces_output_error(cols):
 
     assert err(clipped) <= err(w)
     assert not torch.equal(clipped, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_search_scale_leaves_its_inputs_untouched(dtype):
+    """The inputs are the layer's calibration activations: the search only reads them (a float32 view once
+    got abs_() applied in place, and every candidate was then judged on |x|)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 16, 64, generator=gen).to(dtype)
+    before = x.clone()
+    fc = torch.nn.Linear(64, 32, bias=False).to(dtype)
+    search_scale(x, [fc], fc, CFG3, batch_tokens=16)
+    assert torch.equal(x, before)

@@ -83,9 +83,9 @@ def test_same_recipe_and_seed_give_identical_bytes(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
-    """A random tiny LLaMA (all dims multiples of 32), RTN W4 g32, packed; and its in-memory twin."""
+    """A random tiny LLaMA (all dims multiples of 32), RTN W4 g32 asymmetric, packed; and its in-memory twin."""
     model = tiny_model("llama", hidden_size=64, intermediate_size=128)
-    cfg = QuantConfig(method="rtn", bits=4, group_size=32)
+    cfg = QuantConfig(method="rtn", bits=4, group_size=32, sym=False)
     results = quantize_layers(model, torch.zeros(1, 4, dtype=torch.long), cfg)
     out = tmp_path_factory.mktemp("ckpt") / "q"
     save_packed(model, None, results, out, cfg)

@@ -52,7 +52,7 @@ REFUSED = [
     (["--format", "awq", "--group-size", "-1"], "needs whole groups of a fixed size, not group_size=-1"),
     (["--format", "awq", "--group-size", "48"], "group_size=48 does not divide the 64 input features of "
                                                  "model.layers.0.self_attn.q_proj"),
-    (["--format", "gptq"], 'format "gptq" (v1) stores zero - 1 and cannot hold the zero point 0'),
+    (["--format", "gptq", "--no-sym"], 'format "gptq" (v1) stores zero - 1 and cannot hold the zero point 0'),
     (["--method", "awq", "--apply-awq", "no-such-search.llmq"], "apply_awq file no-such-search.llmq does not exist"),
     (["--method", "gptq", "--apply-awq", "x.llmq"], "apply_awq re-applies AWQ scales, but method is 'gptq'"),
     (["--recipe", "{recipe}"], "unknown recipe key(s) group; known keys:"),
@@ -74,3 +74,13 @@ def test_bad_combinations_fail_before_any_work(model, tmp_path, monkeypatch, cap
     assert main(["quantize", *positional, "--group-size", "32", *argv, "--calib", text(), "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.yaml", "r.yaml"], "no output and no work folder"
+
+
+def test_symmetry_defaults_follow_the_width_and_the_layout():
+    from llmq.config import QuantConfig
+
+    assert [QuantConfig(bits=b).sym for b in (2, 3, 4, 8)] == [False, False, True, True]
+    assert QuantConfig(bits=4, sym=False).sym is False and QuantConfig(bits=3, sym=True).sym is True
+    assert Recipe.from_dict(dict(model="m", bits=4, format="awq")).quant.sym is False  # AWQ Marlin runs zero points
+    assert Recipe.from_dict(dict(model="m", bits=4, format="awq", sym=True)).quant.sym is True
+    assert Recipe.from_dict(dict(model="m", bits=4)).quant.sym is True

@@ -62,8 +62,13 @@ def test_mse_clipping_never_worse_than_minmax():
 def test_all_zero_and_constant_groups_are_exact():
     w = torch.zeros(2, 64)
     w[1] = 0.25
-    qw = rtn_quantize(w, QuantConfig(method="rtn", bits=4, group_size=32))
+    qw = rtn_quantize(w, QuantConfig(method="rtn", bits=4, group_size=32, sym=False))
     assert torch.allclose(qw.dequantize(), w, atol=1e-3)
+    # symmetric: zero stays exact, and a group with no negative weight still gets its whole range
+    qw = rtn_quantize(w, QuantConfig(method="rtn", bits=4, group_size=32, sym=True))
+    step = qw.scales[1, 0].item()
+    assert torch.equal(qw.dequantize()[0], w[0]) and step == pytest.approx(2 * 0.25 / 15, rel=1e-3)
+    assert (qw.dequantize()[1] - w[1]).abs().max() <= step / 2 + 1e-6
 
 
 def test_dequantize_follows_g_idx():
