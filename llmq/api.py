@@ -31,8 +31,8 @@ from .errors import CheckpointError, ConfigError
 from .export import PackedWriter, check_format, check_layout, save_packed, write_metadata
 from .killpoints import kill_point
 from .loader import from_pretrained
-from .pack import can_pack
 from .methods import awq_search_bytes
+from .pack import can_pack
 from .pipeline import LayerResults, quantize_layers
 from .resume import WorkFolder
 from .source import resolve_model
@@ -87,8 +87,8 @@ def load_model(
 
 
 def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec) -> None:
-    """Everything the writer would refuse, checked on the model's skeleton before any calibration."""
-    check_format(recipe.format, recipe.quant)
+    """What the writer would refuse given the model's shapes, checked on its skeleton before any calibration
+    (the settings alone are checked by :func:`llmq.export.check_format`, before the model is even fetched)."""
     shapes = {f"{spec.layers}.{i}.{name}": (m.out_features, m.in_features)
               for i, layer in enumerate(get_layers(model, spec)) for name, m in layer_linears(layer, spec).items()}
     check_layout(recipe.format, recipe.quant, shapes)
@@ -141,7 +141,7 @@ class Plan(NamedTuple):
 
 def plan(recipe: Recipe) -> Plan:
     """Resolve the model and check the whole job on its skeleton: fails before calibration or any write."""
-    check_format(recipe.format, recipe.quant)
+    check_format(recipe.format, recipe.quant)  # before a download
     folder = resolve_model(recipe.model, recipe.revision, trust_remote_code=recipe.trust_remote_code)
     config = load_config(folder, recipe.trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:

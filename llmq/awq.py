@@ -189,18 +189,25 @@ def search_clip(
     gs = cfg.group_size if cfg.group_size > 0 else cols
     n_groups = -(-cols // gs)
     pad = n_groups * gs - cols  # zero columns change neither a group's range (which holds 0) nor outputs
-    wf = torch.nn.functional.pad(w.detach().float(), (0, pad)).view(out_f, 1, n_groups, gs)
-    xf = x.detach().reshape(-1, x.shape[-1])
-    xf = xf[:: max(1, xf.shape[0] // n_tokens)][:n_tokens].float().to(w.device)  # subsampled, then float32
-    xf = torch.nn.functional.pad(xf, (0, pad)).view(1, -1, n_groups, gs)
-    best_max = torch.empty(out_f, 1, n_groups, 1, device=w.device)
-    batch = max(1, (1 << 24) // max(1, xf.shape[1] * n_groups * gs))
+    wf = torch.nn.functional.pad(w.detach().float(), (0, pad)).view(out_f, n_groups, gs)
+    xs = x.detach().reshape(-1, x.shape[-1])
+    xs = xs[:: max(1, xs.shape[0] // n_tokens)][:n_tokens].float().to(w.device)  # subsampled, then float32
+    tokens = xs.shape[0]
+    xs = torch.nn.functional.pad(xs, (0, pad)).view(tokens, n_groups, gs).transpose(0, 1).contiguous()  # [G, T, gs]
+
+    def partial_outputs(wg: torch.Tensor) -> torch.Tensor:
+        """``[rows, G, gs]`` weights -> ``[rows, T, G]``: each group's share of each output, one batched
+        matmul over the groups (the same sums as ``(x * w).sum(-1)`` broadcast over rows and tokens)."""
+        return torch.bmm(xs, wg.permute(1, 2, 0)).permute(2, 1, 0)
+
+    best_max = torch.empty(out_f, n_groups, 1, device=w.device)
+    batch = max(1, (1 << 22) // max(1, tokens * n_groups))  # rows at a time: [rows, T, G] stays ~16 MB
     for r in range(0, out_f, batch):
         wb = wf[r : r + batch]
-        org_max = wb.abs().amax(dim=-1, keepdim=True)
+        org_max = wb.abs().amax(dim=-1, keepdim=True)  # [rows, G, 1]
         best = org_max.clone()
         min_err = torch.full_like(org_max, math.inf)
-        org_out = (xf * wb).sum(dim=-1)  # rows, tokens, groups
+        org_out = partial_outputs(wb)
         for i in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i / n_grid)
             cur = torch.clamp(wb, -max_val, max_val)
@@ -208,7 +215,7 @@ def search_clip(
             xmax = cur.amax(dim=-1, keepdim=True).clamp(min=0)
             scale, zero = _minmax_qparams(xmin, xmax, cfg.maxq, cfg.sym)
             q = scale * (quantize(cur, scale, zero, cfg.maxq) - zero)
-            err = ((xf * q).sum(dim=-1) - org_out).pow(2).mean(dim=1).view(min_err.shape)
+            err = (partial_outputs(q) - org_out).pow_(2).mean(dim=1)[..., None]  # [rows, G, 1]
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best = torch.where(better, max_val, best)

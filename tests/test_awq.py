@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 from llmq.arch import ARCHITECTURES, get_arch, get_layers
 from llmq.awq import can_fold, fold_scales, search_clip, search_scale
 from llmq.config import QuantConfig
-from llmq.quant import rtn_quantize
+from llmq.quant import _minmax_qparams, quantize, rtn_quantize
 
 CALIB = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
 CFG3 = QuantConfig(method="rtn", bits=3, group_size=32)
@@ -149,3 +149,37 @@ def test_search_scale_leaves_its_inputs_untouched(dtype):
     fc = torch.nn.Linear(64, 32, bias=False).to(dtype)
     search_scale(x, [fc], fc, CFG3, batch_tokens=16)
     assert torch.equal(x, before)
+
+
+def search_clip_reference(w, x, cfg, n_grid=20, max_shrink=0.5, n_tokens=512):
+    """AutoAWQ's ``_compute_best_clip`` as written: every (row, token, group) product broadcast, then summed."""
+    out_f, cols = w.shape
+    gs = cfg.group_size
+    wf = w.float().view(out_f, 1, cols // gs, gs)
+    xf = x.reshape(-1, cols).float()
+    xf = xf[:: max(1, xf.shape[0] // n_tokens)][:n_tokens].view(1, -1, cols // gs, gs)
+    org_max = wf.abs().amax(dim=-1, keepdim=True)
+    best, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+    org_out = (xf * wf).sum(dim=-1)
+    for i in range(int(max_shrink * n_grid)):
+        max_val = org_max * (1 - i / n_grid)
+        cur = torch.clamp(wf, -max_val, max_val)
+        scale, zero = _minmax_qparams(cur.amin(-1, keepdim=True).clamp(max=0), cur.amax(-1, keepdim=True).clamp(min=0),
+                                      cfg.maxq, cfg.sym)
+        q = scale * (quantize(cur, scale, zero, cfg.maxq) - zero)
+        err = ((xf * q).sum(dim=-1) - org_out).pow(2).mean(dim=1).view(min_err.shape)
+        best = torch.where(err < min_err, max_val, best)
+        min_err = torch.minimum(err, min_err)
+    return torch.clamp(wf, -best, best).view(out_f, cols)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_batched_clip_search_picks_what_the_broadcast_reference_picks(sym):
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 256, generator=gen) * 0.05
+    w[:, 7] *= 8  # an outlier column, so clipping pays off in some groups
+    x = torch.randn(3, 400, 256, generator=gen)
+    cfg = QuantConfig(bits=3, group_size=64, sym=sym)
+    fast, ref = search_clip(w, x, cfg), search_clip_reference(w, x, cfg)
+    assert not torch.equal(ref, w), "the reference clips some groups"
+    assert torch.equal(fast, ref)
