@@ -78,3 +78,16 @@ def lay_out_in_hub_cache(cache: Path, repo_id: str, folder: Path, tags: tuple[st
     for ref in ("main", *tags):
         (repo / "refs" / ref).write_text(commit)
     return commit
+
+
+def c4_texts() -> list[str]:
+    """The ``text`` of the 1,000 C4 records in ../shared (0-899 calibrate, 900-999 evaluate)."""
+    import json
+
+    rows = shared_path("assets", "c4-sample", "c4_train_00000_first1000.jsonl").read_text().splitlines()
+    return [json.loads(r)["text"] for r in rows]
+
+
+def tiny_llama_bf16(tmp_path_factory) -> Path:
+    """llmq-tiny-llama saved again in bfloat16 (for a module-scoped fixture)."""
+    return bf16_copy(shared_path("assets", "llmq-tiny-llama"), tmp_path_factory.mktemp("bf16") / "tiny-llama-bf16")

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from helpers import bf16_copy, shared_path
+from helpers import c4_texts, tiny_llama_bf16
 from transformers import AutoTokenizer
 
 import llmq
@@ -30,12 +30,7 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.fixture(scope="module")
 def bf16_model(tmp_path_factory):
-    return bf16_copy(shared_path("assets", "llmq-tiny-llama"), tmp_path_factory.mktemp("bf16") / "tiny-llama-bf16")
-
-
-def c4():
-    rows = shared_path("assets", "c4-sample", "c4_train_00000_first1000.jsonl").read_text().splitlines()
-    return [json.loads(r)["text"] for r in rows]
+    return tiny_llama_bf16(tmp_path_factory)
 
 
 def codes(folder):
@@ -46,7 +41,7 @@ def codes(folder):
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_streaming_on_cuda_matches_the_cpu_run(bf16_model, tmp_path, method):
     calib = tmp_path / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in c4()[:900]))
+    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in c4_texts()[:900]))
     runs = {}
     for device in ("cpu", "cuda"):
         r = Recipe.from_dict(dict(model=str(bf16_model), out=str(tmp_path / device), method=method, bits=4,
@@ -59,7 +54,7 @@ def test_streaming_on_cuda_matches_the_cpu_run(bf16_model, tmp_path, method):
         a = unpack_rows(cpu[name].qweight, 4, cpu[name].in_features)
         b = unpack_rows(gpu[name].qweight, 4, gpu[name].in_features)
         assert (a == b).float().mean() >= 0.98, name
-    windows = eval_windows(c4()[900:], AutoTokenizer.from_pretrained(tmp_path / "cpu"), 256)[:24]
+    windows = eval_windows(c4_texts()[900:], AutoTokenizer.from_pretrained(tmp_path / "cpu"), 256)[:24]
     ppl_cpu = perplexity(cpu_model, windows, batch_size=8, progress=False)["ppl"]
     ppl_gpu = perplexity(gpu_model.to("cuda"), windows, batch_size=8, progress=False)["ppl"]
     assert ppl_gpu == pytest.approx(ppl_cpu, rel=0.01)

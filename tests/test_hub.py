@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import bf16_copy, lay_out_in_hub_cache, shared_path
+from helpers import c4_texts, lay_out_in_hub_cache, tiny_llama_bf16
 
 import llmq
 from llmq.api import quantize, quantize_to_disk, save
@@ -22,12 +22,7 @@ PACKED_ID = "llmq-test/Tiny-Llama-0.5B-v1.2-GPTQ-Int4"
 
 @pytest.fixture(scope="module")
 def bf16_tiny_llama(tmp_path_factory):
-    return bf16_copy(shared_path("assets", "llmq-tiny-llama"), tmp_path_factory.mktemp("bf16") / "tiny-llama-bf16")
-
-
-def c4_texts():
-    rows = shared_path("assets", "c4-sample", "c4_train_00000_first1000.jsonl").read_text().splitlines()
-    return [json.loads(r)["text"] for r in rows]
+    return tiny_llama_bf16(tmp_path_factory)
 
 
 # Run in a child process, as a user would: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE when imported.
