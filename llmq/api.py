@@ -233,15 +233,15 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
     settings = _settings(recipe, calib, ckpt)
     with WorkFolder(out) as work:
         state = work.load(settings, _environment(device, p.dtype, batch_size), overwrite, _state_files)
-        _stream_layers(recipe, p, ckpt, tokenizer, calib, settings, device, work, state, offload_activations,
-                       batch_size, timer or StageTimes())
+        _stream_layers(recipe, p, ckpt, tokenizer, calib, device, work, state, offload_activations, batch_size,
+                       timer or StageTimes())
         work.finish(_scratch)
     log.info("wrote %s", out)
     return out
 
 
 def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: Any, calib: torch.Tensor,
-                   settings: str, device: torch.device, work: WorkFolder, state: dict[str, Any] | None,
+                   device: torch.device, work: WorkFolder, state: dict[str, Any] | None,
                    offload_activations: str | Path | None, batch_size: int, timer: StageTimes) -> None:
     model, spec, config, folder = p.skeleton, p.spec, p.config, work.path
     n_layers = len(get_layers(model, spec))
@@ -274,7 +274,7 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
                                          p.dtype.itemsize)
     offload_dir = None
     if offload_activations is not None:
-        offload_dir = Path(offload_activations) / f"llmq-{settings[:16]}"
+        offload_dir = Path(offload_activations) / f"llmq-{work.settings[:16]}"
     elif hidden_bytes > activation_budget(device):
         offload_dir = folder / "activations"
         log.warning("calibration activations (%.1f GB) exceed half the free memory: keeping them in %s",
@@ -300,15 +300,13 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
                 awq_spool.add(key, awq_record.pop(key))
         hidden_file = f"hidden-{index + 1:05d}.safetensors"
         save_tensors(folder / hidden_file, {"hidden": hidden}, kill="activations.write")
-        work.commit({"settings": settings, "environment": state_environment, "next_layer": index + 1,
-                     "hidden": hidden_file, "writer": writer.sync(), "awq": awq_spool.sync() if awq_spool else None,
-                     "unquantized": unquantized})
+        work.commit({"next_layer": index + 1, "hidden": hidden_file, "writer": writer.sync(),
+                     "awq": awq_spool.sync() if awq_spool else None, "unquantized": unquantized})
         for old in folder.glob("hidden-*.safetensors"):
             if old.name != hidden_file:
                 old.unlink()
         kill_point("layer.committed")
 
-    state_environment = _environment(device, p.dtype, batch_size)
     awq_record: dict[str, torch.Tensor] = {}
     awq_state = load_file(recipe.apply_awq) if recipe.apply_awq else None
     if start < n_layers:

@@ -68,6 +68,16 @@ def tensor_bytes(tensor: torch.Tensor) -> Iterator[memoryview]:
         yield memoryview(flat[i : i + _CHUNK].numpy())
 
 
+def write_tensor_bytes(f: Any, tensor: torch.Tensor, kill: str) -> None:
+    """Append a contiguous CPU tensor's bytes to ``f``; the kill point ``kill`` (see :mod:`llmq.killpoints`)
+    sits inside them, half of each chunk on disk, as a kill mid-write leaves a file."""
+    for chunk in tensor_bytes(tensor):
+        half = len(chunk) // 2
+        f.write(chunk[:half])
+        kill_point(kill, f.flush)
+        f.write(chunk[half:])
+
+
 def write_safetensors(path: Path, specs: list[tuple[str, str, list[int], int]],
                       read: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None,
                       kill: str = "safetensors.write") -> None:
@@ -91,11 +101,7 @@ def write_safetensors(path: Path, specs: list[tuple[str, str, list[int], int]],
             tensor = read(name).detach().to("cpu").contiguous()
             if _ST_DTYPES[tensor.dtype] != dtype or list(tensor.shape) != shape:
                 raise RuntimeError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {dtype} {shape}")
-            for chunk in tensor_bytes(tensor):
-                half = len(chunk) // 2
-                f.write(chunk[:half])
-                kill_point(kill, f.flush)  # a tensor half on disk, as a kill mid-write leaves it
-                f.write(chunk[half:])
+            write_tensor_bytes(f, tensor, kill)
         f.flush()
         os.fsync(f.fileno())
 
@@ -125,11 +131,7 @@ class SpoolWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
         offset = self.file.tell()
-        for chunk in tensor_bytes(tensor):
-            half = len(chunk) // 2
-            self.file.write(chunk[:half])
-            kill_point("spool.write", self.file.flush)  # a tensor half on disk, as a kill mid-write leaves it
-            self.file.write(chunk[half:])
+        write_tensor_bytes(self.file, tensor, "spool.write")
         self.entries.append({"name": name, "dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                              "offset": offset, "nbytes": self.file.tell() - offset})
 

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from .config import COMPUTE_DTYPES
 from .errors import LlmqError
 
 log = logging.getLogger("llmq")
@@ -46,7 +47,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 2048)")
     p.add_argument("--seed", type=int, help="seed for drawing calibration windows (default 0)")
     p.add_argument("--device", help="compute device (default: cuda when present, else cpu)")
-    p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"],
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES,
                    help="dtype of the layer forwards (default auto: the checkpoint's if bfloat16, else float32); "
                         "Hessians and the solver are always float32")
     p.add_argument("--trust-remote-code", action="store_true", default=None)

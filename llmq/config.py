@@ -16,6 +16,7 @@ import yaml
 from .errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # float16 is refused: activations of some models overflow it
 SYMMETRIC_BY_DEFAULT = (4, 8)  # the widths vLLM's Marlin kernels serve (symmetric GPTQ only)
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
@@ -125,7 +126,7 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.format not in ("auto", "gptq", "gptq_v2", "awq"):
             raise ConfigError(f"format={self.format!r} is unknown: choose auto, gptq, gptq_v2 or awq")
-        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
+        if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype={self.compute_dtype!r} is unknown: choose auto, float32 or bfloat16 "
                               "(float16 is refused: activations of some models overflow it)")
 

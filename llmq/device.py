@@ -17,9 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
-
-COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+_NAMED = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the non-auto values of config.COMPUTE_DTYPES
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -30,12 +28,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def compute_dtype(stored: torch.dtype, requested: str = "auto") -> torch.dtype:
-    """The dtype layer forwards run in for a checkpoint stored in ``stored`` (see the module docstring)."""
-    if requested not in COMPUTE_DTYPES:
-        raise ConfigError(f"compute_dtype={requested!r} is unknown: choose auto, float32 or bfloat16 "
-                          "(float16 is refused: activations of some models overflow it)")
-    if COMPUTE_DTYPES[requested] is not None:
-        return COMPUTE_DTYPES[requested]
+    """The dtype layer forwards run in for a checkpoint stored in ``stored`` (see the module docstring);
+    ``requested`` is a recipe's ``compute_dtype``, which the recipe has validated."""
+    if requested != "auto":
+        return _NAMED[requested]
     return torch.bfloat16 if stored == torch.bfloat16 else torch.float32
 
 

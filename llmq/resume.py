@@ -44,6 +44,8 @@ class WorkFolder:
         self.out = out
         self.path = out.parent / f".{out.name}.partial"
         self._lock = None
+        self.settings: str | None = None  # set by load(): what every committed state is stamped with
+        self.environment: dict[str, Any] | None = None
 
     def __enter__(self) -> WorkFolder:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -67,6 +69,7 @@ class WorkFolder:
         ``needed(state)`` lists the files the state relies on; if one is gone (the run was killed
         while laying out its final files) the run starts again.
         """
+        self.settings, self.environment = settings, environment
         progress = self.path / PROGRESS_FILE
         state = json.loads(progress.read_text()) if progress.is_file() else None
         if state is not None and state.get("settings", settings) != settings:
@@ -96,10 +99,12 @@ class WorkFolder:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def commit(self, state: dict[str, Any]) -> None:
-        """Replace the state atomically and durably: a kill leaves either the old state or the new one."""
+        """Replace the state atomically and durably: a kill leaves either the old state or the new one.
+
+        The state is stamped with the settings and environment given to :meth:`load`."""
         tmp = self.path / (PROGRESS_FILE + ".tmp")
         with open(tmp, "w") as f:
-            f.write(json.dumps(state))
+            f.write(json.dumps({"settings": self.settings, "environment": self.environment, **state}))
             f.flush()
             os.fsync(f.fileno())
         kill_point("commit.written")
