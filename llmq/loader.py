@@ -2,7 +2,8 @@
 
 The full-precision model is never materialised: the skeleton is built on the meta device
 (accelerate's ``init_empty_weights``), quantized linears are swapped for ``QuantLinear`` and every
-tensor is read shard by shard into place. Reads llmq's checkpoints and those AutoGPTQ/GPTQModel
+tensor is read shard by shard into place; then each packed linear moves onto the kernel chosen for it
+(:mod:`llmq.kernels`). Reads llmq's checkpoints and those AutoGPTQ/GPTQModel
 write (v1 and v2 zero points, act-order ``g_idx``, bits 2/3/4/8); refuses, with the reason,
 anything it cannot read exactly.
 """
@@ -24,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .checkpoint import shard_files
 from .errors import CheckpointError
+from .kernels import KERNEL_CHOICES, prepare
 from .pack import GPTQ_BITS
 from .qlinear import AwqQuantLinear, QuantLinear
 from .source import resolve_model
@@ -120,22 +122,35 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, device: torch.d
 _ST_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on the CPU (the dtype torch's int4/int8 CPU kernels are fast in), float16 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cpu" else torch.float16
+
+
 def from_pretrained(
     path_or_hub_id: str | Path,
     device: str | torch.device = "cpu",
-    torch_dtype: torch.dtype = torch.float16,
+    torch_dtype: torch.dtype | None = None,
     device_map: str | dict[str, Any] | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    kernel: str = "auto",
 ) -> PreTrainedModel:
-    """A transformers model whose quantized linears are :class:`QuantLinear` (packed) modules.
+    """A transformers model whose quantized linears stay packed, each on the fastest kernel it can use.
 
     ``path_or_hub_id`` is a local folder or a hub id (``revision``: branch, tag or commit), read
-    through the hub cache. ``torch_dtype`` is the compute dtype; the stored scales are kept as they
-    are, so the weights decode to exactly what the quantizer produced in any dtype.
+    through the hub cache. ``torch_dtype`` is the compute dtype (default :func:`default_dtype` of
+    ``device``); the stored scales are kept as they are, so the weights decode to what the quantizer
+    produced in any dtype. ``kernel`` is ``"auto"`` (per linear, the fastest path its bits, groups,
+    shapes, device and dtype allow: see :mod:`llmq.kernels`), a path's name to force it, or ``"pure"``
+    for the reference :class:`QuantLinear` forward; the choices are in ``model.llmq_kernels``.
     ``device_map`` (accelerate's: ``"auto"``, a dict, or one device) spreads the loaded model over
     devices; without it everything goes to ``device``.
     """
+    if kernel not in KERNEL_CHOICES:
+        raise CheckpointError(f"kernel {kernel!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    if torch_dtype is None:
+        torch_dtype = default_dtype("cuda" if device_map is not None and torch.cuda.is_available() else device)
     folder = resolve_model(path_or_hub_id, revision, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     qc = read_quant_config(config)
@@ -187,11 +202,23 @@ def from_pretrained(
     model.llmq_quantization_config = qc
     model.eval()
     if device_map is None:
-        return model.to(target)  # buffers built outside the meta device (rotary tables) follow
+        model.to(target)  # buffers built outside the meta device (rotary tables) follow
+        model.llmq_kernels = prepare(model, torch_dtype, kernel)
+        return model
     from accelerate import dispatch_model, infer_auto_device_map
 
     if device_map == "auto":
         device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
     elif isinstance(device_map, (str, torch.device)):
         device_map = {"": device_map}
+
+    def device_of(name: str) -> torch.device:  # the longest prefix of name that the map places
+        parts = name.split(".")
+        for i in range(len(parts), -1, -1):
+            where = device_map.get(".".join(parts[:i]))
+            if where is not None:
+                return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+        return target
+
+    model.llmq_kernels = prepare(model, torch_dtype, kernel, device_of)
     return dispatch_model(model, device_map=device_map)

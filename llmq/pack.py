@@ -77,21 +77,37 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     return _to_int32(words.reshape(-1, v.shape[2]))
 
 
+_UNPACK_CHUNK = 1 << 18  # values decoded per step: the int32 temporaries (1 MB) stay in cache
+
+
 def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """Inverse of :func:`pack_rows`: int32 ``[rows * bits / 32, C]`` -> uint8 ``[rows, C]``."""
+    """Inverse of :func:`pack_rows`: int32 ``[rows * bits / 32, C]`` -> uint8 ``[rows, C]``.
+
+    Closed form, one broadcast per width, no loop over bit positions: value ``j`` of a block is word
+    ``j * bits // 32`` shifted right by ``j * bits % 32``; at 3 bits the two values that straddle a word
+    boundary (``j`` = 10, 21) take their high bits from the next word. The shift is arithmetic (int32), so
+    a straddling value's sign copies are masked off before those bits are or-ed in. Blocks are decoded a
+    cache-sized chunk at a time (a whole-tensor broadcast is slower: its temporaries fault in fresh pages).
+    """
     n_vals, n_words = _block(bits)
     if packed.dim() != 2 or rows % n_vals or packed.shape[0] != rows * bits // 32:
         raise CheckpointError(f"packed tensor of shape {tuple(packed.shape)} cannot hold {rows} rows "
                               f"at {bits} bits (expected ({rows * bits // 32}, C), rows % {n_vals} == 0)")
-    words = (packed.to(torch.int64) & _MASK32).reshape(-1, n_words, packed.shape[1])  # [B, W, C] unsigned
-    out = torch.empty(words.shape[0], n_vals, words.shape[2], dtype=torch.uint8, device=packed.device)
-    for j in range(n_vals):
-        w, off = divmod(j * bits, 32)
-        val = words[:, w] >> off
-        if off + bits > 32:
-            val = val | (words[:, w + 1] << (32 - off))
-        out[:, j] = val & (2**bits - 1)
-    return out.reshape(rows, -1)
+    cols = packed.shape[1]
+    start = torch.arange(n_vals, device=packed.device) * bits
+    word, shift = start // 32, (start % 32).to(torch.int32).view(-1, 1)
+    high = (shift + bits > 32).view(-1).nonzero().view(-1)  # straddling values (3 bits only)
+    kept, high_shift = (1 << (32 - shift[high])) - 1, 32 - shift[high]
+    words = packed.reshape(-1, n_words, cols)  # [B, W, C]
+    out = torch.empty(words.shape[0], n_vals, cols, dtype=torch.uint8, device=packed.device)
+    step = max(1, _UNPACK_CHUNK // (n_vals * cols)) if packed.device.type == "cpu" else words.shape[0]
+    for b in range(0, words.shape[0], step):
+        w = words[b : b + step]
+        values = (w if n_words == 1 else w.index_select(1, word)) >> shift  # [b, n_vals, C]
+        if high.numel():
+            values[:, high] = (values[:, high] & kept) | (w.index_select(1, word[high] + 1) << high_shift)
+        out[b : b + step] = values & (2**bits - 1)
+    return out.view(rows, cols)
 
 
 def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:

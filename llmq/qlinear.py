@@ -8,6 +8,8 @@ is the slow, obviously correct reference it is tested against.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -16,8 +18,19 @@ from .pack import AWQ_REVERSE_ORDER, unpack_cols, unpack_rows
 ROWS_PER_SLICE = 128  # a multiple of 32: slices start on packing-block boundaries for every width
 
 
+class Unpacked(NamedTuple):
+    """A packed linear's contents in plain tensors: what every kernel layout is built from."""
+
+    codes: torch.Tensor  # uint8 [out, in]
+    scales: torch.Tensor  # float32 [groups, out] (the stored values, exactly)
+    zeros: torch.Tensor  # float32 [groups, out] (zero points, convention offset applied)
+    g_idx: torch.Tensor  # int64 [in]: the group of each input column
+
+
 class QuantLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored as GPTQ-layout ``qweight/qzeros/scales/g_idx`` buffers."""
+
+    layout = "gptq"  # how qweight packs the codes (pack.pack_gptq)
 
     def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int, bias: bool,
                  zero_offset: int, dtype: torch.dtype = torch.float16, device: torch.device | str | None = None,
@@ -58,6 +71,15 @@ class QuantLinear(nn.Module):
         by default). The slow, obviously correct reference every fast path is tested against."""
         return self._dequantize_rows(0, self.in_features, torch.float32, self._zeros()).T.to(dtype or torch.float32)
 
+    def group_index(self) -> torch.Tensor:
+        """The group of each input column, int64 ``[in]``."""
+        return self.g_idx.long()
+
+    def unpacked(self) -> Unpacked:
+        """Codes, scales, zero points and groups as plain tensors (what kernels are built from)."""
+        codes = unpack_rows(self.qweight, self.bits, self.in_features).T.contiguous()
+        return Unpacked(codes, self.scales.float(), self._zeros(), self.group_index())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, zeros = None, self._zeros()  # unpacked once per call, shared by every slice
         for start in range(0, self.in_features, ROWS_PER_SLICE):
@@ -74,6 +96,8 @@ class AwqQuantLinear(QuantLinear):
     """The same linear in AutoAWQ's GEMM layout: ``qweight`` int32 ``[in, out/8]`` and ``qzeros``
     int32 ``[groups, out/8]`` packed along the output dimension in the nibble order
     ``[0, 2, 4, 6, 1, 3, 5, 7]``, raw zero points, fp16 ``scales [groups, out]``, contiguous groups."""
+
+    layout = "awq"
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool,
                  dtype: torch.dtype = torch.float16, device: torch.device | str | None = None,
@@ -93,6 +117,13 @@ class AwqQuantLinear(QuantLinear):
 
     def _zeros(self) -> torch.Tensor:
         return self._columns(self.qzeros).float()  # [groups, out], raw zero points
+
+    def group_index(self) -> torch.Tensor:
+        return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
+
+    def unpacked(self) -> Unpacked:
+        return Unpacked(self._columns(self.qweight).T.contiguous(), self.scales.float(), self._zeros(),
+                        self.group_index())
 
     def _dequantize_rows(self, start: int, stop: int, dtype: torch.dtype, zeros: torch.Tensor) -> torch.Tensor:
         codes = self._columns(self.qweight[start:stop])  # [rows, out]

@@ -58,7 +58,7 @@ def test_awq_gemm_checkpoint_reloads_with_equal_logits(tmp_path):
     tensors = load_file(tmp_path / "awq" / "model.safetensors")
     assert tensors["model.layers.0.mlp.up_proj.qweight"].shape == (64, 128 // 8)  # [in, out/8]
     assert "model.layers.0.mlp.up_proj.g_idx" not in tensors
-    loaded = llmq.from_pretrained(str(tmp_path / "awq"), torch_dtype=torch.float32)
+    loaded = llmq.from_pretrained(str(tmp_path / "awq"), torch_dtype=torch.float32, kernel="pure")
     modules = dict(loaded.named_modules())
     for name, qw in results.items():
         assert isinstance(modules[name], AwqQuantLinear)

@@ -42,9 +42,11 @@ def test_save_then_from_pretrained_gives_the_in_memory_model(tiny_llama, tmp_pat
     cfg = QuantConfig(bits=bits, group_size=128, sym=sym, act_order=act_order)
     results = quantize_layers(model, calib, cfg, device="cpu")
     save_packed(model, tok, results, tmp_path / "q", cfg)
-    loaded = llmq.from_pretrained(str(tmp_path / "q"), torch_dtype=torch.float32)
-    qlinears = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
-    assert len(qlinears) == len(results) == 6 * 7
+    loaded = llmq.from_pretrained(str(tmp_path / "q"), torch_dtype=torch.float32)  # float32: the dequant kernel
+    assert {c.kernel for c in loaded.llmq_kernels.values()} == {"dequant"}
+    qlinears = [m for m in llmq.from_pretrained(str(tmp_path / "q"), torch_dtype=torch.float32, kernel="pure").modules()
+                if isinstance(m, QuantLinear)]
+    assert len(qlinears) == len(loaded.llmq_kernels) == len(results) == 6 * 7
     if act_order:
         assert any(not torch.equal(m.g_idx, m.g_idx.sort().values) for m in qlinears), "act-order g_idx kept"
     with torch.no_grad():
@@ -234,7 +236,7 @@ def test_reads_checkpoints_packed_the_autogptq_way(tmp_path, bits, fmt):
     config = json.loads((tmp_path / "llmq" / "config.json").read_text())
     config["quantization_config"]["checkpoint_format"] = fmt
     (tmp_path / "llmq" / "config.json").write_text(json.dumps(config))
-    loaded = llmq.from_pretrained(str(tmp_path / "llmq"), torch_dtype=torch.float32)
+    loaded = llmq.from_pretrained(str(tmp_path / "llmq"), torch_dtype=torch.float32, kernel="pure")
     modules = dict(loaded.named_modules())
     for name, qw in results.items():
         assert torch.equal(modules[name].dequantized_weight(torch.float32), qw.dequantize()), name

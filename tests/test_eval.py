@@ -154,7 +154,7 @@ def _packed_stories260k(path, tmp_path):
     results = quantize_layers(model, torch.zeros(1, 2, dtype=torch.long), cfg,
                               keep_fp=lambda name, m: not can_pack(m.in_features, m.out_features, 4))
     save_packed(model, AutoTokenizer.from_pretrained(path), results, tmp_path / "packed", cfg)
-    return llmq.from_pretrained(str(tmp_path / "packed"), torch_dtype=torch.float32)
+    return llmq.from_pretrained(str(tmp_path / "packed"), torch_dtype=torch.float32, kernel="pure")
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["fp32", "packed-w4"])

@@ -34,7 +34,7 @@ def bf16_model(tmp_path_factory):
 
 
 def codes(folder):
-    model = llmq.from_pretrained(folder, torch_dtype=torch.float32)
+    model = llmq.from_pretrained(folder, torch_dtype=torch.float32, kernel="pure")
     return model, {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
@@ -75,7 +75,9 @@ def test_reload_and_generate_on_cuda(bf16_model, tmp_path):
     prompt = ids[:1, :8]
     generated = on_gpu.generate(prompt.cuda(), max_new_tokens=16, do_sample=False).cpu()
     assert torch.equal(generated, on_cpu.generate(prompt, max_new_tokens=16, do_sample=False))
-    bf16 = llmq.from_pretrained(tmp_path / "q", torch_dtype=torch.bfloat16, device="cuda")
+    assert {c.kernel for c in on_gpu.llmq_kernels.values()} == {"triton"}
+    bf16 = llmq.from_pretrained(tmp_path / "q", torch_dtype=torch.bfloat16, device="cuda", kernel="pure")
+    pure_cpu = llmq.from_pretrained(tmp_path / "q", torch_dtype=torch.float32, kernel="pure")
     name = next(n for n, m in bf16.named_modules() if isinstance(m, QuantLinear))
     assert torch.equal(dict(bf16.named_modules())[name].dequantized_weight().cpu(),
-                       dict(on_cpu.named_modules())[name].dequantized_weight())
+                       dict(pure_cpu.named_modules())[name].dequantized_weight())

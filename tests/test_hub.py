@@ -63,7 +63,7 @@ def cli(*argv):
     return {"code": code, "out": out.getvalue()}
 
 packed_id, evals = sys.argv[1:]
-model = llmq.from_pretrained(packed_id, torch_dtype=torch.float32)
+model = llmq.from_pretrained(packed_id, torch_dtype=torch.float32, kernel="pure")
 weights = {name: m.dequantized_weight().sum().item() for name, m in model.named_modules()
            if isinstance(m, llmq.qlinear.QuantLinear)}
 print(json.dumps({"info": cli("info", packed_id, "--json"), "weights": weights,
@@ -109,7 +109,7 @@ def test_dotted_hub_ids_work_offline_from_the_hub_cache(bf16_tiny_llama, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.loads(r["info"]["out"])["quantized_weights"] == info["quantized_weights"] > 0
-    local = llmq.from_pretrained(out, torch_dtype=torch.float32)
+    local = llmq.from_pretrained(out, torch_dtype=torch.float32, kernel="pure")
     want = {name: m.dequantized_weight().sum().item() for name, m in local.named_modules()
             if isinstance(m, QuantLinear)}
     assert r["weights"] == want and len(want) == 6 * 7
@@ -130,7 +130,7 @@ def test_bf16_checkpoint_quantizes_and_decodes_exactly_in_bf16_and_fp32(bf16_tin
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "stream" / name).read_bytes(), name
 
-    loads = {dtype: llmq.from_pretrained(tmp_path / "stream", torch_dtype=dtype)
+    loads = {dtype: llmq.from_pretrained(tmp_path / "stream", torch_dtype=dtype, kernel="pure")
              for dtype in (torch.bfloat16, torch.float32)}
     modules = {dtype: dict(m.named_modules()) for dtype, m in loads.items()}
     assert len(run.results) == 6 * 7
@@ -140,7 +140,7 @@ def test_bf16_checkpoint_quantizes_and_decodes_exactly_in_bf16_and_fp32(bf16_tin
         assert torch.equal(a.dequantized_weight(), b.dequantized_weight()), name
         assert torch.equal(a.dequantized_weight(), qw.dequantize()), name
     # a cast of the loaded model does not round the stored scales either
-    cast = llmq.from_pretrained(tmp_path / "stream", torch_dtype=torch.float32).to(torch.bfloat16)
+    cast = llmq.from_pretrained(tmp_path / "stream", torch_dtype=torch.float32, kernel="pure").to(torch.bfloat16)
     name = next(iter(run.results))
     assert torch.equal(dict(cast.named_modules())[name].dequantized_weight(), run.results[name].dequantize())
 

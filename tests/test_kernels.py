@@ -1,0 +1,158 @@
+"""Every fast path of a packed linear equals the reference: ``x @ dequantized_weight().T``."""
+
+import logging
+
+import pytest
+import torch
+
+from llmq.errors import ConfigError
+from llmq.kernels import KERNELS, choose, prepare
+from llmq.kernels import cpu as cpu_kernels
+from llmq.pack import pack_awq, pack_gptq
+from llmq.qlinear import AwqQuantLinear, QuantLinear
+
+N, K = 96, 256  # 96 rows: one 64-row block of the int4 layout and its 32-row tail
+
+
+def packed_layer(bits, group_size, sym=False, fmt="gptq_v2", act_order=False, n=N, k=K, seed=0, bias=True):
+    """A QuantLinear holding random codes, fp16 scales and zero points in the GPTQ layout."""
+    g = torch.Generator().manual_seed(seed * 1000 + bits * 100 + max(group_size, 0))
+    gs = k if group_size == -1 else group_size
+    n_groups = -(-k // gs)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    if sym:
+        zeros = torch.full((n, n_groups), 2 ** (bits - 1), dtype=torch.uint8)
+    else:
+        zeros = torch.randint(1 if fmt == "gptq" else 0, 2**bits, (n, n_groups), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, n_groups, generator=g) * 0.02 + 1e-3).half().float()
+    g_idx = torch.arange(k) // gs
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    g_idx = g_idx.int()
+    layer = QuantLinear(k, n, bits, n_groups, bias=bias, zero_offset=1 if fmt == "gptq" else 0, dtype=torch.float32)
+    for name, t in pack_gptq(codes, scales, zeros, g_idx, bits, fmt).items():
+        getattr(layer, name).copy_(t)
+    if bias:
+        layer.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return layer
+
+
+def reference(layer, x):
+    return torch.nn.functional.linear(x.float(), layer.dequantized_weight(), None if layer.bias is None
+                                      else layer.bias.float())
+
+
+def rel_err(got, want):
+    return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+
+# bf16 activations: the reference takes bf16 x and rounds nothing else; a path rounds its weights (or
+# scale/zero pairs) and its output to bf16, ~2^-8 relative each.
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
+SHAPES = [(1, K), (3, K), (2, 5, K), (200, K)]  # decode, a few rows, a batch, above DEQUANT_ABOVE_ROWS
+
+
+def check(module, layer, dtype, shapes=SHAPES, tol=None):
+    g = torch.Generator().manual_seed(1)
+    for shape in shapes:
+        x = torch.randn(*shape, generator=g).to(dtype)
+        got = module(x)
+        assert got.shape == (*shape[:-1], layer.out_features) and got.dtype == dtype
+        err = rel_err(got, reference(layer, x))
+        assert err < (tol or TOL[dtype]), (module.kernel if hasattr(module, "kernel") else "pure", shape, err)
+
+
+CASES = [(bits, gs, sym, fmt, act) for bits in (2, 3, 4, 8) for gs in (32, 64, 128, -1) for sym in (False, True)
+         for fmt in ("gptq", "gptq_v2") for act in (False, True) if not (act and gs == -1)]
+
+
+@pytest.mark.parametrize("bits,gs,sym,fmt,act", CASES)
+def test_every_path_equals_the_reference(bits, gs, sym, fmt, act):
+    layer = packed_layer(bits, gs, sym, fmt, act)
+    check(layer, layer, torch.float32, tol=2e-6)  # the pure forward
+    check(KERNELS["dequant"](layer, torch.float32), layer, torch.float32)
+    check(KERNELS["dequant"](layer, torch.bfloat16), layer, torch.bfloat16)
+    cpu = torch.device("cpu")
+    assert choose(layer, cpu, torch.bfloat16).kernel == ("int8_cpu" if bits == 8 and gs == -1 else "int4_cpu")
+    check(KERNELS["int4_cpu"](layer, torch.bfloat16), layer, torch.bfloat16)
+    if bits == 8 and gs == -1:
+        check(KERNELS["int8_cpu"](layer, torch.bfloat16), layer, torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int4_folding_is_exact_in_float32(bits):
+    """Built for float32 activations, the int4 path's scale/zero pairs round nothing: the fold
+    (8 - z) s (and the two 8-bit planes) equals the reference to float32 summation error."""
+    for gs, act in ((32, True), (128, False), (-1, False)):
+        layer = packed_layer(bits, gs, act_order=act)
+        module = KERNELS["int4_cpu"](layer, torch.float32)
+        check(module, layer, torch.float32, shapes=[(3, K), (200, K)], tol=2e-6)
+
+
+def test_int8_offsets_are_exact_in_float32():
+    for sym in (False, True):
+        layer = packed_layer(8, -1, sym=sym)
+        module = KERNELS["int8_cpu"](layer, torch.float32)
+        assert (module.offset is None) == sym
+        check(module, layer, torch.float32, shapes=[(3, K), (200, K)], tol=2e-6)
+
+
+def test_awq_layout_runs_on_the_same_paths():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (N, K // 64), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(N, K // 64, generator=g) * 0.02 + 1e-3).half().float()
+    layer = AwqQuantLinear(K, N, 64, bias=False, dtype=torch.float32)
+    for name, t in pack_awq(codes, zeros, scales).items():
+        getattr(layer, name).copy_(t)
+    assert choose(layer, torch.device("cpu"), torch.bfloat16).kernel == "int4_cpu"
+    check(KERNELS["int4_cpu"](layer, torch.bfloat16), layer, torch.bfloat16)
+    check(KERNELS["dequant"](layer, torch.float32), layer, torch.float32)
+
+
+def test_the_int4_layout_decoder_reads_this_torch():
+    assert cpu_kernels._layout_is_known()
+    for n in (32, 64, 96, 160, 256):
+        codes = torch.randint(0, 16, (n, 128), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        assert torch.equal(cpu_kernels._int4pack_codes_t(packed, n, 128, torch.int32), codes.T), n
+
+
+def test_fallbacks_say_why():
+    cpu = torch.device("cpu")
+    odd_groups = packed_layer(4, 16)  # groups of 16: no 32-column block lies in one group
+    choice = choose(odd_groups, cpu, torch.bfloat16)
+    assert choice.kernel == "dequant" and "not int4_cpu: groups of 16 input columns" in choice.reason
+    fp32 = choose(packed_layer(4, 128), cpu, torch.float32)
+    assert fp32.kernel == "dequant" and "float32 activations" in fp32.reason and "bfloat16" in fp32.reason
+    grouped8 = choose(packed_layer(8, 128), cpu, torch.bfloat16)
+    assert grouped8.kernel == "int4_cpu" and "not int8_cpu: 2 groups per row" in grouped8.reason
+    with pytest.raises(ConfigError, match="kernel 'int4_cpu' cannot run this layer: groups of 16"):
+        choose(odd_groups, cpu, torch.bfloat16, kernel="int4_cpu")
+    with pytest.raises(ConfigError, match="kernel 'int8_cpu' cannot run this layer: bits=4"):
+        choose(odd_groups, cpu, torch.bfloat16, kernel="int8_cpu")
+    with pytest.raises(ConfigError, match="not one of auto, pure"):
+        choose(odd_groups, cpu, torch.bfloat16, kernel="fast")
+    assert choose(odd_groups, torch.device("cuda"), torch.float16).kernel in ("triton", "dequant")
+    check(KERNELS["dequant"](odd_groups, torch.bfloat16), odd_groups, torch.bfloat16)
+
+
+def test_prepare_swaps_modules_and_logs_the_fallbacks(caplog):
+    model = torch.nn.Sequential(packed_layer(4, 128), packed_layer(4, 16, seed=1), packed_layer(3, 64))
+    x = torch.randn(2, K).bfloat16()
+    with caplog.at_level(logging.INFO, logger="llmq.kernels"):
+        choices = prepare(model, torch.bfloat16)
+    assert {k: c.kernel for k, c in choices.items()} == {"0": "int4_cpu", "1": "dequant", "2": "int4_cpu"}
+    assert [type(m).kernel for m in model] == ["int4_cpu", "dequant", "int4_cpu"]
+    assert "2 x int4_cpu, 1 x dequant" in caplog.text
+    assert "1 linear(s) run on dequant (not int4_cpu: groups of 16" in caplog.text
+    pure = torch.nn.Sequential(packed_layer(4, 128))
+    assert prepare(pure, torch.bfloat16, kernel="pure")["0"].kernel == "pure"
+    assert isinstance(pure[0], QuantLinear)
+    assert all(m(x).dtype == torch.bfloat16 for m in model)
+
+
+def test_an_int4_cpu_linear_refuses_to_move_off_the_cpu():
+    module = KERNELS["int4_cpu"](packed_layer(4, 128), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="cannot move to meta"):
+        module.to("meta")
