@@ -64,24 +64,26 @@ def load_config(folder: str | Path, trust_remote_code: bool = False) -> Any:
 
 def load_model(
     name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
-    revision: str | None = None,
+    revision: str | None = None, kernel: str = "auto", device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, object]:
-    """A causal LM on the CPU and its tokenizer; the architecture is checked before any weight loads.
+    """A causal LM on ``device`` and its tokenizer; the architecture is checked before any weight loads.
 
     ``name_or_path`` is a local folder or a hub id (read through the hub cache). A quantized
     checkpoint (``quantization_config`` in its config) loads packed through
-    :func:`llmq.from_pretrained`, in float32 unless ``dtype`` says otherwise; anything else through
-    transformers, in ``dtype`` or else the compute dtype of :func:`llmq.device.compute_dtype`.
+    :func:`llmq.from_pretrained` (with ``kernel``), in float32 unless ``dtype`` says otherwise (the
+    perplexity protocol's precision; bfloat16 is what the CPU's int4 kernel is fast in); anything else
+    through transformers, in ``dtype`` or else the compute dtype of :func:`llmq.device.compute_dtype`.
     """
     folder = resolve_model(name_or_path, revision, trust_remote_code=trust_remote_code)
     config = load_config(folder, trust_remote_code)
     get_arch(config.model_type)
     if getattr(config, "quantization_config", None) is not None:
-        model = from_pretrained(folder, torch_dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+        model = from_pretrained(folder, device=device, torch_dtype=dtype or torch.float32,
+                                trust_remote_code=trust_remote_code, kernel=kernel)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype or compute_dtype(checkpoint_dtype(config)), trust_remote_code=trust_remote_code)
-    model.eval()
+    model.eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return model, tokenizer
 

@@ -1,4 +1,4 @@
-"""``llmq`` command line: quantize, ppl, eval, info, demo."""
+"""``llmq`` command line: quantize, ppl, eval, generate, info, demo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 from .config import COMPUTE_DTYPES
 from .errors import LlmqError
+from .kernels import KERNEL_CHOICES
 
 log = logging.getLogger("llmq")
 
@@ -68,6 +69,36 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "(automatic, in the output's work folder, when they exceed half the free memory)")
 
 
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _add_load_options(p: argparse.ArgumentParser, dtype_default: str) -> None:
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help=f"compute dtype of the loaded model (auto: {dtype_default})")
+    p.add_argument("--kernel", choices=KERNEL_CHOICES, default="auto",
+                   help="packed checkpoints: the kernel for every quantized linear (auto: the fastest each allows; "
+                        "pure: the reference forward, for debugging)")
+
+
+def _dtype(name: str):  # noqa: ANN202
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt, streaming tokens, and report tokens/s")
+    p.add_argument("model", help="local folder (plain or packed) or hub id")
+    p.add_argument("prompt")
+    p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a "
+                                                       "user turn")
+    p.add_argument("--device", help="default: cuda when present, else cpu")
+    p.add_argument("--trust-remote-code", action="store_true")
+    _add_load_options(p, "bfloat16 on the CPU, float16 on CUDA")
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a model or packed checkpoint")
     p.add_argument("model", help="local folder (plain or packed) or hub id")
@@ -78,6 +109,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=float, help="examples per task (a fraction if < 1)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", help="default: cuda when present, else cpu")
+    _add_load_options(p, "float32 for a packed checkpoint, else the checkpoint's bf16 or float32")
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -85,6 +117,12 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="folder written by llmq quantize (or any GPTQ-layout checkpoint), or its hub id")
     p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--load", action="store_true", help="also load it and report the kernel each quantized linear "
+                                                       "gets (with --device, --dtype, --kernel)")
+    p.add_argument("--device", help="with --load: default cuda when present, else cpu")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="with --load: compute dtype (auto: bfloat16 on the CPU, float16 on CUDA)")
+    p.add_argument("--kernel", choices=KERNEL_CHOICES, default="auto")
 
 
 def _add_ppl(sub: argparse._SubParsersAction) -> None:
@@ -96,6 +134,7 @@ def _add_ppl(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    _add_load_options(p, "float32 for a packed checkpoint, else the checkpoint's bf16 or float32")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -126,10 +165,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .eval import run_lm_eval
 
-    model, tokenizer = load_model(args.model, revision=args.revision)
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, revision=args.revision, dtype=_dtype(args.dtype), kernel=args.kernel,
+                                  device=device)
     out = run_lm_eval(model, tokenizer, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
-                      num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
-                      device=str(resolve_device(args.device)))
+                      num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size, device=str(device))
     print(json.dumps(out["results"], default=str))
     return 0
 
@@ -138,7 +178,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .info import checkpoint_info, format_info
     from .source import resolve_model
 
-    info = checkpoint_info(resolve_model(args.checkpoint, args.revision))
+    folder = resolve_model(args.checkpoint, args.revision)
+    info = checkpoint_info(folder)
+    if args.load:
+        from .device import resolve_device
+        from .info import kernel_info
+        from .loader import default_dtype, from_pretrained
+
+        device = resolve_device(args.device)
+        dtype = _dtype(args.dtype) or default_dtype(device)
+        model = from_pretrained(folder, device=device, torch_dtype=dtype, kernel=args.kernel)
+        info["load"] = kernel_info(model.llmq_kernels, device, dtype)
     print(json.dumps(info) if args.json else format_info(info))
     return 0
 
@@ -149,13 +199,28 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .eval import perplexity
 
-    model, tokenizer = load_model(args.model, revision=args.revision)
     device = resolve_device(args.device)
-    model.to(device)
+    model, tokenizer = load_model(args.model, revision=args.revision, dtype=_dtype(args.dtype), kernel=args.kernel,
+                                  device=device)
     result = perplexity(model, eval_windows(args.dataset, tokenizer, args.seqlen), device=device)
     result.update(model=args.model, dataset=args.dataset)
     print(json.dumps(result) if args.json else f"{args.dataset} perplexity {result['ppl']:.4f} "
           f"({result['windows']} windows of {result['seqlen']} tokens)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .api import load_model
+    from .device import resolve_device
+    from .generate import generate
+    from .loader import default_dtype
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, revision=args.revision, dtype=_dtype(args.dtype) or default_dtype(device),
+                                  trust_remote_code=args.trust_remote_code, kernel=args.kernel, device=device)
+    g = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, out=sys.stdout)
+    print(f"{g.new_tokens} new tokens: prefill {g.prompt_tokens} tokens at {g.prefill_tokens_per_s:.1f} tokens/s, "
+          f"decode {g.decode_tokens_per_s:.2f} tokens/s", file=sys.stderr)
     return 0
 
 
@@ -173,12 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_quantize(sub)
     _add_ppl(sub)
     _add_eval(sub)
+    _add_generate(sub)
     _add_info(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}
+    commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info,
+                "demo": cmd_demo}
     try:
         return commands[args.command](args)
     except LlmqError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,18 @@ def checkpoint_info(folder: str | Path) -> dict[str, Any]:
     }
 
 
+def kernel_info(choices: dict[str, Any], device: Any, dtype: Any) -> dict[str, Any]:
+    """What a load chose (``model.llmq_kernels``): kernels by count, and each reason a faster one was passed over."""
+    counts = Counter(c.kernel for c in choices.values())
+    reasons = Counter((c.kernel, c.reason) for c in choices.values() if c.reason and c.reason != "forced")
+    example: dict[tuple[str, str], str] = {}
+    for name, c in choices.items():
+        example.setdefault((c.kernel, c.reason), name)
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "kernels": dict(counts.most_common()),
+            "passed_over": [{"kernel": k, "linears": n, "reason": r, "example": example[(k, r)]}
+                            for (k, r), n in reasons.most_common()]}
+
+
 def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"checkpoint        {info['checkpoint']}",
@@ -121,4 +134,10 @@ def format_info(info: dict[str, Any]) -> str:
         + (f" (not Marlin: {'; '.join(info['vllm']['why_not_marlin'])})" if info["vllm"]["why_not_marlin"] else ""),
     ]
     lines += [f"                  note: {note}" for note in info["vllm"]["notes"]]
+    if "load" in info:
+        load = info["load"]
+        lines.append(f"loaded on         {load['device']} in {load['dtype']}: "
+                     + ", ".join(f"{n} x {k}" for k, n in load["kernels"].items()))
+        lines += [f"                  {p['linears']} on {p['kernel']} (e.g. {p['example']}): {p['reason']}"
+                  for p in load["passed_over"]]
     return "\n".join(lines)

@@ -4,8 +4,10 @@ Every path computes what :meth:`llmq.qlinear.QuantLinear.dequantized_weight` (th
 says, and the tests hold each one to it. ``kernel="auto"`` takes, per layer, the first path in the
 device's order of preference that accepts its width, groups, shapes and the activation dtype, and
 records why each faster one did not (:func:`prepare` returns and logs it; ``llmq info --load`` prints
-it). Naming a path forces it (an error names what it cannot take); ``"pure"`` keeps the reference
-:class:`QuantLinear` forward, for debugging and for the tests.
+it). A path declines a layer it cannot compute (``unsupported``) and, under ``"auto"`` only, one it
+would compute slowly (``slow``: torch's CPU kernels outside bfloat16). Naming a path forces it (an
+error names what it cannot take); ``"pure"`` keeps the reference :class:`QuantLinear` forward, for
+debugging and for the tests.
 
 =========  ======  ==============================================================================
 path       device  what it runs
@@ -24,7 +26,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -58,7 +61,7 @@ def choose(layer: QuantLinear, device: torch.device, dtype: torch.dtype, kernel:
             raise ConfigError(f"kernel {kernel!r} is not one of {', '.join(KERNEL_CHOICES)}")
         cls = KERNELS[kernel]
         why = f"bits={layer.bits}" if layer.bits not in cls.BITS else cls.unsupported(layer, device, dtype)
-        if why:
+        if why:  # a path that is only slow here may be forced (the tests run int4_cpu in float32)
             raise ConfigError(f"kernel {kernel!r} cannot run this layer: {why}; use kernel='auto'")
         return Choice(kernel, "forced")
     passed = []
@@ -66,7 +69,7 @@ def choose(layer: QuantLinear, device: torch.device, dtype: torch.dtype, kernel:
         cls = KERNELS[name]
         if layer.bits not in cls.BITS:
             continue
-        why = cls.unsupported(layer, device, dtype)
+        why = cls.unsupported(layer, device, dtype) or cls.slow(layer, device, dtype)
         if why is None:
             return Choice(name, "; ".join(passed))
         passed.append(f"not {name}: {why}")

@@ -135,8 +135,6 @@ class Int4CpuLinear(nn.Module):
             return f"runs on the CPU, not {device.type}"
         if not (_has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")):
             return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu (torch >= 2.6 has)"
-        if why := _bf16_only(dtype, cls.kernel):
-            return why
         if layer.out_features % 32:
             return f"out_features {layer.out_features} is not a multiple of 32"
         _, g_sorted = _group_order(layer)
@@ -145,6 +143,10 @@ class Int4CpuLinear(nn.Module):
             return (f"groups of {', '.join(map(str, sizes[:4]))} input columns (the kernel needs every group made of "
                     f"whole blocks of 32, 64, 128 or 256 columns)")
         return None
+
+    @classmethod
+    def slow(cls, layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> str | None:
+        return _bf16_only(dtype, cls.kernel)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (torch's signature)
         super()._apply(fn, recurse)
@@ -156,7 +158,7 @@ class Int4CpuLinear(nn.Module):
     def dequantized_t(self) -> torch.Tensor:
         """``W^T`` ``[in, out]`` in the activation dtype, from the kernel's layout."""
         w = None
-        for packed, sz in zip(self.weight, self.scales_and_zeros):
+        for packed, sz in zip(self.weight, self.scales_and_zeros, strict=True):
             q = _int4pack_codes_t(packed, self.out_features, self.in_features, sz.dtype)
             part = q.view(-1, self.group, self.out_features).sub_(8).mul_(sz[:, None, :, 0]).add_(sz[:, None, :, 1])
             w = part if w is None else w.add_(part)
@@ -171,7 +173,7 @@ class Int4CpuLinear(nn.Module):
         else:
             x2 = x2.contiguous()
             y = None
-            for packed, sz in zip(self.weight, self.scales_and_zeros):
+            for packed, sz in zip(self.weight, self.scales_and_zeros, strict=True):
                 part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group, sz)
                 y = part if y is None else y.add_(part)
         if self.bias is not None:
@@ -180,7 +182,8 @@ class Int4CpuLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"kernel=int4_cpu, group={self.group}, planes={self.weight.shape[0]}, act_order={self.perm is not None}")
+                f"kernel=int4_cpu, group={self.group}, planes={self.weight.shape[0]}, "
+                f"act_order={self.perm is not None}")
 
 
 class Int8CpuLinear(nn.Module):
@@ -206,11 +209,13 @@ class Int8CpuLinear(nn.Module):
             return f"runs on the CPU, not {device.type}"
         if not hasattr(torch, "_weight_int8pack_mm"):
             return f"torch {torch.__version__} has no _weight_int8pack_mm"
-        if why := _bf16_only(dtype, cls.kernel):
-            return why
         if layer.scales.shape[0] != 1:
             return f"{layer.scales.shape[0]} groups per row (the int8 kernel takes one scale per row: group size -1)"
         return None
+
+    @classmethod
+    def slow(cls, layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> str | None:
+        return _bf16_only(dtype, cls.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)

@@ -41,6 +41,10 @@ class DequantLinear(nn.Module):
     def unsupported(cls, layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> str | None:
         return None  # takes every layer llmq can load
 
+    @classmethod
+    def slow(cls, layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> str | None:
+        return None
+
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (torch's signature)
         scales, zeros = self.scales, self.zeros  # stay as decoded: a dtype cast must not round them
         super()._apply(fn, recurse)

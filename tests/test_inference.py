@@ -1,0 +1,107 @@
+"""A real packed checkpoint on the fast paths: logits, greedy generation, `llmq generate`, `llmq info --load`."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import c4_texts, shared_path
+from transformers import AutoTokenizer
+
+import llmq
+from llmq.api import quantize_to_disk
+from llmq.cli import main
+from llmq.config import Recipe
+
+PROMPT = "Once upon a time, there was a little"
+
+
+@pytest.fixture(scope="module")
+def w4_act_order(tmp_path_factory):
+    """llmq-tiny-llama, GPTQ W4 g128 asymmetric with act-order: permuted groups and folded zero points."""
+    out = tmp_path_factory.mktemp("inference") / "w4"
+    calib = out.parent / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in c4_texts()[:200]))
+    quantize_to_disk(Recipe.from_dict(dict(
+        model=str(shared_path("assets", "llmq-tiny-llama")), out=str(out), method="gptq", bits=4, group_size=128,
+        sym=False, act_order=True, calib=str(calib), nsamples=16, seqlen=128)))
+    return out
+
+
+def logits(folder, dtype, kernel, ids):
+    model = llmq.from_pretrained(folder, torch_dtype=dtype, kernel=kernel)
+    with torch.no_grad():
+        return model(ids).logits.float(), model.llmq_kernels
+
+
+def test_logits_on_every_cpu_path_equal_the_pure_paths(w4_act_order):
+    tok = AutoTokenizer.from_pretrained(w4_act_order)
+    text = " ".join(c4_texts()[900:910])
+    ids = tok(text, return_tensors="pt").input_ids[:, :200]  # 200 rows: the int4 path's dequantize branch
+    short = ids[:, :9]  # 9 rows: the int4 kernel itself
+    for x in (short, ids):
+        want32, _ = logits(w4_act_order, torch.float32, "pure", x)
+        got32, kernels32 = logits(w4_act_order, torch.float32, "auto", x)
+        assert {c.kernel for c in kernels32.values()} == {"dequant"}
+        assert torch.allclose(got32, want32, atol=1e-4, rtol=1e-4), (got32 - want32).abs().max()
+        pure16, _ = logits(w4_act_order, torch.bfloat16, "pure", x)
+        got16, kernels16 = logits(w4_act_order, torch.bfloat16, "auto", x)
+        assert {c.kernel for c in kernels16.values()} == {"int4_cpu"} and len(kernels16) == 6 * 7
+        # bf16 rounds activations everywhere: the int4 path may differ from float32 by no more than the
+        # pure bf16 forward does (plus a margin), and picks the same next token almost everywhere
+        err_pure = (pure16 - want32).abs().max().item()
+        err_fast = (got16 - want32).abs().max().item()
+        assert err_fast < 1.5 * err_pure + 1e-2, (err_fast, err_pure)
+        assert (got16.argmax(-1) == want32.argmax(-1)).float().mean() >= 0.97
+
+
+def greedy(folder, dtype, kernel, n=24):
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    model = llmq.from_pretrained(folder, torch_dtype=dtype, kernel=kernel)
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize("kernel", ["int4_cpu", "auto"])
+def test_llmq_generate_streams_the_pure_paths_greedy_output(w4_act_order, capsys, kernel):
+    """In float32 every path rounds alike, so greedy decoding must pick the same tokens: the int4 kernel
+    (forced: it is slow, not wrong, outside bf16) and auto's choice (dequant) against the pure path."""
+    argv = ["generate", str(w4_act_order), PROMPT, "--max-new-tokens", "24", "--dtype", "float32", "--kernel", kernel]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out == greedy(w4_act_order, torch.float32, "pure")
+    assert "24 new tokens" in err and "decode" in err and "tokens/s" in err
+
+
+def test_llmq_generate_defaults_to_bf16_on_the_int4_kernel(w4_act_order, capsys):
+    """The default load (bf16 on the CPU) runs int4_cpu; its stream is exactly its own model.generate.
+    (Against the pure bf16 forward, greedy tokens part after a few steps: bf16 rounds differently.)"""
+    assert main(["generate", str(w4_act_order), PROMPT, "--max-new-tokens", "24"]) == 0
+    assert capsys.readouterr().out == greedy(w4_act_order, torch.bfloat16, "auto")
+
+
+def test_llmq_generate_applies_the_chat_template_with_chat(w4_act_order, tmp_path, capsys):
+    assert main(["generate", str(w4_act_order), PROMPT, "--chat"]) == 2
+    assert "--chat needs a tokenizer with a chat template" in capsys.readouterr().err
+    tok = AutoTokenizer.from_pretrained(w4_act_order)
+    tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Story:"
+    chat = tmp_path / "chat"
+    shutil.copytree(w4_act_order, chat)
+    tok.save_pretrained(chat)
+    assert main(["generate", str(chat), PROMPT, "--chat", "--max-new-tokens", "12", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    model = llmq.from_pretrained(chat, torch_dtype=torch.float32)
+    ids = tok(f"User: {PROMPT}\nStory:", return_tensors="pt", add_special_tokens=False).input_ids
+    want = model.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert out == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+
+
+def test_info_load_reports_the_kernels_and_why(w4_act_order, capsys):
+    assert main(["info", str(w4_act_order), "--load", "--json"]) == 0
+    load = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["load"]
+    assert (load["device"], load["dtype"], load["kernels"]) == ("cpu", "bfloat16", {"int4_cpu": 42})
+    assert main(["info", str(w4_act_order), "--load", "--dtype", "float32"]) == 0
+    text = capsys.readouterr().out
+    assert "loaded on         cpu in float32: 42 x dequant" in text
+    assert "42 on dequant (e.g. model.layers.0." in text and "float32 activations" in text
