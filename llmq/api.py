@@ -31,6 +31,7 @@ from .errors import CheckpointError, ConfigError
 from .export import PackedWriter, check_format, check_layout, save_packed, write_metadata
 from .killpoints import kill_point
 from .loader import from_pretrained
+from .memory import fix_malloc_mmap_threshold
 from .methods import awq_search_bytes
 from .pack import can_pack
 from .pipeline import LayerResults, quantize_layers
@@ -41,7 +42,6 @@ from .stream import (
     StreamingLayers,
     checkpoint_dtype,
     empty_model,
-    fix_malloc_mmap_threshold,
     generation_config,
     materialize,
 )
@@ -70,19 +70,20 @@ def load_model(
 
     ``name_or_path`` is a local folder or a hub id (read through the hub cache). A quantized
     checkpoint (``quantization_config`` in its config) loads packed through
-    :func:`llmq.from_pretrained` (with ``kernel``), in float32 unless ``dtype`` says otherwise (the
-    perplexity protocol's precision; bfloat16 is what the CPU's int4 kernel is fast in); anything else
-    through transformers, in ``dtype`` or else the compute dtype of :func:`llmq.device.compute_dtype`.
+    :func:`llmq.from_pretrained` (with ``kernel``), anything else through transformers; both in
+    ``dtype`` or else :func:`llmq.device.compute_dtype` of the stored dtype (bfloat16 for a bf16
+    checkpoint and for one packed from it, float32 otherwise), so a packed model and its source are
+    compared in the same precision.
     """
     folder = resolve_model(name_or_path, revision, trust_remote_code=trust_remote_code)
     config = load_config(folder, trust_remote_code)
     get_arch(config.model_type)
+    dtype = dtype or compute_dtype(checkpoint_dtype(config))
     if getattr(config, "quantization_config", None) is not None:
-        model = from_pretrained(folder, device=device, torch_dtype=dtype or torch.float32,
-                                trust_remote_code=trust_remote_code, kernel=kernel)
+        model = from_pretrained(folder, device=device, torch_dtype=dtype, trust_remote_code=trust_remote_code,
+                                kernel=kernel)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype or compute_dtype(checkpoint_dtype(config)), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return model, tokenizer

@@ -109,7 +109,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=float, help="examples per task (a fraction if < 1)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", help="default: cuda when present, else cpu")
-    _add_load_options(p, "float32 for a packed checkpoint, else the checkpoint's bf16 or float32")
+    _add_load_options(p, "bfloat16 for a bf16 checkpoint or one packed from it, else float32")
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -134,7 +134,7 @@ def _add_ppl(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--json", action="store_true", help="print one JSON line")
-    _add_load_options(p, "float32 for a packed checkpoint, else the checkpoint's bf16 or float32")
+    _add_load_options(p, "bfloat16 for a bf16 checkpoint or one packed from it, else float32")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

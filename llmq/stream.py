@@ -8,7 +8,6 @@ is one decoder layer's weights, whatever the depth of the model.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 from collections import defaultdict
@@ -24,6 +23,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfi
 from .arch import ArchSpec, get_layers
 from .checkpoint import INDEX_FILE, SINGLE_FILE, shard_files
 from .errors import CheckpointError
+from .memory import malloc_trim
 
 log = logging.getLogger(__name__)
 
@@ -89,33 +89,11 @@ def materialize(module: nn.Module, prefix: str, ckpt: ShardedCheckpoint, device:
         set_module_tensor_to_device(module, n, device, value=value, dtype=expected.dtype)
 
 
-def _malloc_trim() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and RSS creeps up layer by layer)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-def fix_malloc_mmap_threshold(nbytes: int = 4 << 20) -> None:
-    """Serve every allocation of ``nbytes`` or more with its own mmap, returned to the OS when freed.
-
-    glibc raises this threshold (up to 32 MB) each time a large block is freed, after which the
-    solver's 4-32 MB temporaries come from the heap and fragment it: each layer's peak then creeps
-    up (8 layers of a 1024-wide model: 704 -> 803 MB; flat at about 670 MB with the fixed
-    threshold). Process-wide; a no-op where libc is not glibc.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def release(module: nn.Module) -> None:
     """Drop a module's tensors back to the meta device, freeing their memory."""
     module.to("meta")
     gc.collect()
-    _malloc_trim()
+    malloc_trim()
 
 
 class StreamingLayers:

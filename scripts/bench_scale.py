@@ -48,14 +48,15 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=
 SHARD_BYTES = 5 * 10**9
 
 
-def make_checkpoint(folder: Path, layers: int) -> None:
-    """Random N(0, 0.02) linears and embeddings, unit norms, bf16, written tensor by tensor."""
+def make_checkpoint(folder: Path, layers: int, shapes: dict = LLAMA2_7B) -> None:
+    """Random N(0, 0.02) linears and embeddings, unit norms, bf16, written tensor by tensor (Llama-2-7B's
+    widths unless ``shapes`` gives others)."""
     from accelerate import init_empty_weights
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from llmq.checkpoint import write_shards
 
-    config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **LLAMA2_7B)
+    config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **shapes)
     with init_empty_weights():
         skeleton = LlamaForCausalLM(config)
     shapes = {k: list(t.shape) for k, t in skeleton.state_dict().items()}

@@ -34,6 +34,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..memory import malloc_trim
 from ..qlinear import QuantLinear
 from .cpu import Int4CpuLinear, Int8CpuLinear
 from .dequant import DequantLinear
@@ -94,6 +95,7 @@ def prepare(model: nn.Module, dtype: torch.dtype, kernel: str = "auto",
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, KERNELS[choice.kernel](layer, dtype))
         del layer
+    malloc_trim()  # the builds' temporaries (codes unpacked to bytes, int32 copies) go back to the OS
     summarize(choices)
     return choices
 

@@ -1,0 +1,222 @@
+"""Inference speed and memory of packed checkpoints against the bf16 model; prints one JSON line of figures.
+
+    python scripts/bench_decode.py                          # TinyLlama-1.1B shapes, random bf16 weights
+    python scripts/bench_decode.py --model DIR_OR_HUB_ID    # any bf16 LLaMA-layout model instead
+    python scripts/bench_decode.py --kernels                # the int4 kernel against dequantize + GEMM by rows
+
+The first run writes a random-weight bf16 checkpoint with TinyLlama-1.1B's shapes (hidden 2048,
+intermediate 5632, 22 layers, 32 heads, 4 key/value heads, vocab 32000; ``bench_scale.py``'s
+generator) under ``--cache-dir``, and packed checkpoints of it: W4 g128 symmetric and asymmetric
+(RTN), the same with act-order (GPTQ, which is what writes act-order ``g_idx``), W8 g128 and W8
+per-row (RTN) and W3 g128 (RTN). The method does not change the kernels' work; the weights are
+random, so no quality figure is taken here (the perplexity tables are in the README).
+
+Each model is then measured in its own process, in bf16 on ``--device`` (default cpu): a 512-token
+prompt through ``model.generate`` (prefill tokens/s: prompt tokens over the time to the first new
+token), ``--decode-tokens`` more tokens at batch 1 (decode tokens/s), and the resident memory the
+load added (VmRSS after a warm-up generation, less VmRSS after the imports), beside the
+checkpoint's tensor bytes (the packed size plus the unquantized tensors). The W4 checkpoint is also
+run on the reference ``kernel="pure"`` path (4 new tokens: it is slow), and, when torchao is
+installed, torchao's int4 weight-only CPU path on the bf16 model (``PrototypeInt4WeightOnlyConfig``,
+group 128) as the peer. The line ends with each model's decode and prefill ratio to bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scale import SHARED, dir_bytes, make_checkpoint  # noqa: E402
+
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+                 vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
+# name -> recipe keys (method defaults to RTN; act-order needs GPTQ)
+VARIANTS = {
+    "w4_sym": dict(bits=4, sym=True),
+    "w4_asym": dict(bits=4, sym=False),
+    "w4_sym_act": dict(bits=4, sym=True, method="gptq", act_order=True),
+    "w4_asym_act": dict(bits=4, sym=False, method="gptq", act_order=True),
+    "w8": dict(bits=8, sym=True),
+    "w8_row": dict(bits=8, sym=True, group_size=-1),
+    "w3": dict(bits=3, sym=False),
+}
+
+
+def status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(kind: str, path: str, device: str, prompt_tokens: int, decode_tokens: int) -> dict:
+    """One model's figures (runs in a child process, so its memory is its own)."""
+    import transformers
+
+    import llmq
+    from llmq.generate import generate
+
+    before = status_bytes("VmRSS")
+    t = time.perf_counter()
+    if kind == "bf16" or kind == "torchao":
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+        if kind == "torchao":
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+            from torchao.quantization import quantize_
+
+            quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=128))
+        kernels = {}
+    else:
+        model = llmq.from_pretrained(path, device=device, torch_dtype=torch.bfloat16,
+                                     kernel="pure" if kind == "pure" else "auto")
+        kernels = {}
+        for c in model.llmq_kernels.values():
+            kernels[c.kernel] = kernels.get(c.kernel, 0) + 1
+    load_s = time.perf_counter() - t
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    prompt = (SHARED / "assets" / "tinystories-text" / "tinystories_sample.cs336.txt").read_text()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids[0, :prompt_tokens]
+    text = tokenizer.decode(ids)
+    fixed = dict(min_new_tokens=decode_tokens, eos_token_id=None)  # random weights: never stop early
+    generate(model, tokenizer, text[:200], max_new_tokens=2, min_new_tokens=2, eos_token_id=None)  # warm-up
+    best = None
+    for _ in range(2 if kind != "pure" else 1):
+        g = generate(model, tokenizer, text, max_new_tokens=decode_tokens, **fixed)
+        if best is None or g.decode_s + g.prefill_s < best.decode_s + best.prefill_s:
+            best = g
+    return {"load_s": round(load_s, 2), "prompt_tokens": best.prompt_tokens, "new_tokens": best.new_tokens,
+            "prefill_tok_s": round(best.prefill_tokens_per_s, 1), "decode_tok_s": round(best.decode_tokens_per_s, 3),
+            "rss_added_mb": round((status_bytes("VmRSS") - before) / 2**20), "kernels": kernels}
+
+
+def tensor_mb(folder: Path) -> float:
+    from llmq.info import checkpoint_info
+
+    return round(checkpoint_info(folder)["tensor_bytes"] / 2**20)
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
+    from llmq.api import quantize_to_disk
+    from llmq.config import Recipe
+
+    cache = Path(args.cache_dir)
+    if args.model:
+        base = Path(args.model)
+    else:
+        base = cache / f"tinyllama-shape-{args.layers}l-bf16"
+        if not base.is_dir():
+            print(f"writing a random bf16 checkpoint to {base}", file=sys.stderr)
+            make_checkpoint(base, args.layers, TINYLLAMA)
+    calib = SHARED / "assets" / "tinystories-text" / "tinystories_sample.cs336.txt"
+    packed = {}
+    for name in args.variants:
+        out = cache / f"{base.name}-{name}"
+        if not (out / "config.json").is_file():
+            print(f"quantizing {name} to {out}", file=sys.stderr)
+            keys = dict(method="rtn", group_size=128, calib=str(calib), nsamples=8, seqlen=256, mse=False)
+            keys.update(VARIANTS[name])
+            quantize_to_disk(Recipe.from_dict(dict(model=str(base), out=str(out), **keys)), overwrite=True)
+        packed[name] = out
+    return base, packed
+
+
+def child(kind: str, path: Path, args: argparse.Namespace, decode_tokens: int) -> dict:
+    cmd = [sys.executable, __file__, "--measure", kind, str(path), "--device", args.device,
+           "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(decode_tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode:
+        raise SystemExit(f"{kind} {path} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def kernel_rows(args: argparse.Namespace) -> dict:
+    """Per linear shape and row count: bf16 GEMM, the int4 kernel, and dequantize + GEMM (ms)."""
+    import torch.nn.functional as F
+
+    from llmq.kernels.cpu import Int4CpuLinear
+    from llmq.pack import pack_gptq
+    from llmq.qlinear import QuantLinear
+
+    def timed(fn, n=10):
+        fn()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return round((time.perf_counter() - t) / n * 1e3, 3)
+
+    rows = {}
+    for n, k in ((2048, 2048), (5632, 2048), (2048, 5632)):
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        g = k // 128
+        layer = QuantLinear(k, n, 4, g, bias=False, zero_offset=0)
+        for key, t in pack_gptq(codes, torch.full((n, g), 2.0**-7), torch.full((n, g), 8, dtype=torch.uint8),
+                                torch.arange(k) // 128, 4, "gptq_v2").items():
+            getattr(layer, key).copy_(t)
+        m = Int4CpuLinear(layer, torch.bfloat16)
+        w = torch.randn(n, k, dtype=torch.bfloat16)
+        sz = m.scales_and_zeros[0]
+        for rows_ in (1, 16, 64, 128, 256, 512):
+            x = torch.randn(rows_, k, dtype=torch.bfloat16)
+            rows[f"{n}x{k}@{rows_}"] = {
+                "bf16": timed(lambda: F.linear(x, w)),  # noqa: B023
+                "int4": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, m.weight[0], 128, sz)),  # noqa: B023
+                "dequant_gemm": timed(lambda: x @ m.dequantized_t()),  # noqa: B023
+            }
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a bf16 LLaMA-layout model folder instead of the random TinyLlama shape")
+    p.add_argument("--layers", type=int, default=22)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "llmq-bench"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--no-pure", action="store_true", help="skip the reference path (minutes at this size)")
+    p.add_argument("--kernels", action="store_true", help="time the int4 kernel against dequantize + GEMM")
+    p.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.measure:
+        print(json.dumps(measure(*args.measure, args.device, args.prompt_tokens, args.decode_tokens)))
+        return
+    if args.kernels:
+        print(json.dumps({"threads": torch.get_num_threads(), "ms": kernel_rows(args)}))
+        return
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
+    base, packed = prepare(args)
+    figures = {"model": str(base), "device": args.device, "threads": torch.get_num_threads(),
+               "bf16": {**child("bf16", base, args, args.decode_tokens), "tensor_mb": round(dir_bytes(base) / 2**20)}}
+    for name, folder in packed.items():
+        figures[name] = {**child("auto", folder, args, args.decode_tokens), "tensor_mb": tensor_mb(folder)}
+    if "w4_sym" in packed and not args.no_pure:
+        figures["w4_sym_pure"] = child("pure", packed["w4_sym"], args, 4)
+    try:
+        import torchao  # noqa: F401
+
+        figures["peer_torchao_int4"] = child("torchao", base, args, args.decode_tokens)
+    except ImportError:
+        figures["peer_torchao_int4"] = "torchao not installed"
+    ref = figures["bf16"]
+    figures["ratio_to_bf16"] = {
+        name: {"decode": round(f["decode_tok_s"] / ref["decode_tok_s"], 2),
+               "prefill": round(f["prefill_tok_s"] / ref["prefill_tok_s"], 2),
+               **({"rss_vs_tensors": round(f["rss_added_mb"] / f["tensor_mb"], 3)} if "tensor_mb" in f else {})}
+        for name, f in figures.items() if isinstance(f, dict) and "decode_tok_s" in f and name != "bf16"}
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
