@@ -112,7 +112,9 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, device: torch.d
         value = value.to(old.dtype)
     elif value.dtype != old.dtype and not (isinstance(module, QuantLinear) and attr == "g_idx"):
         raise CheckpointError(f"tensor {key} has dtype {value.dtype}, expected {old.dtype}")
-    value = value.to(device=device, dtype=old.dtype)
+    # A copy, not a view of the shard's mmap: pages read through the map would stay resident beside the
+    # kernels' layouts built from them, while the map lives on for the other tensors of the shard.
+    value = value.to(device=device, dtype=old.dtype, copy=True)
     if isinstance(old, nn.Parameter):
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     else:

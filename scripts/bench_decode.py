@@ -13,10 +13,12 @@ random, so no quality figure is taken here (the perplexity tables are in the REA
 
 Each model is then measured in its own process, in bf16 on ``--device`` (default cpu): a 512-token
 prompt through ``model.generate`` (prefill tokens/s: prompt tokens over the time to the first new
-token), ``--decode-tokens`` more tokens at batch 1 (decode tokens/s), and the resident memory the
-load added (VmRSS after a warm-up generation, less VmRSS after the imports), beside the
-checkpoint's tensor bytes (the packed size plus the unquantized tensors). The W4 checkpoint is also
-run on the reference ``kernel="pure"`` path (4 new tokens: it is slow), and, when torchao is
+token), ``--decode-tokens`` more tokens at batch 1 (decode tokens/s), and resident memory (VmRSS,
+less VmRSS after the imports and the model class's own module): after the load (``rss_load_mb``;
+transformers maps a bf16 checkpoint lazily, so for it this counts only the pages read so far) and
+after the generations (``rss_after_mb``: activations, KV cache, logits and allocator slack added),
+beside the checkpoint's tensor bytes (``tensor_mb``: the packed size plus the unquantized tensors).
+The W4 checkpoint is also run on the reference ``kernel="pure"`` path (4 new tokens: it is slow), and, when torchao is
 installed, torchao's int4 weight-only CPU path on the bf16 model (``PrototypeInt4WeightOnlyConfig``,
 group 128) as the peer. The line ends with each model's decode and prefill ratio to bf16.
 """
@@ -60,11 +62,13 @@ def status_bytes(field: str) -> int:
 def measure(kind: str, path: str, device: str, prompt_tokens: int, decode_tokens: int) -> dict:
     """One model's figures (runs in a child process, so its memory is its own)."""
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     import llmq
     from llmq.generate import generate
 
-    before = status_bytes("VmRSS")
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(transformers.AutoConfig.from_pretrained(path))]  # import its modeling code
+    before = status_bytes("VmRSS")  # so that what follows is the model's memory, not the library's
     t = time.perf_counter()
     if kind == "bf16" or kind == "torchao":
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
@@ -81,6 +85,7 @@ def measure(kind: str, path: str, device: str, prompt_tokens: int, decode_tokens
         for c in model.llmq_kernels.values():
             kernels[c.kernel] = kernels.get(c.kernel, 0) + 1
     load_s = time.perf_counter() - t
+    loaded = status_bytes("VmRSS")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     prompt = (SHARED / "assets" / "tinystories-text" / "tinystories_sample.cs336.txt").read_text()
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0, :prompt_tokens]
@@ -94,7 +99,8 @@ def measure(kind: str, path: str, device: str, prompt_tokens: int, decode_tokens
             best = g
     return {"load_s": round(load_s, 2), "prompt_tokens": best.prompt_tokens, "new_tokens": best.new_tokens,
             "prefill_tok_s": round(best.prefill_tokens_per_s, 1), "decode_tok_s": round(best.decode_tokens_per_s, 3),
-            "rss_added_mb": round((status_bytes("VmRSS") - before) / 2**20), "kernels": kernels}
+            "rss_load_mb": round((loaded - before) / 2**20),
+            "rss_after_mb": round((status_bytes("VmRSS") - before) / 2**20), "kernels": kernels}
 
 
 def tensor_mb(folder: Path) -> float:
@@ -213,7 +219,7 @@ def main() -> None:
     figures["ratio_to_bf16"] = {
         name: {"decode": round(f["decode_tok_s"] / ref["decode_tok_s"], 2),
                "prefill": round(f["prefill_tok_s"] / ref["prefill_tok_s"], 2),
-               **({"rss_vs_tensors": round(f["rss_added_mb"] / f["tensor_mb"], 3)} if "tensor_mb" in f else {})}
+               **({"rss_load_vs_tensors": round(f["rss_load_mb"] / f["tensor_mb"], 3)} if "tensor_mb" in f else {})}
         for name, f in figures.items() if isinstance(f, dict) and "decode_tok_s" in f and name != "bf16"}
     print(json.dumps(figures))
 

@@ -156,3 +156,15 @@ def test_an_int4_cpu_linear_refuses_to_move_off_the_cpu():
     module = KERNELS["int4_cpu"](packed_layer(4, 128), torch.bfloat16)
     with pytest.raises(RuntimeError, match="cannot move to meta"):
         module.to("meta")
+
+
+def test_groups_of_96_with_a_partial_last_group():
+    """Groups of 96 columns over 256 inputs (96, 96, 64): the int4 kernel runs them as 32-column groups."""
+    for bits in (3, 4, 8):
+        layer = packed_layer(bits, 96, act_order=bits == 4)
+        assert layer.scales.shape[0] == 3
+        assert choose(layer, torch.device("cpu"), torch.bfloat16).kernel == "int4_cpu"
+        module = KERNELS["int4_cpu"](layer, torch.float32)
+        assert module.group == 32
+        check(module, layer, torch.float32, shapes=[(3, K), (200, K)], tol=2e-6)
+        check(KERNELS["dequant"](layer, torch.float32), layer, torch.float32)

@@ -16,6 +16,7 @@ except ImportError:  # a test dependency: fail, do not skip
 from llmq.kernels import KERNELS, choose
 from llmq.kernels.gpu import TRITON_MAX_ROWS
 
+pytestmark = pytest.mark.triton
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # float32 activations get the IEEE dot (the interpreter's, or CUDA's); halves a TF32 dot and a rounded output
 TOL = {torch.float32: 2e-6 if DEVICE.type == "cpu" else 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
