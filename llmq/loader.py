@@ -186,13 +186,15 @@ def from_pretrained(
     loaded = set()
     for path, keys in tqdm(sorted(by_shard.items()), desc="loading shards", unit="shard",
                            disable=len(by_shard) < 2):
-        with safe_open(str(path), framework="pt") as f:
-            for key in keys:
-                if key not in expected:
-                    raise CheckpointError(f"unexpected tensor {key} in {path.name}: the checkpoint does not match "
-                                          f"the {config.model_type} architecture in config.json")
+        for key in keys:
+            if key not in expected:
+                raise CheckpointError(f"unexpected tensor {key} in {path.name}: the checkpoint does not match "
+                                      f"the {config.model_type} architecture in config.json")
+            # One tensor per open: the copy _set_tensor makes is kept and the shard's map, with the pages this
+            # read brought in, is let go at once, so loading peaks at the packed size, not twice it.
+            with safe_open(str(path), framework="pt") as f:
                 _set_tensor(model, key, f.get_tensor(key), target)
-                loaded.add(key)
+            loaded.add(key)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         loaded |= {k for k, p in model.named_parameters(remove_duplicate=False) if p.device.type != "meta"}
