@@ -35,8 +35,9 @@ from ..qlinear import QuantLinear
 log = logging.getLogger(__name__)
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu takes, largest first
-DEQUANT_ABOVE_ROWS = 128  # measured (scripts/bench_decode.py --kernels): the int4 kernel loses to
-#                           dequantize + bf16 GEMM somewhere between 64 and 256 rows at 2048 x 2048
+# scripts/bench_decode.py --kernels: the int4 kernel beats dequantize + bf16 GEMM at 64 rows and loses at
+# 128 (2048 x 2048, 5632 x 2048) or 256 (2048 x 5632)
+DEQUANT_ABOVE_ROWS = 128
 
 
 def _has_op(name: str) -> bool:
