@@ -52,7 +52,7 @@ class ShardedCheckpoint:
         self.where = shard_files(folder)
 
     def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors (in ``keys`` order), each shard opened once; a missing name is a clear error."""
+        """The named tensors (in ``keys`` order), copied out of their shards; a missing name is a clear error."""
         missing = [k for k in keys if k not in self.where]
         if missing:
             raise CheckpointError(
@@ -63,9 +63,11 @@ class ShardedCheckpoint:
             by_shard[self.where[k]].append(k)
         out = {}
         for path, names in by_shard.items():
-            with safe_open(str(path), framework="pt") as f:
-                for k in names:
-                    out[k] = f.get_tensor(k)
+            for k in names:
+                # A copy, one open per tensor: the shard's map (and the pages this read brought in) goes at once.
+                # Views would keep every layer read so far resident while anything of the shard stays mapped.
+                with safe_open(str(path), framework="pt") as f:
+                    out[k] = f.get_tensor(k).clone()
         return {k: out[k] for k in keys}  # in the order asked for, whatever the shard layout
 
 
