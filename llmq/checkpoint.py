@@ -227,6 +227,15 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """Tensor ``key`` of shard ``path``, copied out of the file: one open per tensor, so the shard's map, and
+    the pages this read brought in, go at once. Views would keep every tensor read so far resident while
+    anything of the shard stays mapped (a streamed run's memory would grow with depth, a load peak at
+    twice the packed size)."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key).clone()
+
+
 def shard_files(folder: str | Path) -> dict[str, Path]:
     """``tensor name -> shard path`` from the index (or the single file), each shard checked readable.
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .checkpoint import shard_files
+from .checkpoint import read_tensor, shard_files
 from .errors import CheckpointError
 from .kernels import KERNEL_CHOICES, prepare
 from .pack import GPTQ_BITS
@@ -112,9 +112,7 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, device: torch.d
         value = value.to(old.dtype)
     elif value.dtype != old.dtype and not (isinstance(module, QuantLinear) and attr == "g_idx"):
         raise CheckpointError(f"tensor {key} has dtype {value.dtype}, expected {old.dtype}")
-    # A copy, not a view of the shard's mmap: pages read through the map would stay resident beside the
-    # kernels' layouts built from them, while the map lives on for the other tensors of the shard.
-    value = value.to(device=device, dtype=old.dtype, copy=True)
+    value = value.to(device=device, dtype=old.dtype)
     if isinstance(old, nn.Parameter):
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     else:
@@ -190,10 +188,7 @@ def from_pretrained(
             if key not in expected:
                 raise CheckpointError(f"unexpected tensor {key} in {path.name}: the checkpoint does not match "
                                       f"the {config.model_type} architecture in config.json")
-            # One tensor per open: the copy _set_tensor makes is kept and the shard's map, with the pages this
-            # read brought in, is let go at once, so loading peaks at the packed size, not twice it.
-            with safe_open(str(path), framework="pt") as f:
-                _set_tensor(model, key, f.get_tensor(key), target)
+            _set_tensor(model, key, read_tensor(path, key), target)
             loaded.add(key)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

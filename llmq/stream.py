@@ -17,11 +17,10 @@ import torch
 import torch.nn as nn
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
 from .arch import ArchSpec, get_layers
-from .checkpoint import INDEX_FILE, SINGLE_FILE, shard_files
+from .checkpoint import INDEX_FILE, SINGLE_FILE, read_tensor, shard_files
 from .errors import CheckpointError
 from .memory import malloc_trim
 
@@ -64,10 +63,7 @@ class ShardedCheckpoint:
         out = {}
         for path, names in by_shard.items():
             for k in names:
-                # A copy, one open per tensor: the shard's map (and the pages this read brought in) goes at once.
-                # Views would keep every layer read so far resident while anything of the shard stays mapped.
-                with safe_open(str(path), framework="pt") as f:
-                    out[k] = f.get_tensor(k).clone()
+                out[k] = read_tensor(path, k)
         return {k: out[k] for k in keys}  # in the order asked for, whatever the shard layout
 
 

@@ -53,9 +53,8 @@ class DequantLinear(nn.Module):
 
     def weight_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Input rows ``start:stop`` of ``W^T``, ``[stop - start, out]``, in ``dtype``."""
-        per_word = 32 // self.bits if self.bits != 3 else None
-        words = slice(start // per_word, stop // per_word) if per_word else slice(start * 3 // 32, stop * 3 // 32)
-        codes = unpack_rows(self.qweight[words], self.bits, stop - start)  # [rows, N]
+        # start and stop are multiples of 32 (whole packing blocks), so they fall on word boundaries
+        codes = unpack_rows(self.qweight[start * self.bits // 32 : stop * self.bits // 32], self.bits, stop - start)
         g = self.g_idx[start:stop]
         return ((codes.float() - self.zeros[g]) * self.scales.float()[g]).to(dtype)
 

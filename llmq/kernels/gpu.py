@@ -34,10 +34,6 @@ class TritonLinear(DequantLinear):
             return "triton is not installed (pip install triton)"
         return None
 
-    @classmethod
-    def slow(cls, layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> str | None:
-        return None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (x.is_cuda or _interpreting()):
             return super().forward(x)
