@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from . import __version__
 from .arch import ArchSpec, get_arch, get_layers, layer_linears
+from .arch.experts import split_experts
 from .checkpoint import SpoolWriter, check_output_free, half_dtype, parse_size, save_tensors
 from .config import Recipe
 from .data import get_calibration
@@ -93,7 +94,8 @@ def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec) -> None:
     """What the writer would refuse given the model's shapes, checked on its skeleton before any calibration
     (the settings alone are checked by :func:`llmq.export.check_format`, before the model is even fetched)."""
     shapes = {f"{spec.layers}.{i}.{name}": (m.out_features, m.in_features)
-              for i, layer in enumerate(get_layers(model, spec)) for name, m in layer_linears(layer, spec).items()}
+              for i, layer in enumerate(get_layers(model, spec))
+              for name, m in layer_linears(layer, spec, model.config, i).items()}
     check_layout(recipe.format, recipe.quant, shapes)
     if recipe.apply_awq is not None:
         if recipe.quant.method not in ("awq", "awq+gptq"):
@@ -110,6 +112,7 @@ class Quantized(NamedTuple):
     results: LayerResults  # full module name -> codes and quantization parameters
     awq: dict[str, torch.Tensor]  # AWQ search results (scales, clips) by name; empty for other methods
     dtype: torch.dtype = torch.float16  # unquantized tensors are saved in this dtype (the checkpoint's half dtype)
+    notes: dict[str, Any] | None = None  # what the methods noted for the metadata (experts' tokens and policies)
 
 
 def _calibration(recipe: Recipe, tokenizer: Any) -> torch.Tensor:
@@ -153,6 +156,7 @@ def plan(recipe: Recipe) -> Plan:
     stored = checkpoint_dtype(config)
     dtype = compute_dtype(stored, recipe.compute_dtype)
     skeleton = empty_model(config, dtype, recipe.trust_remote_code)
+    split_experts(skeleton, spec)  # the streaming reader fills the experts' linears from the per-expert tensors
     check_plan(recipe, skeleton, spec)
     return Plan(folder, config, spec, stored, dtype, skeleton)
 
@@ -168,10 +172,11 @@ def quantize(recipe: Recipe, packable_only: bool = True) -> Quantized:
     calib = _calibration(recipe, tokenizer)
     awq_state = load_file(recipe.apply_awq) if recipe.apply_awq else None
     awq_record: dict[str, torch.Tensor] = {}
+    notes: dict[str, Any] = {}
     results = quantize_layers(model, calib, recipe.quant, device=resolve_device(recipe.device),
                               keep_fp=_keep_fp(recipe) if packable_only else None, awq_state=awq_state,
-                              awq_record=awq_record)
-    return Quantized(model, tokenizer, results, awq_record, half_dtype(p.stored_dtype))
+                              awq_record=awq_record, notes=notes)
+    return Quantized(model, tokenizer, results, awq_record, half_dtype(p.stored_dtype), notes)
 
 
 def save(run: Quantized, recipe: Recipe, overwrite: bool = False) -> Path:
@@ -184,7 +189,7 @@ def save(run: Quantized, recipe: Recipe, overwrite: bool = False) -> Path:
     extra = {AWQ_SEARCH_FILE: lambda path: save_tensors(path, run.awq)} if run.awq else {}
     return save_packed(run.model, run.tokenizer, run.results, recipe.out, recipe.quant, recipe=_recorded(recipe),
                        fmt=recipe.format, max_shard_size=recipe.max_shard_size, overwrite=overwrite, extra=extra,
-                       dtype=run.dtype)
+                       dtype=run.dtype, notes=run.notes)
 
 
 def _settings(recipe: Recipe, calib: torch.Tensor, ckpt: ShardedCheckpoint) -> str:
@@ -229,7 +234,7 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
     check_output_free(out, overwrite)
     p = plan(recipe)
     fix_malloc_mmap_threshold()
-    ckpt = ShardedCheckpoint(p.folder)
+    ckpt = ShardedCheckpoint(p.folder, p.spec.to_disk)
     tokenizer = AutoTokenizer.from_pretrained(p.folder, trust_remote_code=recipe.trust_remote_code)
     calib = _calibration(recipe, tokenizer)
     device = resolve_device(recipe.device)
@@ -261,6 +266,7 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
     awq_method = recipe.quant.method in ("awq", "awq+gptq") and not recipe.apply_awq
     awq_spool = SpoolWriter(folder, "awq.spool", state=state["awq"] if state else None) if awq_method else None
     unquantized: list[str] = list(state["unquantized"]) if state else []
+    notes: dict[str, Any] = dict(state.get("notes", {})) if state else {}
     start = state["next_layer"] if state else 0
     with timer("load"):
         for name in spec.before:
@@ -272,7 +278,8 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
     hidden_bytes = calib.numel() * config.hidden_size * p.dtype.itemsize * (
         2 if recipe.quant.next_inputs == "fp" else 1)
     if awq_method:  # the scale search's own buffers count against the same budget
-        widest = max(m.in_features for layer in get_layers(model, spec) for m in layer_linears(layer, spec).values())
+        widest = max(m.in_features for i, layer in enumerate(get_layers(model, spec))
+                     for m in layer_linears(layer, spec, config, i).values())
         hidden_bytes += awq_search_bytes(recipe.quant, calib.shape[0], calib.shape[1], widest, config.hidden_size,
                                          p.dtype.itemsize)
     offload_dir = None
@@ -294,17 +301,18 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
         for key, tensor in layer.state_dict().items():
             name = prefix + key.removesuffix(".weight")
             if key.endswith(".weight") and name in results:
-                writer.add_quantized(name, results[name])
+                writer.add_quantized(spec.to_disk(name), results[name])
             else:
-                writer.add(prefix + key, tensor)
-        unquantized.extend(prefix + n for n in layer_linears(layer, spec) if prefix + n not in results)
+                writer.add(spec.to_disk(prefix + key), tensor)
+        unquantized.extend(spec.to_disk(prefix + n) for n in layer_linears(layer, spec, config, index)
+                           if prefix + n not in results)
         if awq_spool is not None:
             for key in sorted(k for k in awq_record if k.startswith(prefix)):
                 awq_spool.add(key, awq_record.pop(key))
         hidden_file = f"hidden-{index + 1:05d}.safetensors"
         save_tensors(folder / hidden_file, {"hidden": hidden}, kill="activations.write")
         work.commit({"next_layer": index + 1, "hidden": hidden_file, "writer": writer.sync(),
-                     "awq": awq_spool.sync() if awq_spool else None, "unquantized": unquantized})
+                     "awq": awq_spool.sync() if awq_spool else None, "unquantized": unquantized, "notes": notes})
         for old in folder.glob("hidden-*.safetensors"):
             if old.name != hidden_file:
                 old.unlink()
@@ -316,7 +324,7 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
         quantize_layers(model, calib, recipe.quant, device=device, source=StreamingLayers(model, spec, ckpt),
                         sink=sink, batch_size=batch_size, keep_fp=_keep_fp(recipe), awq_state=awq_state,
                         awq_record=awq_record, start=start, resume_hidden=resume_hidden, offload_dir=offload_dir,
-                        timer=timer)
+                        timer=timer, notes=notes)
     if offload_dir is not None:
         shutil.rmtree(offload_dir, ignore_errors=True)
     with timer("write"):
@@ -330,5 +338,5 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
         elif awq_spool is not None:
             awq_spool.close()  # nothing was searched (no foldable scale): no file, as in memory
         write_metadata(folder, config, out_dtype, recipe.quant, fmt, n_layers, sorted(unquantized),
-                       _recorded(recipe), tokenizer, generation_config(ckpt.folder, config), extra)
+                       _recorded(recipe), tokenizer, generation_config(ckpt.folder, config), extra, notes)
         kill_point("finish.metadata_written")

@@ -38,8 +38,9 @@ def _prev_channels(prev: nn.Module) -> int:
     )
 
 
-def can_fold(prev: nn.Module, linears: list[nn.Linear]) -> bool:
-    """Whether ``fold_scales`` applies: a supported ``prev`` whose out-channels equal every linear's in_features.
+def can_fold(prev: nn.Module, linears: list[nn.Linear], also: list[nn.Module] = ()) -> bool:
+    """Whether ``fold_scales`` applies: a supported ``prev`` whose out-channels equal every linear's in_features
+    (and every ``also`` module's 2-D weight's columns).
 
     False e.g. for ``v_proj -> o_proj`` under grouped-query attention (v has fewer rows than o has inputs).
     """
@@ -47,18 +48,22 @@ def can_fold(prev: nn.Module, linears: list[nn.Linear]) -> bool:
         channels = _prev_channels(prev)
     except ValueError:
         return False
-    return bool(linears) and all(isinstance(fc, nn.Linear) and fc.in_features == channels for fc in linears)
+    return (bool(linears) and all(isinstance(fc, nn.Linear) and fc.in_features == channels for fc in linears)
+            and all(getattr(m, "weight", None) is not None and m.weight.dim() == 2 and m.weight.shape[1] == channels
+                    for m in also))
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, also: list[nn.Module] = ()) -> None:
     """Fold AWQ scales exactly: ``W[:, j] *= s_j`` in each linear, ``prev``'s output channel ``j`` ``/= s_j``.
 
     ``prev`` is an nn.Linear (rows of weight and bias), nn.LayerNorm or a ``weight * x`` RMSNorm (weight and
     bias). Norms computing ``x * (1 + weight)`` (Gemma) are not supported and raise, as do mismatched shapes.
-    Arithmetic is in float32, cast back to each parameter's dtype.
+    ``also`` are full-precision modules reading the same input (a MoE router): their weight columns are
+    scaled as the linears', so they compute what they did. Arithmetic is in float32, cast back to each
+    parameter's dtype.
     """
-    if not can_fold(prev, linears):
+    if not can_fold(prev, linears, also):
         raise ValueError(
             f"cannot fold scales of {type(prev).__name__} into {[type(fc).__name__ for fc in linears]}: "
             "prev must be a Linear/LayerNorm/RMSNorm whose out-channels equal every linear's in_features"
@@ -66,7 +71,7 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor)
     s = scales.detach().float().flatten()
     if s.numel() != linears[0].in_features:
         raise ValueError(f"{s.numel()} scales for {linears[0].in_features} input channels")
-    for fc in linears:
+    for fc in [*linears, *also]:
         w = fc.weight
         w.copy_((w.float() * s.to(w.device)[None, :]).to(w.dtype))
     if isinstance(prev, nn.Linear):

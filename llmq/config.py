@@ -19,6 +19,8 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # float16 is refused: activations of some models overflow it
 SYMMETRIC_BY_DEFAULT = (4, 8)  # the widths vLLM's Marlin kernels serve (symmetric GPTQ only)
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+# where a mixture-of-experts expert with too few routed tokens gets its calibration statistics
+EXPERT_POLICIES = ("all_tokens", "routed", "rtn")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,12 @@ class QuantConfig:
     # AWQ: the scale search runs on the first windows holding at most this many tokens (AutoAWQ's
     # 128 x 512); it keeps one linear's inputs for them, so this bounds the search's memory
     awq_max_tokens: int = 65536
+    # Mixtures of experts: an expert routed fewer than ``expert_min_tokens`` calibration tokens (0: its input
+    # width, below which its Hessian is singular) is "starved" and gets ``expert_policy``: "all_tokens" (the
+    # whole layer's input pushed through it, for its statistics only), "routed" (its few tokens, plus GPTQ's
+    # damping; RTN when it has none) or "rtn". The default is measured in eval/moe_starved.py.
+    expert_policy: str = "all_tokens"
+    expert_min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,6 +90,11 @@ class QuantConfig:
             raise ConfigError(f"next_inputs={self.next_inputs!r} must be 'quantized' or 'fp'")
         if self.awq_max_tokens < 1:
             raise ConfigError(f"awq_max_tokens={self.awq_max_tokens} must be positive (65536 is the usual value)")
+        if self.expert_policy not in EXPERT_POLICIES:
+            raise ConfigError(f"expert_policy={self.expert_policy!r} is unknown: choose one of "
+                              f"{', '.join(EXPERT_POLICIES)}")
+        if self.expert_min_tokens < 0:
+            raise ConfigError(f"expert_min_tokens={self.expert_min_tokens} must be >= 0 (0: each expert's input width)")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} must be positive (128 is the usual value)")
 

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from transformers import PreTrainedModel
 
 from . import __version__
-from .arch import ArchSpec, get_arch
+from .arch import ArchSpec, get_arch, layer_linears
 from .checkpoint import SpoolWriter, atomic_output_dir, half_dtype, parse_size, write_json
 from .config import QuantConfig
 from .errors import ConfigError
@@ -83,10 +82,10 @@ def check_layout(fmt: str, cfg: QuantConfig, shapes: dict[str, tuple[int, int]])
             + (f"--group-size {divisors[0]}" if divisors else "another --group-size") + " or --format auto")
 
 
-def awq_quantization_config(cfg: QuantConfig, unquantized: list[str], recipe: dict[str, Any] | None
-                            ) -> dict[str, Any]:
+def awq_quantization_config(cfg: QuantConfig, unquantized: list[str], recipe: dict[str, Any] | None,
+                            experts: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config AutoAWQ writes for its GEMM layout (read by transformers' AwqConfig and vLLM)."""
-    return {
+    qc = {
         "quant_method": "awq",
         "bits": 4,
         "group_size": cfg.group_size,
@@ -96,6 +95,9 @@ def awq_quantization_config(cfg: QuantConfig, unquantized: list[str], recipe: di
         "meta": {"quantizer": [f"llmq:{__version__}"],
                  "llmq": {"quant": dataclasses.asdict(cfg), "recipe": recipe or {}, "unquantized": unquantized}},
     }
+    if experts:
+        qc["meta"]["llmq"]["experts"] = experts
+    return qc
 
 
 def _awq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -111,6 +113,7 @@ def _awq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 def quantization_config(
     cfg: QuantConfig, fmt: str, spec: ArchSpec, n_layers: int, unquantized: list[str], recipe: dict[str, Any] | None,
+    experts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     qc: dict[str, Any] = {
         "quant_method": "gptq",
@@ -127,11 +130,13 @@ def quantization_config(
             "llmq": {"quant": dataclasses.asdict(cfg), "recipe": recipe or {}, "unquantized": unquantized},
         },
     }
+    if experts:  # each expert's calibration tokens and the policy it got (``LayerJob.expert_policies``)
+        qc["meta"]["llmq"]["experts"] = experts
     if unquantized:
         qc["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in unquantized}
         depth = len(spec.layers.split(".")) + 1
         in_layer = {name.split(".", depth)[-1] for name in unquantized}
-        if len(unquantized) == len(in_layer) * n_layers:  # the same linears skipped in every layer
+        if spec.moe is None and len(unquantized) == len(in_layer) * n_layers:  # the same linears in every layer
             qc["modules_in_block_to_quantize"] = [
                 [n for n in group if n not in in_layer] for group in spec.sequential if set(group) - in_layer
             ]
@@ -194,16 +199,21 @@ class PackedWriter:
 
 def write_metadata(staging: Path, config: Any, dtype: torch.dtype, cfg: QuantConfig, fmt: str, n_layers: int,
                    unquantized: list[str], recipe: dict[str, Any] | None, tokenizer: Any = None,
-                   generation_config: Any = None, extra: dict[str, Callable[[Path], None]] | None = None) -> None:
-    """Everything but the weights: config.json with quantization_config, quantize_config.json, tokenizer."""
+                   generation_config: Any = None, extra: dict[str, Callable[[Path], None]] | None = None,
+                   notes: dict[str, Any] | None = None) -> None:
+    """Everything but the weights: config.json with quantization_config, quantize_config.json, tokenizer.
+
+    ``notes`` (by module name in the model) go under ``meta.llmq.experts`` with their checkpoint names.
+    """
     spec = get_arch(config.model_type)
+    experts = {spec.to_disk(k): v for k, v in sorted((notes or {}).items())}
     config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict["dtype"] = str(dtype).removeprefix("torch.")
     if fmt == "awq":
-        qc = awq_quantization_config(cfg, unquantized, recipe)
+        qc = awq_quantization_config(cfg, unquantized, recipe, experts)
     else:
-        qc = quantization_config(cfg, fmt, spec, n_layers, unquantized, recipe)
+        qc = quantization_config(cfg, fmt, spec, n_layers, unquantized, recipe, experts)
     config_dict["quantization_config"] = qc
     write_json(staging / "config.json", config_dict)
     write_json(staging / "quantize_config.json", qc)
@@ -230,6 +240,7 @@ def save_packed(
     overwrite: bool = False,
     extra: dict[str, Callable[[Path], None]] | None = None,
     dtype: torch.dtype | None = None,
+    notes: dict[str, Any] | None = None,
 ) -> Path:
     """Pack ``results`` (full module name -> quantized weight) and save with the rest of ``model``.
 
@@ -240,15 +251,14 @@ def save_packed(
     check_format(fmt, cfg)
     choose_format(results, fmt)  # an impossible explicit format fails before anything is written
     dtype = dtype or half_dtype(next(model.parameters()).dtype)
-    modules = dict(model.named_modules())
+    layers = model.get_submodule(spec.layers)
     quantized_params = {f"{name}.weight" for name in results}
-    unquantized = sorted(
-        name for name, m in modules.items()
-        if isinstance(m, nn.Linear) and name.startswith(spec.layers + ".") and name not in results
-    )
-    for name in unquantized:
+    linears = {f"{spec.layers}.{i}.{name}": m for i, layer in enumerate(layers)
+               for name, m in layer_linears(layer, spec, model.config, i).items()}
+    unquantized = sorted(spec.to_disk(name) for name in linears if name not in results)
+    for name in sorted(n for n in linears if n not in results):
         log.warning("%s stays in %s: the GPTQ layout cannot hold its shape %s", name, dtype,
-                    tuple(modules[name].weight.shape))
+                    tuple(linears[name].weight.shape))
     tied = "lm_head.weight" if getattr(model.config, "tie_word_embeddings", False) else None
     with atomic_output_dir(out, overwrite) as staging:
         writer = PackedWriter(staging, fmt, dtype, cfg.bits)
@@ -256,10 +266,10 @@ def save_packed(
             if key == tied:
                 continue
             if key in quantized_params:
-                writer.add_quantized(key[: -len(".weight")], results[key[: -len(".weight")]])
+                writer.add_quantized(spec.to_disk(key[: -len(".weight")]), results[key[: -len(".weight")]])
             else:
-                writer.add(key, tensor)
+                writer.add(spec.to_disk(key), tensor)
         fmt = writer.close(parse_size(max_shard_size))
-        write_metadata(staging, model.config, dtype, cfg, fmt, len(model.get_submodule(spec.layers)), unquantized,
-                       recipe, tokenizer, getattr(model, "generation_config", None), extra)
+        write_metadata(staging, model.config, dtype, cfg, fmt, len(layers), unquantized,
+                       recipe, tokenizer, getattr(model, "generation_config", None), extra, notes)
     return Path(out)

@@ -23,6 +23,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from .arch import ARCHITECTURES
+from .arch.experts import split_experts
 from .checkpoint import read_tensor, shard_files
 from .errors import CheckpointError
 from .kernels import KERNEL_CHOICES, prepare
@@ -154,14 +156,17 @@ def from_pretrained(
     folder = resolve_model(path_or_hub_id, revision, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     qc = read_quant_config(config)
-    where = shard_files(folder)
+    spec = ARCHITECTURES.get(config.model_type)  # None: a dense layout llmq has no entry for, loaded as it is
+    stored = shard_files(folder)
+    disk_names = {(spec.from_disk(k) if spec else k): k for k in stored}  # name in the model -> name on disk
+    where = {k: stored[d] for k, d in disk_names.items()}
     shapes: dict[str, dict[str, tuple]] = defaultdict(dict)
     scale_dtypes: dict[str, torch.dtype] = {}
     for key, path in where.items():
         module, _, suffix = key.rpartition(".")
         if suffix in QUANT_SUFFIXES:
             with safe_open(str(path), framework="pt") as f:
-                sl = f.get_slice(key)
+                sl = f.get_slice(disk_names[key])
                 shapes[module][suffix] = tuple(sl.get_shape())
                 if suffix == "scales":
                     if sl.get_dtype() not in _ST_FLOATS:
@@ -173,6 +178,8 @@ def from_pretrained(
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(skeleton_config, dtype=torch_dtype,
                                                  trust_remote_code=trust_remote_code)
+    if spec is not None:
+        split_experts(model, spec)  # per-expert linears, as the checkpoint stores them
     _swap_quant_linears(model, shapes, qc, torch_dtype, {m: scale_dtypes.get(m, torch.float16) for m in shapes})
 
     target = torch.device("cpu") if device_map is not None else torch.device(device)
@@ -188,7 +195,7 @@ def from_pretrained(
             if key not in expected:
                 raise CheckpointError(f"unexpected tensor {key} in {path.name}: the checkpoint does not match "
                                       f"the {config.model_type} architecture in config.json")
-            _set_tensor(model, key, read_tensor(path, key), target)
+            _set_tensor(model, key, read_tensor(path, disk_names[key]), target)
             loaded.add(key)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

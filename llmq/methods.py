@@ -8,6 +8,7 @@ compute the quantized layer's outputs as the next layer's inputs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .arch import ScaleGroup
+from .arch.experts import LayerExperts
 from .awq import can_fold, fold_scales, search_clip, search_scale
 from .config import QuantConfig
 from .errors import WeightError
@@ -48,6 +50,47 @@ class LayerJob:
     timer: StageTimes = field(default_factory=StageTimes)  # where the layer's time goes
     windows: int = 1  # calibration windows, of ``seqlen`` tokens each
     seqlen: int = 1
+    experts: LayerExperts | None = None  # a mixture-of-experts layer's experts
+    # note(key, value): JSON-able facts for the checkpoint's metadata (each expert's tokens and policy)
+    note: Callable[[str, Any], None] = lambda key, value: None
+    _policies: dict[str, str] | None = None
+
+    def expert_policies(self) -> dict[str, str]:
+        """Expert name -> where its calibration statistics come from: ``"routed"`` (its routed tokens),
+        ``"all_tokens"`` (the whole layer's input pushed through it) or ``"rtn"`` (none: round to nearest).
+
+        Counted once per layer (after the attention before it is quantized, so on the tokens that reach
+        it): experts with at least ``cfg.expert_min_tokens`` tokens (default: their input width, below
+        which a Hessian is singular) use their routed tokens; the others ``cfg.expert_policy``, except
+        that ``"routed"`` with no token at all is ``"rtn"``. Logged, and noted for the metadata.
+        """
+        if self.experts is None:
+            return {}
+        if self._policies is None:
+            counts = self.experts.count(self.observe)
+            self._policies, starved = {}, []
+            for expert, n in counts.items():
+                width = self.layer.get_submodule(self.experts.members[expert][0]).in_features
+                if n >= (self.cfg.expert_min_tokens or width):
+                    policy = "routed"
+                else:
+                    policy = "rtn" if n == 0 and self.cfg.expert_policy == "routed" else self.cfg.expert_policy
+                    starved.append(f"{expert} ({n}: {policy})")
+                self._policies[expert] = policy
+                self.note(self.prefix + expert, {"tokens": n, "policy": policy})
+            log.info("layer %d: tokens per expert %d to %d%s", self.index, min(counts.values()), max(counts.values()),
+                     "; too few for " + ", ".join(starved) if starved else "")
+        return self._policies
+
+    def policy_of(self, linear: str) -> str | None:
+        """The expert policy of ``linear`` (None when it is not an expert's)."""
+        if self.experts is None or linear not in self.experts.of:
+            return None
+        return self.expert_policies()[self.experts.of[linear]]
+
+    def widened(self, names: list[str]) -> Any:
+        """Context in which the experts of ``names`` see every token of the layer's input."""
+        return self.experts.every_token({self.experts.of[n] for n in names})
 
 
 def check_finite(name: str, tensor: torch.Tensor, what: str = "weight") -> None:
@@ -120,22 +163,37 @@ class SharedHessians:
 
 
 def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
-    """GPTQ, group by group: each group's Hessians come from inputs through the quantized groups before it."""
+    """GPTQ, group by group: each group's Hessians come from inputs through the quantized groups before it.
+
+    In a mixture of experts each expert's Hessian is built from its routed tokens; experts with too
+    few follow :meth:`LayerJob.expert_policies`.
+    """
     groups = job.groups if job.cfg.true_sequential else ({k: v for g in job.groups for k, v in g.items()},)
     results = {}
     for group in groups:
         for name, module in group.items():
             check_finite(job.prefix + name, module.weight)
+        policy = {name: job.policy_of(name) for name in group}
         hessians = SharedHessians(group, job.timer, check=lambda name, H: check_finite(
             job.prefix + name, H, "calibration Hessian (inputs overflowed?)"))
         with job.timer("observe"):
-            job.observe(group, hessians.add)
+            routed = {n: m for n, m in group.items() if policy[n] in (None, "routed")}
+            widened = {n: m for n, m in group.items() if policy[n] == "all_tokens"}
+            if routed:
+                job.observe(routed, hessians.add)
+            if widened:
+                with job.widened(list(widened)):
+                    job.observe(widened, hessians.add)
         for name, module in group.items():
             with job.timer("solve"):  # H passed inline: the solver frees it once it has H^-1
-                res = gptq_quantize(module.weight.data, hessians.hessian(name), job.cfg)
-            log.info("layer %d %-22s loss %.5g damp %.3g", job.index, name, res.loss, res.damp)
-            results[name] = res.weight
-            write_back(module, res.weight)
+                if policy[name] == "rtn":
+                    results[name] = rtn_quantize(module.weight.data, job.cfg)
+                    log.info("layer %d %-22s RTN (no calibration tokens)", job.index, name)
+                else:
+                    res = gptq_quantize(module.weight.data, hessians.hessian(name), job.cfg)
+                    log.info("layer %d %-22s loss %.5g damp %.3g", job.index, name, res.loss, res.damp)
+                    results[name] = res.weight
+            write_back(module, results[name])
     return results
 
 
@@ -159,16 +217,18 @@ def _gptq_rounding(x: torch.Tensor, cfg: QuantConfig) -> Callable[[torch.Tensor,
     return rounding
 
 
-def _gather_inputs(job: LayerJob, name: str, windows: int) -> torch.Tensor:
-    """One linear's inputs on the first ``windows`` calibration windows, ``[windows, seqlen, in]``."""
+def _gather_inputs(job: LayerJob, name: str, windows: int) -> torch.Tensor | None:
+    """Module ``name``'s inputs on the first ``windows`` calibration windows (None when it saw no token there):
+    ``[windows, seqlen, in]``, or ``[tokens, in]`` for an expert, which sees only its routed tokens."""
     batches: list[torch.Tensor] = []
     job.observe({name: job.layer.get_submodule(name)}, lambda _, x: batches.append(x.clone()), windows)
-    return torch.cat(batches)
+    return torch.cat(batches) if batches else None
 
 
 def _sample_inputs(job: LayerJob, names: list[str], n_tokens: int) -> dict[str, torch.Tensor]:
     """Each named linear's inputs at ``n_tokens`` tokens evenly spaced over all calibration tokens
-    (``x.reshape(-1, in)[::stride][:n_tokens]`` of all of them), keeping only those tokens."""
+    (``x.reshape(-1, in)[::stride][:n_tokens]`` of all of them), keeping only those tokens; an expert's
+    stream is its routed tokens, and a linear that saw none is left out."""
     total = job.windows * job.seqlen
     keep = torch.arange(0, total, max(1, total // n_tokens))[:n_tokens]
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in names}
@@ -181,7 +241,7 @@ def _sample_inputs(job: LayerJob, names: list[str], n_tokens: int) -> dict[str, 
         idx = keep[(keep >= start) & (keep < seen[name])] - start
         samples[name].append(flat[idx.to(flat.device)].clone())
     job.observe({name: job.layer.get_submodule(name) for name in names}, take)
-    return {name: torch.cat(xs) for name, xs in samples.items()}
+    return {name: torch.cat(xs) for name, xs in samples.items() if sum(x.shape[0] for x in xs)}
 
 
 def apply_awq(job: LayerJob, gptq_rounding: bool = False) -> None:
@@ -223,23 +283,34 @@ def _fold_scales(job: LayerJob, gptq_rounding: bool) -> None:
     for sg in job.scale_groups:
         prev = layer.get_submodule(sg.prev)
         linears = [layer.get_submodule(name) for name in sg.linears]
+        also = [layer.get_submodule(name) for name in sg.also]
         key = f"{job.prefix}{sg.prev}.awq_scale"
-        if not can_fold(prev, linears) or (state is not None and key not in state):
+        # an expert without calibration statistics of its own keeps scale 1 (RTN)
+        policy = job.policy_of(sg.input_of or sg.linears[0])
+        if not can_fold(prev, linears, also) or (state is not None and key not in state) or policy == "rtn":
             continue
         if state is not None:
             scales = state[key].to(linears[0].weight.device)
         else:
             compared = layer.get_submodule(sg.inspect) if sg.inspect else linears[0]
-            x = _gather_inputs(job, sg.linears[0], windows)
+            source = sg.input_of or sg.linears[0]
+            with job.widened([source]) if policy == "all_tokens" else contextlib.nullcontext():
+                x = _gather_inputs(job, source, windows)
+            if x is None:  # an expert routed no token in the search windows: scale 1
+                continue
             with torch.no_grad():
                 scales, loss = search_scale(x, linears, _inspector(compared, job.kwargs), job.cfg,
                                             n_grid=job.cfg.awq_grid, duo=job.cfg.awq_duo,
                                             quantize_fn=_gptq_rounding(x, job.cfg) if gptq_rounding else None,
                                             batch_tokens=job.batch_size * job.seqlen)
             del x
-            log.info("layer %d %s -> %s: scale loss %.5g", job.index, sg.prev, ",".join(sg.linears), loss)
-        fold_scales(prev, linears, scales)
+            log.info("layer %d %s -> %s: scale loss %.5g", job.index, sg.prev, _short(sg.linears), loss)
+        fold_scales(prev, linears, scales, also)
         job.record(key, scales.detach().cpu())
+
+
+def _short(names: tuple[str, ...]) -> str:
+    return ",".join(names) if len(names) <= 4 else f"{names[0]},...,{names[-1]} ({len(names)} linears)"
 
 
 CLIP_TOKENS = 512  # tokens the clip search compares outputs on (AutoAWQ's n_sample_token)
@@ -253,8 +324,17 @@ def _clip_weights(job: LayerJob) -> None:
     """
     state, gs = job.awq_state, job.cfg.group_size
     clipped = [n for g in job.groups for n, m in g.items()
-               if not n.endswith(("q_proj", "k_proj")) and (gs < 0 or m.in_features % gs == 0)]
-    inputs = None if state is not None or not clipped else _sample_inputs(job, clipped, CLIP_TOKENS)
+               if not n.endswith(("q_proj", "k_proj")) and (gs < 0 or m.in_features % gs == 0)
+               and job.policy_of(n) != "rtn"]
+    inputs = {}
+    if state is None and clipped:
+        widened = [n for n in clipped if job.policy_of(n) == "all_tokens"]
+        routed = [n for n in clipped if n not in widened]
+        inputs = _sample_inputs(job, routed, CLIP_TOKENS) if routed else {}
+        if widened:
+            with job.widened(widened):
+                inputs.update(_sample_inputs(job, widened, CLIP_TOKENS))
+        clipped = [n for n in clipped if n in inputs]
     for name in clipped:
         module = job.layer.get_submodule(name)
         key = f"{job.prefix}{name}.awq_clip"

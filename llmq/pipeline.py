@@ -23,6 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, get_arch, get_layers, layer_linears
+from .arch.experts import LayerExperts, split_experts
 from .config import QuantConfig
 from .device import exact_float32, resolve_device
 from .methods import METHOD_FNS, LayerJob, check_finite
@@ -240,6 +241,7 @@ def quantize_layers(
     resume_hidden: Callable[[torch.Tensor], None] | None = None,
     offload_dir: Path | None = None,
     timer: StageTimes | None = None,
+    notes: dict[str, Any] | None = None,
 ) -> LayerResults:
     """Quantize every decoder layer's linears with ``cfg.method``; returns all quantized weights.
 
@@ -253,8 +255,12 @@ def quantize_layers(
     Resuming: ``start`` skips the layers before it, and ``resume_hidden(buffer)`` fills the
     activation buffer with that layer's saved inputs. With ``offload_dir`` the activations are
     memory-mapped files there instead of tensors on ``device``.
+
+    A mixture of experts' fused experts are split into linears first (:func:`llmq.arch.experts.split_experts`);
+    ``notes`` collects what the methods note for the metadata (each expert's tokens and policy).
     """
     spec = get_arch(model.config.model_type)
+    split_experts(model, spec)
     device = resolve_device(device)
     source = source or InMemoryLayers(model, spec)
     method = METHOD_FNS[cfg.method]
@@ -277,12 +283,13 @@ def quantize_layers(
         with timer("load"):
             layer = source.load_layer(index).to(device)
         prefix = f"{spec.layers}.{index}."
-        linears = layer_linears(layer, spec)
+        linears = layer_linears(layer, spec, model.config, index)
         for name, module in linears.items():
             check_finite(prefix + name, module.weight)
         if keep_fp is not None:
             linears = {name: m for name, m in linears.items() if not keep_fp(prefix + name, m)}
-        groups = tuple(g for g in ({n: linears[n] for n in group if n in linears} for group in spec.sequential) if g)
+        groups = tuple(g for g in ({n: linears[n] for n in group if n in linears}
+                                   for group in spec.groups(model.config, index)) if g)
 
         kwargs = layer_kwargs[index]
         observe = functools.partial(_observe, layer, hidden, kwargs, batch_size)
@@ -290,9 +297,12 @@ def quantize_layers(
             with timer("propagate"):
                 _propagate(layer, hidden, kwargs, batch_size, out=fp_outputs)
         record = awq_record.__setitem__ if awq_record is not None else (lambda name, tensor: None)
-        job = LayerJob(index, prefix, groups, cfg, observe, layer=layer, kwargs=kwargs, scale_groups=spec.scale_groups,
-                       batch_size=batch_size, record=record, awq_state=awq_state, timer=timer,
-                       windows=hidden.shape[0], seqlen=hidden.shape[1])
+        experts = LayerExperts(layer, spec, model.config, index) if spec.is_sparse(model.config, index) else None
+        note = notes.__setitem__ if notes is not None else (lambda key, value: None)
+        job = LayerJob(index, prefix, groups, cfg, observe, layer=layer, kwargs=kwargs,
+                       scale_groups=spec.layer_scale_groups(model.config, index), batch_size=batch_size,
+                       record=record, awq_state=awq_state, timer=timer, windows=hidden.shape[0],
+                       seqlen=hidden.shape[1], experts=experts, note=note)
         results = method(job)
         with timer("propagate"):
             if fp_outputs is not None:

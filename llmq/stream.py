@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,32 +39,35 @@ def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
 
 
 class ShardedCheckpoint:
-    """``tensor name -> shard`` for a folder of safetensors shards; reads tensors on request."""
+    """``tensor name -> shard`` for a folder of safetensors shards; reads tensors on request.
 
-    def __init__(self, folder: Path):
+    ``to_disk`` maps a tensor's name in the model to its name in the shards (``ArchSpec.to_disk``).
+    """
+
+    def __init__(self, folder: Path, to_disk: Callable[[str], str] = lambda key: key):
         if not (folder / INDEX_FILE).is_file() and not (folder / SINGLE_FILE).is_file():
             if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
                 raise CheckpointError(
                     f"{folder} holds pickled weights (*.bin), which llmq does not read: convert them once with "
                     "transformers (AutoModelForCausalLM.from_pretrained(path).save_pretrained(new_path)) "
                     "to get safetensors shards")
-        self.folder = folder
+        self.folder, self.to_disk = folder, to_disk
         self.where = shard_files(folder)
 
     def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors (in ``keys`` order), copied out of their shards; a missing name is a clear error."""
-        missing = [k for k in keys if k not in self.where]
+        missing = [k for k in keys if self.to_disk(k) not in self.where]
         if missing:
             raise CheckpointError(
                 f"{self.folder} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: the checkpoint "
                 "is incomplete or uses other tensor names than transformers' (re-save it with save_pretrained)")
         by_shard: dict[Path, list[str]] = defaultdict(list)
         for k in keys:
-            by_shard[self.where[k]].append(k)
+            by_shard[self.where[self.to_disk(k)]].append(k)
         out = {}
         for path, names in by_shard.items():
             for k in names:
-                out[k] = read_tensor(path, k)
+                out[k] = read_tensor(path, self.to_disk(k))
         return {k: out[k] for k in keys}  # in the order asked for, whatever the shard layout
 
 

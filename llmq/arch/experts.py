@@ -1,0 +1,151 @@
+"""Mixture-of-experts experts as plain linears, so calibration hooks see each expert's routed tokens.
+
+transformers 5 stores a layer's experts as fused 3-D parameters (``gate_up_proj [E, 2I, H]``,
+``down_proj [E, H, I]``); checkpoints on disk hold one tensor per expert. ``split_experts`` swaps each
+fused module for an :class:`ExpertLinears`: one :class:`Expert` (three ``nn.Linear``) per expert, named
+as on disk, with the fused module's forward (same routing, routing weights applied after ``down``).
+Works on the meta device too (the streaming reader then fills the linears from the per-expert tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import UnsupportedArchitectureError
+from .spec import ArchSpec, ExpertNames
+
+
+class Expert(nn.Module):
+    """One expert's gated MLP, ``down(act(gate(x)) * up(x))``, its linears named as in checkpoints."""
+
+    def __init__(self, names: ExpertNames, hidden: int, inter: int, act: Callable[[torch.Tensor], torch.Tensor],
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.names = names
+        self.act = act
+        for name, (n_in, n_out) in ((names.gate, (hidden, inter)), (names.up, (hidden, inter)),
+                                    (names.down, (inter, hidden))):
+            self.add_module(name, nn.Linear(n_in, n_out, bias=False, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (self.get_submodule(n) for n in (self.names.gate, self.names.up, self.names.down))
+        return down(self.act(gate(x)) * up(x))
+
+
+class ExpertLinears(nn.ModuleList):
+    """Drop-in for transformers' fused experts: ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``.
+
+    Each expert runs on the tokens routed to it, its output scaled by their routing weights and summed
+    per token, as the fused module. Experts in ``every_token`` (set only while calibration statistics are
+    gathered) run on every token instead, so their linears' hooks see the whole layer's input; only the
+    routed tokens' rows reach the output, which therefore does not change.
+    """
+
+    def __init__(self, experts: list[Expert]):
+        super().__init__(experts)
+        self.every_token: frozenset[int] = frozenset()
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        hit = torch.bincount(top_k_index.flatten(), minlength=len(self))[: len(self)]
+        for e in sorted(set(hit.nonzero().flatten().tolist()) | self.every_token):
+            token_idx, pos = torch.where(top_k_index == e)
+            if e in self.every_token:
+                y = self[e](hidden_states)[token_idx]
+            else:
+                y = self[e](hidden_states[token_idx])
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
+        return out
+
+
+def _fused_to_linears(fused: nn.Module, names: ExpertNames) -> ExpertLinears:
+    gate_up, down = getattr(fused, "gate_up_proj", None), getattr(fused, "down_proj", None)
+    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or gate_up.dim() != 3:
+        raise UnsupportedArchitectureError(
+            f"{type(fused).__name__} is not transformers' fused experts layout (gate_up_proj [E, 2I, H], down_proj "
+            "[E, H, I]); the table's MoE entry does not match this model")
+    if any(getattr(fused, b, None) is not None for b in ("gate_up_proj_bias", "down_proj_bias")):
+        raise UnsupportedArchitectureError(f"{type(fused).__name__} has expert biases, which llmq does not support")
+    n_experts, two_inter, hidden = gate_up.shape
+    inter = two_inter // 2
+    experts = []
+    for e in range(n_experts):
+        expert = Expert(names, hidden, inter, fused.act_fn, gate_up.dtype, gate_up.device)
+        if gate_up.device.type != "meta":
+            with torch.no_grad():  # transformers' order: gate rows first, then up (``.chunk(2, dim=-1)``)
+                expert.get_submodule(names.gate).weight.copy_(gate_up[e, :inter])
+                expert.get_submodule(names.up).weight.copy_(gate_up[e, inter:])
+                expert.get_submodule(names.down).weight.copy_(down[e])
+        experts.append(expert)
+    return ExpertLinears(experts)
+
+
+def split_experts(model: nn.Module, spec: ArchSpec) -> int:
+    """Replace the fused experts of every sparse layer by :class:`ExpertLinears`; returns how many were split.
+
+    Idempotent. Sparse layers come from the model's config (``spec.moe.sparse``); a sparse layer
+    whose MoE block is missing is an error naming the mismatch.
+    """
+    if spec.moe is None:
+        return 0
+    m, split = spec.moe, 0
+    for index, layer in enumerate(model.get_submodule(spec.layers)):
+        if not spec.is_sparse(model.config, index):
+            continue
+        path = f"{m.block}.{m.experts}"
+        try:
+            fused = layer.get_submodule(path)
+        except AttributeError:
+            raise UnsupportedArchitectureError(
+                f"layer {index} should be sparse by the model's config but has no {path}: the table's MoE entry "
+                "and the model disagree") from None
+        if isinstance(fused, ExpertLinears):
+            continue
+        setattr(layer.get_submodule(m.block), m.experts, _fused_to_linears(fused, m.names))
+        split += 1
+    return split
+
+
+class LayerExperts:
+    """The experts of one decoder layer, as the quantization methods see them (names relative to the layer).
+
+    ``members[expert]`` are the expert's linears; :meth:`count` runs the router on the calibration
+    inputs and returns the tokens routed to each expert; :meth:`every_token` makes chosen experts see
+    the whole layer's input while their statistics are gathered.
+    """
+
+    def __init__(self, layer: nn.Module, spec: ArchSpec, config: Any, index: int):
+        m = spec.moe
+        self.module_name = f"{m.block}.{m.experts}"
+        self.module: ExpertLinears = layer.get_submodule(self.module_name)
+        self.members = {e: [f"{e}.{n}" for n in (m.names.gate, m.names.up, m.names.down)]
+                        for e in spec.experts(config)}
+        self.of = {linear: e for e, linears in self.members.items() for linear in linears}
+
+    def count(self, observe: Callable[..., None]) -> dict[str, int]:
+        """Tokens the router sends to each expert over all calibration windows (one pass up to the experts)."""
+        counts = torch.zeros(len(self.module), dtype=torch.int64)
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            counts.add_(torch.bincount(args[1].flatten().cpu(), minlength=len(module))[: len(module)])
+        handle = self.module.register_forward_pre_hook(hook)  # before observe's own hook, which stops the pass
+        try:
+            observe({self.module_name: self.module}, lambda name, x: None)
+        finally:
+            handle.remove()
+        return dict(zip(self.members, counts.tolist(), strict=True))
+
+    @contextlib.contextmanager
+    def every_token(self, experts: set[str]) -> Iterator[None]:
+        index = {e: i for i, e in enumerate(self.members)}
+        self.module.every_token = frozenset(index[e] for e in experts)
+        try:
+            yield
+        finally:
+            self.module.every_token = frozenset()
