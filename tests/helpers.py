@@ -21,14 +21,27 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+MOE_CONFIGS = {
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1],
+                      norm_topk_prob=True),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                     n_group=1, topk_group=1, n_shared_experts=1),
+}
+
+
 def tiny_config(model_type: str, **overrides):
     """A random-initialisable config of ``model_type`` with every dimension small."""
     from transformers import AutoConfig
 
     kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "qwen3_moe", "olmoe", "glm4_moe"):
         kwargs["head_dim"] = 16
+    kwargs.update(MOE_CONFIGS.get(model_type, {}))  # a few narrow experts, some layers dense where a family can
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 

@@ -4,6 +4,7 @@ from helpers import shared_path, tiny_model
 from transformers import AutoModelForCausalLM
 
 from llmq.arch import ARCHITECTURES, get_arch, get_layers
+from llmq.arch.experts import split_experts
 from llmq.awq import can_fold, fold_scales, search_clip, search_scale
 from llmq.config import QuantConfig
 from llmq.quant import _minmax_qparams, quantize, rtn_quantize
@@ -25,20 +26,23 @@ def test_folding_random_scales_is_exact(model_type):
     model = tiny_model(model_type)
     _randomise_norms(model, gen)
     spec = get_arch(model_type)
+    split_experts(model, spec)
     with torch.no_grad():
         before = model(CALIB).logits
     folded = set()
-    for layer in get_layers(model, spec):
-        for group in spec.scale_groups:
+    for i, layer in enumerate(get_layers(model, spec)):
+        for group in spec.layer_scale_groups(model.config, i):
             prev = layer.get_submodule(group.prev)
             linears = [layer.get_submodule(name) for name in group.linears]
-            if not can_fold(prev, linears):
+            also = [layer.get_submodule(name) for name in group.also]  # a MoE router: scaled, never quantized
+            if not can_fold(prev, linears, also):
                 with pytest.raises(ValueError):
-                    fold_scales(prev, linears, torch.ones(linears[0].in_features))
+                    fold_scales(prev, linears, torch.ones(linears[0].in_features), also)
                 continue
-            fold_scales(prev, linears, torch.randn(linears[0].in_features, generator=gen).exp())
-            folded.add(group.prev)
-    assert {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"} <= folded
+            fold_scales(prev, linears, torch.randn(linears[0].in_features, generator=gen).exp(), also)
+            folded.add(group.prev.rsplit(".", 2)[-1] if "experts" in group.prev else group.prev)
+    assert {"input_layernorm", "post_attention_layernorm"} <= folded
+    assert {"mlp.up_proj", "up_proj", "w3"} & folded  # up -> down, in the dense MLP or in every expert
     with torch.no_grad():
         after = model(CALIB).logits
     assert torch.allclose(before, after, atol=1e-4), (before - after).abs().max()

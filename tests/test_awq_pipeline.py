@@ -8,6 +8,7 @@ from helpers import shared_path, tiny_model
 from safetensors.torch import load_file, save_file
 
 import llmq
+from llmq.arch import ARCHITECTURES
 from llmq.api import AWQ_SEARCH_FILE, quantize, save
 from llmq.config import QuantConfig, Recipe
 from llmq.errors import ConfigError
@@ -96,10 +97,12 @@ def test_awq_recipe_writes_its_search_and_apply_awq_reproduces_the_bytes(tmp_pat
     assert (out / "model.safetensors").read_bytes() == (out2 / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_searched_scales_fold_exactly_in_every_architecture(model_type):
-    """The scales the AWQ search picks, folded into a fresh copy without any rounding, leave the logits as they were."""
+    """The scales the AWQ search picks, folded into a fresh copy without any rounding, leave the logits as they were
+    (in a mixture of experts the router's columns are scaled with the experts' gate/up)."""
     from llmq.arch import get_arch, get_layers
+    from llmq.arch.experts import split_experts
     from llmq.awq import fold_scales
 
     record: dict[str, torch.Tensor] = {}
@@ -110,11 +113,13 @@ def test_searched_scales_fold_exactly_in_every_architecture(model_type):
     with torch.no_grad():
         before = model(ids).logits
     spec, folded = get_arch(model_type), 0
+    split_experts(model, spec)
     for i, layer in enumerate(get_layers(model, spec)):
-        for sg in spec.scale_groups:
+        for sg in spec.layer_scale_groups(model.config, i):
             key = f"{spec.layers}.{i}.{sg.prev}.awq_scale"
             if key in record:
-                fold_scales(layer.get_submodule(sg.prev), [layer.get_submodule(n) for n in sg.linears], record[key])
+                fold_scales(layer.get_submodule(sg.prev), [layer.get_submodule(n) for n in sg.linears], record[key],
+                            [layer.get_submodule(n) for n in sg.also])
                 folded += 1
     assert folded >= 3 * 2  # both norms and up -> down in each of the 2 layers
     assert any(not torch.allclose(s, torch.ones_like(s)) for k, s in record.items() if k.endswith(".awq_scale"))

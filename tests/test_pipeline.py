@@ -14,6 +14,7 @@ from llmq.errors import (
     UnsupportedArchitectureError,
     WeightError,
 )
+from llmq.arch.experts import split_experts
 from llmq.pipeline import _layer_forward, capture_layer_inputs, quantize_layers
 
 CALIB = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(1))
@@ -26,10 +27,18 @@ def test_table_names_real_modules_of_every_architecture(model_type):
     spec = get_arch(model_type)
     for name in spec.before + spec.after:
         model.get_submodule(name)
-    layer = get_layers(model, spec)[0]
-    named = set(layer_linears(layer, spec))
-    all_linears = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert named == all_linears, "every linear of a decoder layer is in exactly one sequential group"
+    split_experts(model, spec)
+    kinds = set()
+    for i, layer in enumerate(get_layers(model, spec)):
+        named = [n for g in spec.groups(model.config, i) for n in g]
+        assert len(named) == len(set(named)) and set(layer_linears(layer, spec, model.config, i)) == set(named)
+        # routers and the shared expert's gate read the hidden states but are never quantized
+        kept = {f"{spec.moe.block}.{x}" for x in (spec.moe.router, spec.moe.shared_gate) if x} if spec.moe else set()
+        all_linears = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)} - kept
+        assert set(named) == all_linears, "every linear of a decoder layer is in exactly one sequential group"
+        kinds.add(spec.is_sparse(model.config, i))
+    if spec.moe is not None:  # the tiny configs mix dense and sparse layers where the family can
+        assert True in kinds and (model_type in ("mixtral", "olmoe", "qwen2_moe") or False in kinds)
 
 
 def _replay(model, spec, ids, kwargs_of):
@@ -82,11 +91,13 @@ def test_each_layer_replays_with_its_own_attention_mask():
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_every_architecture_quantizes_end_to_end(model_type, method):
     model = tiny_model(model_type)
+    spec = get_arch(model_type)
+    split_experts(model, spec)
     before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     cfg = QuantConfig(method=method, bits=4, group_size=32, act_order=method == "gptq")
     results = quantize_layers(model, CALIB, cfg, batch_size=4)
     modules = dict(model.named_modules())
-    expected = {f"model.layers.{i}.{name}" for i in range(2) for name in get_arch(model_type).linears}
+    expected = {f"model.layers.{i}.{name}" for i in range(2) for g in spec.groups(model.config, i) for name in g}
     assert set(results) == expected
     for name, qw in results.items():
         assert torch.equal(modules[name].weight.data, qw.dequantize()), name
@@ -98,7 +109,7 @@ def test_every_architecture_quantizes_end_to_end(model_type, method):
 def test_unsupported_architecture_lists_supported_ones(tmp_path):
     model = AutoModelForCausalLM.from_config(tiny_config("gpt2", n_embd=32, n_layer=1, n_head=2))
     model.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported; supported: llama, mistral"):
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported; supported: glm4_moe, llama, mistral"):
         load_model(str(tmp_path))
     with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
         quantize_layers(model, CALIB, QuantConfig())
