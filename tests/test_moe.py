@@ -1,0 +1,264 @@
+"""Mixtures of experts: experts as linears, each calibrated on its routed tokens, starved experts, packed experts."""
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import MOE_CONFIGS, shared_path, tiny_model
+from transformers import AutoModelForCausalLM
+
+import llmq
+from llmq.api import quantize, quantize_to_disk, save
+from llmq.arch import get_arch, get_layers
+from llmq.arch.experts import ExpertLinears, split_experts
+from llmq.config import QuantConfig, Recipe
+from llmq.export import save_packed
+from llmq.methods import SharedHessians
+from llmq.pipeline import quantize_layers
+from llmq.quant import rtn_quantize
+
+FAMILIES = sorted(MOE_CONFIGS)
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _randomise_experts(model: nn.Module) -> None:
+    """transformers initialises fused 3-D expert weights to zero on from_config; give them values."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def _moe_model(model_type: str, **overrides) -> nn.Module:
+    model = tiny_model(model_type, **overrides)
+    _randomise_experts(model)
+    return model
+
+
+def _blocks(model, spec):
+    return [(i, layer.get_submodule(spec.moe.block)) for i, layer in enumerate(get_layers(model, spec))
+            if spec.is_sparse(model.config, i)]
+
+
+def _assert_split_matches(model: nn.Module, spec, atol: float) -> None:
+    """Each MoE block and the whole model give what they gave with transformers' fused experts."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 24, model.config.hidden_size)
+    with torch.no_grad():
+        block_ref = [block(hidden) for _, block in _blocks(model, spec)]
+        logits_ref = model(IDS).logits
+    assert split_experts(model, spec) == len(block_ref) > 0
+    with torch.no_grad():
+        for (i, block), ref in zip(_blocks(model, spec), block_ref, strict=True):
+            assert isinstance(block.get_submodule(spec.moe.experts), ExpertLinears)
+            assert torch.allclose(block(hidden), ref, atol=atol), f"layer {i}"
+        assert torch.allclose(model(IDS).logits, logits_ref, atol=atol)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_expert_linears_give_the_model_s_own_moe_block(model_type):
+    _assert_split_matches(_moe_model(model_type), get_arch(model_type), atol=1e-5)
+
+
+def test_expert_linears_give_tiny_moe_s_own_blocks_and_logits():
+    model = AutoModelForCausalLM.from_pretrained(shared_path("assets", "llmq-tiny-moe")).eval()
+    _assert_split_matches(model, get_arch("qwen3_moe"), atol=1e-4)
+
+
+def test_split_is_a_real_change_that_the_check_can_see():
+    """The comparison above can fail: an expert's down swapped for another's changes the block output."""
+    model = _moe_model("qwen3_moe")
+    spec = get_arch("qwen3_moe")
+    hidden = torch.randn(2, 24, 64)
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        ref = block(hidden)
+        split_experts(model, spec)
+        experts = block.experts
+        experts[0].down_proj.weight.copy_(experts[1].down_proj.weight)
+        assert not torch.allclose(block(hidden), ref, atol=1e-4)
+
+
+class FixedRouter(nn.Module):
+    """Token ``t`` (flattened over the batch) goes to experts ``t % (E-1)`` and ``(t+1) % (E-1)``; expert E-1 never."""
+
+    def __init__(self, n_experts: int):
+        super().__init__()
+        self.n = n_experts - 1
+
+    def forward(self, hidden: torch.Tensor):
+        t = torch.arange(hidden.shape[0])
+        index = torch.stack([t % self.n, (t + 1) % self.n], dim=1)
+        return None, torch.full(index.shape, 0.5, dtype=hidden.dtype), index
+
+
+def routed_tokens(n_tokens: int, n_experts: int, expert: int) -> torch.Tensor:
+    t = torch.arange(n_tokens)
+    return t[(t % (n_experts - 1) == expert) | ((t + 1) % (n_experts - 1) == expert)]
+
+
+def _fixed_route_run(monkeypatch, cfg: QuantConfig, caplog=None):
+    """GPTQ on a tiny Qwen3-MoE whose routers are FixedRouter; every Hessian handed to the solver and every
+    MoE block input, recorded."""
+    model = _moe_model("qwen3_moe", mlp_only_layers=[])
+    spec = get_arch("qwen3_moe")
+    for layer in model.model.layers:
+        layer.mlp.gate = FixedRouter(4)
+    hessians, block_inputs = {}, {}
+    take = SharedHessians.hessian
+
+    def recording(self, name):
+        H = take(self, name)
+        hessians[name] = H.clone()
+        return H
+    monkeypatch.setattr(SharedHessians, "hessian", recording)
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda m, args, i=i: block_inputs.setdefault(i, args[0].detach().clone()))
+    notes = {}
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    results = quantize_layers(model, ids, cfg, batch_size=4, notes=notes)
+    return model, results, hessians, block_inputs, notes
+
+
+def test_each_expert_hessian_is_built_from_exactly_its_routed_tokens(monkeypatch):
+    cfg = QuantConfig(bits=4, group_size=32, expert_min_tokens=1)  # only an expert with no token is starved
+    model, _, hessians, block_inputs, notes = _fixed_route_run(monkeypatch, cfg)
+    x = block_inputs[1].reshape(-1, 64).double()  # layer 1's MoE input: after the quantized attention before it
+    expert_layer = model.model.layers[1].mlp.experts
+    for e in range(3):
+        rows = routed_tokens(x.shape[0], 4, e)
+        xe = x[rows]
+        want = 2 / len(rows) * xe.T @ xe
+        assert torch.allclose(hessians[f"mlp.experts.{e}.gate_proj"].double(), want, rtol=1e-4, atol=1e-5)
+        assert torch.equal(hessians[f"mlp.experts.{e}.up_proj"], hessians[f"mlp.experts.{e}.gate_proj"])
+        # down reads act(gate(x)) * up(x) of the quantized gate and up, on the same tokens
+        expert = expert_layer[e]
+        with torch.no_grad():
+            z = (expert.act(expert.gate_proj(xe.float())) * expert.up_proj(xe.float())).double()
+        assert torch.allclose(hessians[f"mlp.experts.{e}.down_proj"].double(), 2 / len(rows) * z.T @ z,
+                              rtol=1e-3, atol=1e-5)
+        assert notes[f"model.layers.1.mlp.experts.{e}"] == {"tokens": len(rows), "policy": "routed"}
+    # the check can fail: another expert's tokens give another Hessian
+    other = x[routed_tokens(x.shape[0], 4, 1)]
+    assert not torch.allclose(hessians["mlp.experts.0.gate_proj"].double(), 2 / len(other) * other.T @ other,
+                              rtol=1e-2, atol=1e-3)
+    # the expert no token reaches had the whole layer's input pushed through it (the default policy)
+    assert notes["model.layers.1.mlp.experts.3"] == {"tokens": 0, "policy": "all_tokens"}
+    assert torch.allclose(hessians["mlp.experts.3.gate_proj"].double(), 2 / x.shape[0] * x.T @ x, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["all_tokens", "routed", "rtn"])
+def test_an_expert_no_token_reaches_is_quantized_by_the_recorded_policy(monkeypatch, caplog, tmp_path, policy):
+    caplog.set_level(logging.INFO, logger="llmq")
+    cfg = QuantConfig(bits=4, group_size=32, expert_policy=policy)
+    before = _moe_model("qwen3_moe", mlp_only_layers=[])
+    split_experts(before, get_arch("qwen3_moe"))
+    model, results, hessians, _, notes = _fixed_route_run(monkeypatch, cfg)
+    got = "rtn" if policy == "routed" else policy  # "routed" with no token at all is RTN
+    for i in range(2):
+        name = f"model.layers.{i}.mlp.experts.3"
+        assert notes[name] == {"tokens": 0, "policy": got}
+        for linear in ("gate_proj", "up_proj", "down_proj"):
+            qw = results[f"{name}.{linear}"]  # quantized, never skipped
+            w = before.get_submodule(f"{name}.{linear}").weight
+            if got == "rtn":
+                assert torch.equal(qw.codes, rtn_quantize(w, cfg).codes)
+            else:
+                assert f"mlp.experts.3.{linear}" in hessians
+    assert f"mlp.experts.3 (0: {got})" in caplog.text
+    # ... and the checkpoint's metadata says so, under the checkpoint's names
+    tok_free = save_packed(model, None, results, tmp_path / "out", cfg, notes=notes)
+    meta = json.loads((tok_free / "config.json").read_text())["quantization_config"]["meta"]["llmq"]["experts"]
+    assert meta["model.layers.0.mlp.experts.3"] == {"tokens": 0, "policy": got}
+    # experts 0-2 get 43 tokens each, fewer than their 64 inputs: starved too, by the same policy
+    assert meta["model.layers.0.mlp.experts.0"] == {"tokens": len(routed_tokens(64, 4, 0)), "policy": policy}
+
+
+def _as_stored(model: nn.Module, results: dict) -> None:
+    """The in-memory model with its unquantized tensors (router, norms, embeddings) rounded to the checkpoint's
+    float16, as the checkpoint stores them: routing is discrete, and a token whose top-2 is a near-tie under
+    float32 router weights may pick another expert under their float16 values."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.removesuffix(".weight") not in results:
+                p.copy_(p.to(torch.float16).float())
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def moe_recipe(out, **kw) -> Recipe:
+    c4 = shared_path("assets", "c4-sample", "c4_train_00000_first1000.jsonl")
+    raw = dict(model=str(shared_path("assets", "llmq-tiny-moe")), out=str(out), group_size=128, calib=str(c4),
+               nsamples=8, seqlen=128)
+    return Recipe.from_dict({**raw, **kw})
+
+
+TOKENS = torch.randint(0, 4096, (2, 48), generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_tiny_moe_round_trips_through_the_packed_checkpoint(tmp_path, method, bits, sym):
+    """In memory -> save -> from_pretrained gives the in-memory model's logits; streaming writes the same bytes."""
+    r_mem, r_stream = (moe_recipe(tmp_path / name, method=method, bits=bits, sym=sym) for name in ("mem", "stream"))
+    run = quantize(r_mem)
+    save(run, r_mem)
+    quantize_to_disk(r_stream)
+    mem, stream = files(tmp_path / "mem"), files(tmp_path / "stream")
+    assert mem.keys() == stream.keys() and [n for n in mem if mem[n] != stream[n]] == []
+
+    packed = llmq.from_pretrained(tmp_path / "stream", torch_dtype=torch.float32)
+    _as_stored(run.model, run.results)
+    with torch.no_grad():
+        want, got = run.model(TOKENS).logits, packed(TOKENS).logits
+    assert torch.allclose(got, want, atol=2e-2, rtol=1e-3), (got - want).abs().max()
+    cfg = json.loads((tmp_path / "stream" / "config.json").read_text())
+    experts = cfg["quantization_config"]["meta"]["llmq"]["experts"]
+    assert len(experts) == 4 * 8 and sum(e["tokens"] for e in experts.values()) == 4 * 2 * 8 * 128  # top-2 routing
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "stream" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    # per-expert tensors under the names GPTQModel writes and vLLM stacks; the router stays in fp16
+    assert {"model.layers.3.mlp.experts.7.down_proj.qweight", "model.layers.0.mlp.experts.0.gate_proj.scales",
+            "model.layers.2.mlp.gate.weight"} <= keys
+    assert not any(k.startswith("model.layers.2.mlp.gate.q") for k in keys)
+
+
+def test_tiny_moe_same_recipe_twice_gives_the_same_bytes(tmp_path):
+    for name in ("a", "b"):
+        quantize_to_disk(moe_recipe(tmp_path / name, method="gptq", bits=3, act_order=True))
+    a, b = files(tmp_path / "a"), files(tmp_path / "b")
+    assert a.keys() == b.keys() and [n for n in a if a[n] != b[n]] == []
+
+
+def test_mixtral_reads_and_writes_the_checkpoint_s_own_names(tmp_path):
+    """Mixtral's checkpoints say block_sparse_moe.experts.E.w1; transformers 5 says mlp.experts (fused). The streaming
+    reader maps one to the other, the packed checkpoint keeps the on-disk names, and it loads back."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    model = _moe_model("mixtral", vocab_size=512)  # stories260K's tokenizer
+    model.save_pretrained(tmp_path / "fp")
+    AutoTokenizer.from_pretrained(shared_path("assets", "stories260K")).save_pretrained(tmp_path / "fp")
+    with safe_open(str(tmp_path / "fp" / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in set(f.keys())
+    text = shared_path("assets", "tinystories-text", "TinyStories-valid.Ahmedessaa-30k.txt")
+    r = Recipe.from_dict(dict(model=str(tmp_path / "fp"), out=str(tmp_path / "q"), bits=4, group_size=32,
+                              calib=str(text), nsamples=4, seqlen=32))
+    quantize_to_disk(r)
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"model.layers.1.block_sparse_moe.experts.3.w3.qweight", "model.layers.1.block_sparse_moe.gate.weight"} <= keys
+    assert not any(".mlp." in k for k in keys)
+    run = quantize(Recipe.from_dict({**r.to_dict(), "out": str(tmp_path / "mem")}))
+    _as_stored(run.model, run.results)
+    packed = llmq.from_pretrained(tmp_path / "q", torch_dtype=torch.float32)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(packed(ids).logits, run.model(ids).logits, atol=2e-2, rtol=1e-3)
