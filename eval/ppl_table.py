@@ -1,4 +1,4 @@
-"""Reproduce llmq's perplexity tables on the two models in ../shared (protocol: ../shared/README.md).
+"""Reproduce llmq's perplexity tables on the models in ../shared (protocol: ../shared/README.md).
 
     python eval/ppl_table.py                 # both tables, markdown, then one JSON line
     python eval/ppl_table.py --only stories260k
@@ -6,8 +6,8 @@
 stories260K: calibration 64 windows of 128 tokens from the first third (by characters) of
 TinyStories-valid.Ahmedessaa-30k.txt, evaluation on the other two thirds in 128-token windows,
 asymmetric group 32, every linear quantized (fake-quantized in memory: in_features 172 cannot be
-packed). llmq-tiny-llama: calibration 128 x 256 tokens from C4 records 0-899, evaluation on C4
-records 900-999 and WikiText-2 test, 256-token non-overlapping windows, asymmetric group 128.
+packed). llmq-tiny-llama and llmq-tiny-moe: calibration 128 x 256 tokens from C4 records 0-899, evaluation
+on C4 records 900-999 and WikiText-2 test, 256-token non-overlapping windows, asymmetric group 128.
 The tests in tests/test_perplexity_tables.py run these functions and assert on their results.
 """
 
@@ -83,6 +83,23 @@ def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) 
                   rows or {4: ["RTN", "GPTQ"], 3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ"]})
 
 
+def tiny_moe(shared: Path = SHARED, rows: dict[int, list[str]] | None = None,
+             datasets: tuple[str, ...] = ("WikiText-2", "C4 900-999")) -> dict[str, dict]:
+    """llmq-tiny-moe (Qwen3-MoE, 8 experts, top-2) under llmq-tiny-llama's protocol; every expert calibrated on
+    its routed tokens, starved ones by the default policy."""
+    path = shared / "assets" / "llmq-tiny-moe"
+    records = (shared / "assets" / "c4-sample" / "c4_train_00000_first1000.jsonl").read_text().splitlines()
+    c4 = [json.loads(r)["text"] for r in records]
+    tok = AutoTokenizer.from_pretrained(path)
+    calib = calibration_windows(c4[:900], tok, nsamples=128, seqlen=256, seed=0, per_document=True)
+    wiki = shared / "assets" / "wikitext2-raw" / "wikitext-2-raw-v1.test.rows.jsonl"
+    sources = {"WikiText-2": lambda: eval_windows(str(wiki), tok, 256),
+               "C4 900-999": lambda: eval_windows(c4[900:], tok, 256)}
+    evals = {name: sources[name]() for name in datasets}
+    methods = ["RTN", "GPTQ", "GPTQ act-order", "AWQ"]
+    return _table(path, calib, evals, 128, rows or {4: methods, 3: methods})
+
+
 def markdown(title: str, table: dict[str, dict]) -> str:
     evals = list(next(iter(table.values())))
     lines = [f"**{title}**", "", "| | " + " | ".join(evals) + " |", "|---" * (len(evals) + 1) + "|"]
@@ -93,13 +110,15 @@ def markdown(title: str, table: dict[str, dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", type=Path, default=SHARED)
-    p.add_argument("--only", choices=["stories260k", "tiny-llama"])
+    p.add_argument("--only", choices=["stories260k", "tiny-llama", "tiny-moe"])
     args = p.parse_args()
     tables = {}
     if args.only in (None, "stories260k"):
         tables["stories260K, asym g32, every linear"] = stories260k(args.shared)
     if args.only in (None, "tiny-llama"):
         tables["llmq-tiny-llama, asym g128, seqlen 256"] = tiny_llama(args.shared)
+    if args.only in (None, "tiny-moe"):
+        tables["llmq-tiny-moe, asym g128, seqlen 256"] = tiny_moe(args.shared)
     for title, table in tables.items():
         print(markdown(title, table) + "\n")
     print(json.dumps(tables))

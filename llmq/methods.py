@@ -162,6 +162,33 @@ class SharedHessians:
         return H
 
 
+HESSIAN_BYTES = 1 << 30  # float32 Hessians gathered at once: a MoE group is observed in chunks of experts
+
+
+def _chunks(job: LayerJob, group: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
+    """``group`` in parts whose Hessians fit in ``HESSIAN_BYTES`` (an expert's linears stay together).
+
+    Experts read the block's input in parallel, so an expert's inputs do not depend on the others being
+    quantized already: observing them chunk by chunk changes no result. Qwen3-30B-A3B's 128 experts' gate/up
+    Hessians are 2.1 GB at once, Qwen3-235B's 8.6 GB; a dense group is one part.
+    """
+    if job.experts is None or not any(n in job.experts.of for n in group):
+        return [group]
+    units: dict[str, dict[str, nn.Linear]] = {}
+    for name, module in group.items():
+        units.setdefault(job.experts.of.get(name, ""), {})[name] = module  # "": the shared expert's
+    chunks: list[dict[str, nn.Linear]] = [{}]
+    used = 0
+    for unit in units.values():
+        size = 4 * next(iter(unit.values())).in_features ** 2  # linears of one expert in a group share their input
+        if chunks[-1] and used + size > HESSIAN_BYTES:
+            chunks.append({})
+            used = 0
+        chunks[-1].update(unit)
+        used += size
+    return chunks
+
+
 def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     """GPTQ, group by group: each group's Hessians come from inputs through the quantized groups before it.
 
@@ -170,7 +197,7 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     """
     groups = job.groups if job.cfg.true_sequential else ({k: v for g in job.groups for k, v in g.items()},)
     results = {}
-    for group in groups:
+    for group in (chunk for g in groups for chunk in _chunks(job, g)):
         for name, module in group.items():
             check_finite(job.prefix + name, module.weight)
         policy = {name: job.policy_of(name) for name in group}

@@ -1,7 +1,8 @@
-"""Streaming quantization of a model with Llama-2-7B's exact shapes; prints one JSON line of figures.
+"""Streaming quantization of a model with Llama-2-7B's (or Qwen3-30B-A3B's) exact shapes; prints one JSON line.
 
     python scripts/bench_scale.py                 # 32 layers: the full 7B shape (13.5 GB of bf16 weights)
     python scripts/bench_scale.py --layers 2      # same width, 2 layers, for a quick run
+    python scripts/bench_scale.py --shape qwen3-30b-a3b --layers 2   # MoE: 128 experts, 1.2 GB of bf16 per layer
     python scripts/bench_scale.py --layers 2 --method gptq,awq   # one line per method, each in its own process
 
 The first run writes a random-weight bf16 checkpoint (hidden 4096, intermediate 11008, 32 heads,
@@ -45,21 +46,34 @@ import torch
 SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                  vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+# Qwen3-30B-A3B's config.json: 48 layers of 128 experts (8 active) 768 wide, hidden 2048, 32/4 heads of 128
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                     num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                     mlp_only_layers=[], num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False)
+SHAPES = {"llama2-7b": LLAMA2_7B, "qwen3-30b-a3b": QWEN3_30B_A3B}
 SHARD_BYTES = 5 * 10**9
 
 
 def make_checkpoint(folder: Path, layers: int, shapes: dict = LLAMA2_7B) -> None:
     """Random N(0, 0.02) linears and embeddings, unit norms, bf16, written tensor by tensor (Llama-2-7B's
-    widths unless ``shapes`` gives others)."""
+    widths unless ``shapes`` gives others; a ``model_type`` in it picks the family). Experts are stored one
+    tensor per expert, as hub checkpoints store them."""
     from accelerate import init_empty_weights
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from llmq.arch import get_arch
+    from llmq.arch.experts import split_experts
     from llmq.checkpoint import write_shards
 
-    config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **shapes)
+    shapes = dict(shapes)
+    model_type = shapes.pop("model_type", "llama")
+    config = AutoConfig.for_model(model_type, num_hidden_layers=layers, dtype="bfloat16", **shapes)
     with init_empty_weights():
-        skeleton = LlamaForCausalLM(config)
-    shapes = {k: list(t.shape) for k, t in skeleton.state_dict().items()}
+        skeleton = AutoModelForCausalLM.from_config(config)
+    spec = get_arch(model_type)
+    split_experts(skeleton, spec)
+    shapes = {spec.to_disk(k): list(t.shape) for k, t in skeleton.state_dict().items()}
     specs = [(k, "BF16", shape, math.prod(shape) * 2) for k, shape in shapes.items()]
 
     def generate(name: str) -> torch.Tensor:
@@ -173,7 +187,9 @@ def run_peer(args: argparse.Namespace, calib: torch.Tensor) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=32, help="decoder layers (32 is Llama-2-7B)")
+    p.add_argument("--layers", type=int, default=32, help="decoder layers (32 is Llama-2-7B, 48 Qwen3-30B-A3B)")
+    p.add_argument("--shape", choices=SHAPES, default="llama2-7b",
+                   help="the model's widths: Llama-2-7B (dense) or Qwen3-30B-A3B (128 experts per layer)")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--bits", type=int, default=4)
@@ -195,16 +211,16 @@ def main() -> None:
     p.add_argument("--calib-file", help=argparse.SUPPRESS)
     args = p.parse_args()
     cache = Path(args.cache_dir)
-    model_dir = cache / f"llama2-7b-shape-{args.layers}L"
+    model_dir = cache / f"{args.shape}-shape-{args.layers}L"
     if args.generate_only:
-        make_checkpoint(model_dir, args.layers)
+        make_checkpoint(model_dir, args.layers, SHAPES[args.shape])
         return
     if args.run_peer:
         peer_main(args, model_dir)
         return
     if not model_dir.is_dir():  # generated in a child, so its memory does not count in this run's peak
         subprocess.run([sys.executable, __file__, "--generate-only", "--layers", str(args.layers),
-                        "--cache-dir", str(cache)], check=True)
+                        "--shape", args.shape, "--cache-dir", str(cache)], check=True)
 
     methods = args.method.split(",")
     if len(methods) > 1:
@@ -222,7 +238,7 @@ def main() -> None:
 
     calib = SHARED / "assets" / "tinystories-text" / "TinyStories-valid.Ahmedessaa-30k.txt"
     method = methods[0]
-    out = cache / f"out-{args.layers}L-{method}-w{args.bits}g{args.group_size}"
+    out = cache / f"out-{args.shape}-{args.layers}L-{method}-w{args.bits}g{args.group_size}"
     recipe = Recipe.from_dict(dict(model=str(model_dir), out=str(out), method=method, bits=args.bits,
                                    group_size=args.group_size, sym=False, calib=str(calib), nsamples=args.nsamples,
                                    seqlen=args.seqlen, device=args.device, mse=args.mse))
@@ -235,7 +251,9 @@ def main() -> None:
     if "observe" in stages:  # observe includes the Hessian updates: report the forwards on their own
         stages["observe_forward"] = round(stages["observe"] - stages.get("hessian", 0.0), 1)
     result = {
-        "tool": "llmq", "layers": args.layers, "hidden": 4096, "intermediate": 11008, "method": method,
+        "tool": "llmq", "shape": args.shape, "layers": args.layers, "hidden": SHAPES[args.shape]["hidden_size"],
+        "intermediate": SHAPES[args.shape].get("moe_intermediate_size", SHAPES[args.shape]["intermediate_size"]),
+        "experts": SHAPES[args.shape].get("num_experts", 0), "method": method,
         "bits": args.bits, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
         "mse": recipe.quant.mse, "device": args.device, "threads": torch.get_num_threads(),
         "wall_s": round(wall, 1), "s_per_layer": round(wall / args.layers, 1), "stage_s": stages,

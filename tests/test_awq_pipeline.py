@@ -8,8 +8,8 @@ from helpers import shared_path, tiny_model
 from safetensors.torch import load_file, save_file
 
 import llmq
-from llmq.arch import ARCHITECTURES
 from llmq.api import AWQ_SEARCH_FILE, quantize, save
+from llmq.arch import ARCHITECTURES
 from llmq.config import QuantConfig, Recipe
 from llmq.errors import ConfigError
 from llmq.export import save_packed

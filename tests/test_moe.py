@@ -104,7 +104,6 @@ def _fixed_route_run(monkeypatch, cfg: QuantConfig, caplog=None):
     """GPTQ on a tiny Qwen3-MoE whose routers are FixedRouter; every Hessian handed to the solver and every
     MoE block input, recorded."""
     model = _moe_model("qwen3_moe", mlp_only_layers=[])
-    spec = get_arch("qwen3_moe")
     for layer in model.model.layers:
         layer.mlp.gate = FixedRouter(4)
     hessians, block_inputs = {}, {}
@@ -254,7 +253,8 @@ def test_mixtral_reads_and_writes_the_checkpoint_s_own_names(tmp_path):
     quantize_to_disk(r)
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert {"model.layers.1.block_sparse_moe.experts.3.w3.qweight", "model.layers.1.block_sparse_moe.gate.weight"} <= keys
+    assert {"model.layers.1.block_sparse_moe.experts.3.w3.qweight",
+            "model.layers.1.block_sparse_moe.gate.weight"} <= keys
     assert not any(".mlp." in k for k in keys)
     run = quantize(Recipe.from_dict({**r.to_dict(), "out": str(tmp_path / "mem")}))
     _as_stored(run.model, run.results)
@@ -262,3 +262,23 @@ def test_mixtral_reads_and_writes_the_checkpoint_s_own_names(tmp_path):
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(packed(ids).logits, run.model(ids).logits, atol=2e-2, rtol=1e-3)
+
+
+def test_experts_observed_in_chunks_give_the_same_codes(monkeypatch):
+    """The Hessian budget splits a MoE group into chunks of experts; the results are those of one pass."""
+    import llmq.methods as methods
+
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(bits=4, group_size=32, act_order=True)
+    whole = quantize_layers(_moe_model("qwen2_moe"), ids, cfg, batch_size=2)
+    chunks = []
+    split = methods._chunks
+    monkeypatch.setattr(methods, "HESSIAN_BYTES", 1)  # one expert (or the shared expert) per chunk
+    monkeypatch.setattr(methods, "_chunks", lambda job, group: chunks.append(len(split(job, group))) or
+                        split(job, group))
+    chunked = quantize_layers(_moe_model("qwen2_moe"), ids, cfg, batch_size=2)
+    assert max(chunks) == 5  # 4 experts and the shared expert
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        assert torch.equal(whole[name].codes, chunked[name].codes), name
+        assert torch.equal(whole[name].scales, chunked[name].scales), name

@@ -40,3 +40,15 @@ def test_tiny_llama_gptq_beats_rtn_on_held_out_c4(report):
     assert table["W3 GPTQ"]["C4 900-999"] < table["W3 RTN"]["C4 900-999"]
     assert table["W3 GPTQ act-order"]["C4 900-999"] < table["W3 RTN"]["C4 900-999"]
     assert table["W3 AWQ"]["C4 900-999"] < table["W3 RTN"]["C4 900-999"]
+
+
+def test_tiny_moe_gptq_beats_rtn_on_held_out_c4(report):
+    """The rows asserted on; the whole table (W4 and W3, WikiText-2 too) is eval/ppl_table.py --only tiny-moe."""
+    shared_path("assets", "llmq-tiny-moe")
+    table = ppl_table.tiny_moe(SHARED, rows={3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ"]}, datasets=("C4 900-999",))
+    report(ppl_table.markdown("llmq-tiny-moe, asym g128, seqlen 256", table))
+    c4 = {row: v["C4 900-999"] for row, v in table.items()}
+    assert c4["FP"] == pytest.approx(136.50, abs=0.2)  # ../shared/README.md
+    assert c4["FP"] < c4["W3 GPTQ"] < c4["W3 RTN"]
+    assert c4["W3 GPTQ act-order"] < c4["W3 RTN"]
+    assert c4["W3 AWQ"] < c4["W3 RTN"]
