@@ -61,6 +61,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--next-inputs", choices=["quantized", "fp"],
                    help="next layer's inputs from the quantized layer (default) or the full-precision one "
                         "(the AWQ reference)")
+    p.add_argument("--expert-policy", choices=["all_tokens", "routed", "rtn"],
+                   help="mixtures of experts: an expert routed too few calibration tokens takes its statistics from "
+                        "every token of the layer pushed through it (all_tokens, default), its own few plus damping "
+                        "(routed) or none (rtn)")
+    p.add_argument("--expert-min-tokens", type=int,
+                   help="tokens below which an expert is starved (default 0: its input width)")
     p.add_argument("--max-shard-size", help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (and discard an unfinished run with other settings)")
@@ -150,7 +156,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
             "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
-            "apply_awq", "next_inputs", "revision", "compute_dtype")
+            "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
     if not recipe.out:

@@ -54,6 +54,40 @@ def vllm_kernel(qc: dict[str, Any], linears: dict[str, tuple[int, int]]) -> dict
     return {"kernel": family, "why_not_marlin": why, "notes": notes}
 
 
+def vllm_moe_kernel(qc: dict[str, Any], experts: dict[str, tuple[int, int]], hidden: int) -> dict[str, Any] | None:
+    """How vLLM's fused-MoE layer would serve the experts (``experts``: quantized expert linears ``name -> (out,
+    in)``; None when there are none). Its GPTQ Marlin MoE method takes symmetric 4/8-bit only, act-order
+    included, with the hidden size a multiple of 128 and the expert width of max(64, group) (gptq_marlin.py,
+    marlin_utils.check_moe_marlin_supports_layer); otherwise it falls back to MoeWNA16, which ignores g_idx
+    and, from a GPTQ config, assumes symmetric weights (gptq.py ``get_quant_method``)."""
+    if not experts:
+        return None
+    bits, gs, sym = qc.get("bits"), qc.get("group_size"), qc.get("sym")
+    inter = {d for shape in experts.values() for d in shape} - {hidden}
+    why = []
+    if qc.get("quant_method") == "awq":
+        why.append("AWQ layout (vLLM serves AWQ MoE through its own awq_marlin MoE path; check your version)")
+    if bits not in (4, 8):
+        why.append(f"bits={bits}")
+    if not sym:
+        why.append("asymmetric")
+    if gs not in MARLIN_GROUP_SIZES:
+        why.append(f"group_size={gs}")
+    if hidden % 128 or any(i % max(64, gs or 0) for i in inter):
+        why.append(f"hidden {hidden} not a multiple of 128 or expert width {sorted(inter)} not of {max(64, gs or 0)}")
+    notes = []
+    if qc.get("quant_method") != "awq" and not why:
+        return {"kernel": "gptq_marlin (fused MoE)", "why_not_marlin": [], "notes": notes}
+    if bits not in (4, 8):
+        notes.append(f"vLLM's fused MoE kernels take 4- or 8-bit experts only: {bits}-bit experts are not served")
+    elif not sym and qc.get("quant_method") != "awq":
+        notes.append("vLLM's GPTQ fallback for MoE (MoeWNA16) assumes symmetric weights and would decode these "
+                     "experts wrongly: quantize MoE models with --sym to serve them in vLLM")
+    if qc.get("desc_act"):
+        notes.append("act-order g_idx is ignored by the MoeWNA16 fallback")
+    return {"kernel": "moe_wna16" if bits in (4, 8) else "none", "why_not_marlin": why, "notes": notes}
+
+
 def checkpoint_info(folder: str | Path) -> dict[str, Any]:
     """Method, bits, group size, effective bits per quantized weight (scales and zeros counted),
     size on disk against FP16, and the linears left unquantized."""
@@ -105,7 +139,10 @@ def checkpoint_info(folder: str | Path) -> dict[str, Any]:
         "fp16_bytes": fp16_bytes,
         "size_vs_fp16": disk / fp16_bytes if fp16_bytes else None,
         "unquantized": meta.get("unquantized", []),
-        "vllm": vllm_kernel(qc, linears),
+        "vllm": vllm_kernel(qc, {n: s for n, s in linears.items() if ".experts." not in n}),
+        # checkpoints name each expert's linears ...experts.E.<linear>, as vLLM's expert mapping expects
+        "vllm_moe": vllm_moe_kernel(qc, {n: s for n, s in linears.items() if ".experts." in n},
+                                    config.get("hidden_size", 0)),
     }
 
 
@@ -134,6 +171,11 @@ def format_info(info: dict[str, Any]) -> str:
         + (f" (not Marlin: {'; '.join(info['vllm']['why_not_marlin'])})" if info["vllm"]["why_not_marlin"] else ""),
     ]
     lines += [f"                  note: {note}" for note in info["vllm"]["notes"]]
+    moe = info.get("vllm_moe")
+    if moe:
+        lines.append(f"vLLM MoE kernel   {moe['kernel']}" + (
+            f" (not Marlin: {'; '.join(moe['why_not_marlin'])})" if moe["why_not_marlin"] else ""))
+        lines += [f"                  note: {note}" for note in moe["notes"]]
     if "load" in info:
         load = info["load"]
         lines.append(f"loaded on         {load['device']} in {load['dtype']}: "

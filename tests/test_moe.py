@@ -15,6 +15,7 @@ from llmq.arch import get_arch, get_layers
 from llmq.arch.experts import ExpertLinears, split_experts
 from llmq.config import QuantConfig, Recipe
 from llmq.export import save_packed
+from llmq.info import checkpoint_info
 from llmq.methods import SharedHessians
 from llmq.pipeline import quantize_layers
 from llmq.quant import rtn_quantize
@@ -227,6 +228,11 @@ def test_tiny_moe_round_trips_through_the_packed_checkpoint(tmp_path, method, bi
     assert {"model.layers.3.mlp.experts.7.down_proj.qweight", "model.layers.0.mlp.experts.0.gate_proj.scales",
             "model.layers.2.mlp.gate.weight"} <= keys
     assert not any(k.startswith("model.layers.2.mlp.gate.q") for k in keys)
+    # which of vLLM's fused-MoE paths would serve it (hidden 256, experts 256 wide)
+    moe = checkpoint_info(tmp_path / "stream")["vllm_moe"]
+    want = {(4, True): "gptq_marlin (fused MoE)", (4, False): "moe_wna16", (3, True): "none", (3, False): "none"}
+    assert moe["kernel"] == want[(bits, sym)]
+    assert any("--sym" in note for note in moe["notes"]) == (bits == 4 and not sym)
 
 
 def test_tiny_moe_same_recipe_twice_gives_the_same_bytes(tmp_path):
@@ -282,3 +288,12 @@ def test_experts_observed_in_chunks_give_the_same_codes(monkeypatch):
     for name in whole:
         assert torch.equal(whole[name].codes, chunked[name].codes), name
         assert torch.equal(whole[name].scales, chunked[name].scales), name
+
+
+def test_bad_expert_settings_are_refused_with_the_choices():
+    from llmq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="all_tokens, routed, rtn"):
+        QuantConfig(expert_policy="skip")
+    with pytest.raises(ConfigError, match="expert_min_tokens"):
+        Recipe.from_dict(dict(model="m", expert_min_tokens=-1))
