@@ -297,3 +297,24 @@ def test_bad_expert_settings_are_refused_with_the_choices():
         QuantConfig(expert_policy="skip")
     with pytest.raises(ConfigError, match="expert_min_tokens"):
         Recipe.from_dict(dict(model="m", expert_min_tokens=-1))
+
+
+def test_tiny_moe_killed_after_two_layers_resumes_to_the_same_bytes(tmp_path):
+    """The experts' token counts of the layers finished before the kill reach the metadata from the saved state."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    ref = moe_recipe(tmp_path / "ref", method="gptq", bits=4, sym=True)
+    quantize_to_disk(ref)
+    r = moe_recipe(tmp_path / "q", method="gptq", bits=4, sym=True)
+    argv = ["quantize", r.model, "--bits", "4", "--sym", "--group-size", "128", "--calib", r.calib.calib,
+            "--nsamples", str(r.calib.nsamples), "--seqlen", str(r.calib.seqlen), "--out", r.out]
+    proc = subprocess.run([sys.executable, "-m", "llmq.cli", *argv], capture_output=True, text=True,
+                          env={**os.environ, "LLMQ_KILL_AT": "layer.committed@2"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert json.loads((tmp_path / ".q.partial" / "progress.json").read_text())["next_layer"] == 2
+    quantize_to_disk(r)
+    a, b = files(tmp_path / "ref"), files(tmp_path / "q")
+    assert a.keys() == b.keys() and [n for n in a if a[n] != b[n]] == []
