@@ -71,23 +71,8 @@ def stories260k(shared: Path = SHARED, rows: dict[int, list[str]] | None = None)
     return _table(path, calib, evals, 32, rows or {4: w4, 3: w3})
 
 
-def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) -> dict[str, dict]:
-    path = shared / "assets" / "llmq-tiny-llama"
-    records = (shared / "assets" / "c4-sample" / "c4_train_00000_first1000.jsonl").read_text().splitlines()
-    c4 = [json.loads(r)["text"] for r in records]
-    tok = AutoTokenizer.from_pretrained(path)
-    calib = calibration_windows(c4[:900], tok, nsamples=128, seqlen=256, seed=0, per_document=True)
-    wiki = shared / "assets" / "wikitext2-raw" / "wikitext-2-raw-v1.test.rows.jsonl"
-    evals = {"WikiText-2": eval_windows(str(wiki), tok, 256), "C4 900-999": eval_windows(c4[900:], tok, 256)}
-    return _table(path, calib, evals, 128,
-                  rows or {4: ["RTN", "GPTQ"], 3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ"]})
-
-
-def tiny_moe(shared: Path = SHARED, rows: dict[int, list[str]] | None = None,
-             datasets: tuple[str, ...] = ("WikiText-2", "C4 900-999")) -> dict[str, dict]:
-    """llmq-tiny-moe (Qwen3-MoE, 8 experts, top-2) under llmq-tiny-llama's protocol; every expert calibrated on
-    its routed tokens, starved ones by the default policy."""
-    path = shared / "assets" / "llmq-tiny-moe"
+def _c4_protocol(path: Path, shared: Path, rows: dict[int, list[str]], datasets: tuple[str, ...]) -> dict[str, dict]:
+    """Calibration 128 x 256 from C4 records 0-899; 256-token windows of WikiText-2 test and C4 900-999."""
     records = (shared / "assets" / "c4-sample" / "c4_train_00000_first1000.jsonl").read_text().splitlines()
     c4 = [json.loads(r)["text"] for r in records]
     tok = AutoTokenizer.from_pretrained(path)
@@ -95,9 +80,21 @@ def tiny_moe(shared: Path = SHARED, rows: dict[int, list[str]] | None = None,
     wiki = shared / "assets" / "wikitext2-raw" / "wikitext-2-raw-v1.test.rows.jsonl"
     sources = {"WikiText-2": lambda: eval_windows(str(wiki), tok, 256),
                "C4 900-999": lambda: eval_windows(c4[900:], tok, 256)}
-    evals = {name: sources[name]() for name in datasets}
+    return _table(path, calib, {name: sources[name]() for name in datasets}, 128, rows)
+
+
+def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) -> dict[str, dict]:
+    return _c4_protocol(shared / "assets" / "llmq-tiny-llama", shared,
+                        rows or {4: ["RTN", "GPTQ"], 3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ"]},
+                        ("WikiText-2", "C4 900-999"))
+
+
+def tiny_moe(shared: Path = SHARED, rows: dict[int, list[str]] | None = None,
+             datasets: tuple[str, ...] = ("WikiText-2", "C4 900-999")) -> dict[str, dict]:
+    """llmq-tiny-moe (Qwen3-MoE, 8 experts, top-2) under llmq-tiny-llama's protocol; every expert calibrated on
+    its routed tokens, starved ones by the default policy."""
     methods = ["RTN", "GPTQ", "GPTQ act-order", "AWQ"]
-    return _table(path, calib, evals, 128, rows or {4: methods, 3: methods})
+    return _c4_protocol(shared / "assets" / "llmq-tiny-moe", shared, rows or {4: methods, 3: methods}, datasets)
 
 
 def markdown(title: str, table: dict[str, dict]) -> str:

@@ -6,14 +6,15 @@
     python scripts/bench_scale.py --layers 2 --method gptq,awq   # one line per method, each in its own process
 
 The first run writes a random-weight bf16 checkpoint (hidden 4096, intermediate 11008, 32 heads,
-vocab 32000, ``--layers`` decoder layers) in 5 GB safetensors shards under ``--cache-dir`` and
-reuses it afterwards; it is generated one tensor at a time, so making it needs little memory
-either. Then ``llmq.quantize_to_disk`` runs ``--method`` (GPTQ by default; AWQ, AWQ+GPTQ, RTN) W4 g128 with
-16 windows of 512 tokens (TinyStories
-text from ../shared, stories260K's tokenizer, which fits in the 32000-token vocabulary) on
-``--device`` (default cpu) and the line reports wall time, seconds per layer, seconds per stage
-summed over layers, peak RSS (this process, the quantization only: the checkpoint is generated in
-a child process) and the output size, beside the input size.
+vocab 32000, ``--layers`` decoder layers; ``--shape qwen3-30b-a3b``: hidden 2048, 128 experts of width
+768 per layer, 8 active, 32/4 heads of 128, vocab 151936, stored one tensor per expert as on the hub) in
+5 GB safetensors shards under ``--cache-dir`` and reuses it afterwards; it is generated one tensor at a
+time, so making it needs little memory either. Then ``llmq.quantize_to_disk`` runs ``--method`` (GPTQ by
+default; AWQ, AWQ+GPTQ, RTN) W4 g128 with 16 windows of 512 tokens (TinyStories text from ../shared,
+stories260K's tokenizer, which fits in the 32000-token vocabulary) on ``--device`` (default cpu) and the
+line reports wall time, seconds per layer, seconds per stage summed over layers, peak RSS (this process,
+the quantization only: the checkpoint is generated in a child process) and the output size, beside the
+input size.
 
 ``--peer llm-compressor`` then runs llm-compressor's GPTQ on the same checkpoint with the same
 calibration tokens and the same settings (W4 g128 asymmetric, no act-order, damping 0.01, and
