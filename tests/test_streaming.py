@@ -174,7 +174,7 @@ def test_peak_memory_grows_far_less_than_the_extra_layers(tmp_path, report):
         folder = make_model(tmp_path / f"d{depth}", num_hidden_layers=depth, **shape)
         sizes[depth] = (folder / "model.safetensors").stat().st_size
         runs = []
-        for i in range(2):  # the least of two runs: allocator and thread timing add up to ~40 MB to one run's peak
+        for i in range(3):  # the least of three runs: allocator and thread timing add up to ~100 MB to one run's peak
             r = recipe(folder, tmp_path / f"q{depth}-{i}", group_size=128, nsamples=4)
             out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(r.to_dict())], capture_output=True,
                                  text=True)
