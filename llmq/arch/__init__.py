@@ -41,7 +41,7 @@ def layer_linears(layer: nn.Module, spec: ArchSpec, config: Any = None, index: i
     """The quantizable linears of decoder layer ``index``, by their name in the layer (``config``: the
     model's, which says which layers of a mixture of experts are sparse)."""
     found = {}
-    names = [n for g in (spec.groups(config, index) if spec.moe else spec.sequential) for n in g]
+    names = [n for g in spec.groups(config, index) for n in g]
     for name in names:
         try:
             module = layer.get_submodule(name)

@@ -100,12 +100,16 @@ class ArchSpec:
     def _mlp(self, name: str) -> bool:
         return self.moe is not None and name.startswith(self.moe.block + ".")
 
+    def _members(self, config: Any) -> list[str]:
+        """Every gated MLP of a sparse layer's MoE block: the routed experts, then the shared expert."""
+        m = self.moe
+        return self.experts(config) + ([f"{m.block}.{m.shared}"] if m.shared else [])
+
     def groups(self, config: Any, index: int) -> tuple[tuple[str, ...], ...]:
         """Layer ``index``'s linears in true-sequential groups: a sparse layer's MoE block replaces the MLP."""
         if not self.is_sparse(config, index):
             return self.sequential
-        m, n = self.moe, self.moe.names
-        members = self.experts(config) + ([f"{m.block}.{m.shared}"] if m.shared else [])
+        n, members = self.moe.names, self._members(config)
         attention = tuple(g for g in self.sequential if not any(self._mlp(name) for name in g))
         return attention + (tuple(f"{e}.{p}" for e in members for p in (n.gate, n.up)),
                             tuple(f"{e}.{n.down}" for e in members))
@@ -115,13 +119,12 @@ class ArchSpec:
         (and the router's columns), and each expert's up into its down."""
         if not self.is_sparse(config, index):
             return self.scale_groups
-        m, n = self.moe, self.moe.names
-        groups = self.groups(config, index)
+        m, n, members = self.moe, self.moe.names, self._members(config)
         norm = next(sg.prev for sg in self.scale_groups if self._mlp(sg.linears[0]) and not self._mlp(sg.prev))
         attention = tuple(sg for sg in self.scale_groups if not self._mlp(sg.linears[0]))
         also = tuple(f"{m.block}.{x}" for x in (m.router, m.shared_gate) if x)
-        members = self.experts(config) + ([f"{m.block}.{m.shared}"] if m.shared else [])
-        return attention + (ScaleGroup(norm, groups[-2], inspect=m.block, input_of=m.block, also=also),) + tuple(
+        gate_up = tuple(f"{e}.{p}" for e in members for p in (n.gate, n.up))
+        return attention + (ScaleGroup(norm, gate_up, inspect=m.block, input_of=m.block, also=also),) + tuple(
             ScaleGroup(f"{e}.{n.up}", (f"{e}.{n.down}",)) for e in members)
 
     def to_disk(self, key: str) -> str:
