@@ -176,7 +176,7 @@ def quantize(recipe: Recipe, packable_only: bool = True) -> Quantized:
     results = quantize_layers(model, calib, recipe.quant, device=resolve_device(recipe.device),
                               keep_fp=_keep_fp(recipe) if packable_only else None, awq_state=awq_state,
                               awq_record=awq_record, notes=notes)
-    return Quantized(model, tokenizer, results, awq_record, half_dtype(p.stored_dtype), notes)
+    return Quantized(model, tokenizer, results, awq_record, half_dtype(p.stored_dtype, p.spec.fp16_ok), notes)
 
 
 def save(run: Quantized, recipe: Recipe, overwrite: bool = False) -> Path:
@@ -260,7 +260,7 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
     head = keys[:first]
     tail = [k for k in keys[first:] if not k.startswith(layer_prefix) and k != tied]
 
-    out_dtype = half_dtype(p.stored_dtype)
+    out_dtype = half_dtype(p.stored_dtype, spec.fp16_ok)
     writer = PackedWriter(folder, recipe.format, out_dtype, recipe.quant.bits,
                           state=state["writer"] if state else None)
     awq_method = recipe.quant.method in ("awq", "awq+gptq") and not recipe.apply_awq

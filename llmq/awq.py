@@ -20,32 +20,34 @@ from .quant import _minmax_qparams, quantize, rtn_quantize
 
 
 def _is_weight_norm(prev: nn.Module) -> bool:
-    """A norm computing ``weight * normed(x)`` (+ bias): nn.LayerNorm or a ``*RMSNorm`` (LLaMA, Mistral, Qwen)."""
-    return isinstance(prev, nn.LayerNorm) or type(prev).__name__.endswith("RMSNorm")
+    """A norm with a 1-D ``weight`` (+ bias) multiplying its normed input: nn.LayerNorm or a ``*RMSNorm`` /
+    ``*LayerNorm``; whether it multiplies by ``weight`` or by ``1 + weight`` is the caller's to say."""
+    return isinstance(prev, nn.LayerNorm) or type(prev).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
-def _prev_channels(prev: nn.Module) -> int:
+def _prev_channels(prev: nn.Module, rows: tuple[int, int] | None = None) -> int:
     if isinstance(prev, nn.Linear):
-        return prev.out_features
-    if _is_weight_norm(prev):
+        return prev.out_features if rows is None else rows[1] - rows[0]
+    if _is_weight_norm(prev) and rows is None:
         weight = getattr(prev, "weight", None)
         if weight is None or weight.dim() != 1:
             raise ValueError(f"{type(prev).__name__} has no 1-D weight to fold a scale into")
         return weight.shape[0]
     raise ValueError(
-        f"cannot fold a scale into {type(prev).__name__}: supported are nn.Linear, nn.LayerNorm and norms "
-        "computing weight * x (*RMSNorm); (1 + weight) norms such as Gemma's are not supported"
+        f"cannot fold a scale into {type(prev).__name__}{' rows' if rows else ''}: supported are nn.Linear "
+        "(or a row slice of one), nn.LayerNorm and norms with a 1-D weight (*RMSNorm, *LayerNorm)"
     )
 
 
-def can_fold(prev: nn.Module, linears: list[nn.Linear], also: list[nn.Module] = ()) -> bool:
-    """Whether ``fold_scales`` applies: a supported ``prev`` whose out-channels equal every linear's in_features
-    (and every ``also`` module's 2-D weight's columns).
+def can_fold(prev: nn.Module, linears: list[nn.Linear], also: list[nn.Module] = (),
+             rows: tuple[int, int] | None = None) -> bool:
+    """Whether ``fold_scales`` applies: a supported ``prev`` whose out-channels (``rows`` of them, for a slice of
+    a fused linear) equal every linear's in_features (and every ``also`` module's 2-D weight's columns).
 
     False e.g. for ``v_proj -> o_proj`` under grouped-query attention (v has fewer rows than o has inputs).
     """
     try:
-        channels = _prev_channels(prev)
+        channels = _prev_channels(prev, rows)
     except ValueError:
         return False
     return (bool(linears) and all(isinstance(fc, nn.Linear) and fc.in_features == channels for fc in linears)
@@ -54,16 +56,18 @@ def can_fold(prev: nn.Module, linears: list[nn.Linear], also: list[nn.Module] = 
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, also: list[nn.Module] = ()) -> None:
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, also: list[nn.Module] = (),
+                rows: tuple[int, int] | None = None, norm_offset: float = 0.0) -> None:
     """Fold AWQ scales exactly: ``W[:, j] *= s_j`` in each linear, ``prev``'s output channel ``j`` ``/= s_j``.
 
-    ``prev`` is an nn.Linear (rows of weight and bias), nn.LayerNorm or a ``weight * x`` RMSNorm (weight and
-    bias). Norms computing ``x * (1 + weight)`` (Gemma) are not supported and raise, as do mismatched shapes.
+    ``prev`` is an nn.Linear (rows of weight and bias; with ``rows = (start, stop)`` only that slice of a fused
+    linear), nn.LayerNorm or a norm with a 1-D weight (weight and bias). A norm computing
+    ``(norm_offset + weight) * x`` (Gemma's ``1 + w``) gets ``w' = (offset + w) / s - offset``.
     ``also`` are full-precision modules reading the same input (a MoE router): their weight columns are
     scaled as the linears', so they compute what they did. Arithmetic is in float32, cast back to each
     parameter's dtype.
     """
-    if not can_fold(prev, linears, also):
+    if not can_fold(prev, linears, also, rows):
         raise ValueError(
             f"cannot fold scales of {type(prev).__name__} into {[type(fc).__name__ for fc in linears]}: "
             "prev must be a Linear/LayerNorm/RMSNorm whose out-channels equal every linear's in_features"
@@ -74,15 +78,17 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor,
     for fc in [*linears, *also]:
         w = fc.weight
         w.copy_((w.float() * s.to(w.device)[None, :]).to(w.dtype))
+    start, stop = rows or (0, s.numel())
     if isinstance(prev, nn.Linear):
-        w = prev.weight
+        w = prev.weight[start:stop]
         w.copy_((w.float() / s.to(w.device)[:, None]).to(w.dtype))
     else:
         w = prev.weight
-        w.copy_((w.float() / s.to(w.device)).to(w.dtype))
+        w.copy_(((w.float() + norm_offset) / s.to(w.device) - norm_offset).to(w.dtype))
     bias = getattr(prev, "bias", None)
     if bias is not None:
-        bias.copy_((bias.float() / s.to(bias.device)).to(bias.dtype))
+        b = bias[start:stop]
+        b.copy_((b.float() / s.to(bias.device)).to(bias.dtype))
 
 
 def _first(out):

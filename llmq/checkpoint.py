@@ -46,9 +46,10 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def half_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype unquantized tensors are stored in: bf16 stays bf16, anything else becomes fp16."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+def half_dtype(dtype: torch.dtype, fp16_ok: bool = True) -> torch.dtype:
+    """The dtype unquantized tensors are stored in: bf16 stays bf16, anything else becomes fp16, or bf16
+    for a family whose activations overflow fp16 (``ArchSpec.fp16_ok``: engines compute in the stored dtype)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 or not fp16_ok else torch.float16
 
 
 # safetensors dtype names; ``save_file`` lays tensors out by this rank (descending), then by name

@@ -250,7 +250,7 @@ def save_packed(
     spec = get_arch(model.config.model_type)
     check_format(fmt, cfg)
     choose_format(results, fmt)  # an impossible explicit format fails before anything is written
-    dtype = dtype or half_dtype(next(model.parameters()).dtype)
+    dtype = dtype or half_dtype(next(model.parameters()).dtype, spec.fp16_ok)
     layers = model.get_submodule(spec.layers)
     quantized_params = {f"{name}.weight" for name in results}
     linears = {f"{spec.layers}.{i}.{name}": m for i, layer in enumerate(layers)

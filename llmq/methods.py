@@ -8,7 +8,6 @@ compute the quantized layer's outputs as the next layer's inputs.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from collections.abc import Callable
@@ -88,9 +87,20 @@ class LayerJob:
             return None
         return self.expert_policies()[self.experts.of[linear]]
 
-    def widened(self, names: list[str]) -> Any:
-        """Context in which the experts of ``names`` see every token of the layer's input."""
-        return self.experts.every_token({self.experts.of[n] for n in names})
+    def observe_statistics(self, modules: dict[str, nn.Linear], fn: Callable[[str, torch.Tensor], None],
+                           windows: int | None = None) -> None:
+        """``observe`` for calibration statistics: an expert's inputs are those its policy names (its routed
+        tokens, or with ``"all_tokens"`` the whole layer input pushed through it); ``"rtn"`` experts are
+        not observed."""
+        by_policy: dict[str, dict[str, nn.Linear]] = {"routed": {}, "all_tokens": {}, "rtn": {}}
+        for name, module in modules.items():
+            by_policy[self.policy_of(name) or "routed"][name] = module
+        if by_policy["routed"]:
+            self.observe(by_policy["routed"], fn, windows)
+        if by_policy["all_tokens"]:
+            experts = {self.experts.of[n] for n in by_policy["all_tokens"]}
+            with self.experts.every_token(experts):
+                self.observe(by_policy["all_tokens"], fn, windows)
 
 
 def check_finite(name: str, tensor: torch.Tensor, what: str = "weight") -> None:
@@ -204,13 +214,7 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
         hessians = SharedHessians(group, job.timer, check=lambda name, H: check_finite(
             job.prefix + name, H, "calibration Hessian (inputs overflowed?)"))
         with job.timer("observe"):
-            routed = {n: m for n, m in group.items() if policy[n] in (None, "routed")}
-            widened = {n: m for n, m in group.items() if policy[n] == "all_tokens"}
-            if routed:
-                job.observe(routed, hessians.add)
-            if widened:
-                with job.widened(list(widened)):
-                    job.observe(widened, hessians.add)
+            job.observe_statistics(group, hessians.add)
         for name, module in group.items():
             with job.timer("solve"):  # H passed inline: the solver frees it once it has H^-1
                 if policy[name] == "rtn":
@@ -231,6 +235,21 @@ def _inspector(module: nn.Module, kwargs: dict[str, Any]) -> Callable[[torch.Ten
     return (lambda x: module(x, **kwargs)) if takes_kwargs else module
 
 
+def _compared(layer: nn.Module, inspect: str | tuple[str, ...], kwargs: dict[str, Any],
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a scale search compares: the named module's output, or the sum of several modules' outputs when
+    they read the same input in parallel (Cohere's attention and MLP, added to the residual together)."""
+    names = (inspect,) if isinstance(inspect, str) else inspect
+    fns = [_inspector(layer.get_submodule(name), kwargs) for name in names]
+    if len(fns) == 1:
+        return fns[0]
+    return lambda x: sum(_first_output(fn(x)) for fn in fns)
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _gptq_rounding(x: torch.Tensor, cfg: QuantConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``(W diag(s), s) -> GPTQ(W diag(s))`` with the Hessian of the scaled inputs, ``H / (s s^T)``."""
     acc = HessianAccumulator(x.shape[-1], x.device)
@@ -248,7 +267,7 @@ def _gather_inputs(job: LayerJob, name: str, windows: int) -> torch.Tensor | Non
     """Module ``name``'s inputs on the first ``windows`` calibration windows (None when it saw no token there):
     ``[windows, seqlen, in]``, or ``[tokens, in]`` for an expert, which sees only its routed tokens."""
     batches: list[torch.Tensor] = []
-    job.observe({name: job.layer.get_submodule(name)}, lambda _, x: batches.append(x.clone()), windows)
+    job.observe_statistics({name: job.layer.get_submodule(name)}, lambda _, x: batches.append(x.clone()), windows)
     return torch.cat(batches) if batches else None
 
 
@@ -267,7 +286,7 @@ def _sample_inputs(job: LayerJob, names: list[str], n_tokens: int) -> dict[str, 
         seen[name] += flat.shape[0]
         idx = keep[(keep >= start) & (keep < seen[name])] - start
         samples[name].append(flat[idx.to(flat.device)].clone())
-    job.observe({name: job.layer.get_submodule(name) for name in names}, take)
+    job.observe_statistics({name: job.layer.get_submodule(name) for name in names}, take)
     return {name: torch.cat(xs) for name, xs in samples.items() if sum(x.shape[0] for x in xs)}
 
 
@@ -312,27 +331,26 @@ def _fold_scales(job: LayerJob, gptq_rounding: bool) -> None:
         linears = [layer.get_submodule(name) for name in sg.linears]
         also = [layer.get_submodule(name) for name in sg.also]
         key = f"{job.prefix}{sg.prev}.awq_scale"
+        rows = sg.prev_rows.span(prev.out_features) if sg.prev_rows else None
         # an expert without calibration statistics of its own keeps scale 1 (RTN)
         policy = job.policy_of(sg.input_of or sg.linears[0])
-        if not can_fold(prev, linears, also) or (state is not None and key not in state) or policy == "rtn":
+        if not can_fold(prev, linears, also, rows) or (state is not None and key not in state) or policy == "rtn":
             continue
         if state is not None:
             scales = state[key].to(linears[0].weight.device)
         else:
-            compared = layer.get_submodule(sg.inspect) if sg.inspect else linears[0]
-            source = sg.input_of or sg.linears[0]
-            with job.widened([source]) if policy == "all_tokens" else contextlib.nullcontext():
-                x = _gather_inputs(job, source, windows)
+            x = _gather_inputs(job, sg.input_of or sg.linears[0], windows)
             if x is None:  # an expert routed no token in the search windows: scale 1
                 continue
+            compared = _compared(layer, sg.inspect, job.kwargs) if sg.inspect else linears[0]
             with torch.no_grad():
-                scales, loss = search_scale(x, linears, _inspector(compared, job.kwargs), job.cfg,
+                scales, loss = search_scale(x, linears, compared, job.cfg,
                                             n_grid=job.cfg.awq_grid, duo=job.cfg.awq_duo,
                                             quantize_fn=_gptq_rounding(x, job.cfg) if gptq_rounding else None,
                                             batch_tokens=job.batch_size * job.seqlen)
             del x
             log.info("layer %d %s -> %s: scale loss %.5g", job.index, sg.prev, _short(sg.linears), loss)
-        fold_scales(prev, linears, scales, also)
+        fold_scales(prev, linears, scales, also, rows, sg.norm_offset)
         job.record(key, scales.detach().cpu())
 
 
@@ -355,12 +373,7 @@ def _clip_weights(job: LayerJob) -> None:
                and job.policy_of(n) != "rtn"]
     inputs = {}
     if state is None and clipped:
-        widened = [n for n in clipped if job.policy_of(n) == "all_tokens"]
-        routed = [n for n in clipped if n not in widened]
-        inputs = _sample_inputs(job, routed, CLIP_TOKENS) if routed else {}
-        if widened:
-            with job.widened(widened):
-                inputs.update(_sample_inputs(job, widened, CLIP_TOKENS))
+        inputs = _sample_inputs(job, clipped, CLIP_TOKENS)
         clipped = [n for n in clipped if n in inputs]
     for name in clipped:
         module = job.layer.get_submodule(name)

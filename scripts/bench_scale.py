@@ -13,8 +13,8 @@ time, so making it needs little memory either. Then ``llmq.quantize_to_disk`` ru
 default; AWQ, AWQ+GPTQ, RTN) W4 g128 with 16 windows of 512 tokens (TinyStories text from ../shared,
 stories260K's tokenizer, which fits in the 32000-token vocabulary) on ``--device`` (default cpu) and the
 line reports wall time, seconds per layer, seconds per stage summed over layers, peak RSS (this process,
-the quantization only: the checkpoint is generated in a child process) and the output size, beside the
-input size.
+the quantization only: the checkpoint is generated in a child process), the highest RSS sampled in each
+stage (every 20 ms) and the output size, beside the input size.
 
 ``--peer llm-compressor`` then runs llm-compressor's GPTQ on the same checkpoint with the same
 calibration tokens and the same settings (W4 g128 asymmetric, no act-order, damping 0.01, and
@@ -92,6 +92,48 @@ def make_checkpoint(folder: Path, layers: int, shapes: dict = LLAMA2_7B) -> None
     config.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(SHARED / "assets" / "stories260K").save_pretrained(tmp)
     tmp.rename(folder)
+
+
+class StageMemory:
+    """Peak RSS per stage: wraps a :class:`~llmq.timing.StageTimes` and samples /proc/self/statm every
+    ``every`` seconds from a thread, charging each sample to the innermost stage running then (``"other"``
+    outside any). Sampling misses spikes shorter than ``every``; VmHWM gives the true overall peak."""
+
+    def __init__(self, timer, every: float = 0.02):
+        import threading
+
+        self.timer, self.every, self.stack = timer, every, []
+        self.peak_mb: dict[str, int] = {}
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def __call__(self, stage: str):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def charged():
+            self.stack.append(stage)
+            try:
+                with self.timer(stage):
+                    yield
+            finally:
+                self.stack.pop()
+        return charged()
+
+    def _sample(self) -> None:
+        with open("/proc/self/statm") as f:
+            while not self.done.wait(self.every):
+                f.seek(0)
+                rss = int(f.read().split()[1]) * self.page >> 20
+                stage = self.stack[-1] if self.stack else "other"
+                self.peak_mb[stage] = max(self.peak_mb.get(stage, 0), rss)
+
+    def stop(self) -> dict[str, int]:
+        self.done.set()
+        self.thread.join()
+        return dict(sorted(self.peak_mb.items()))
 
 
 def dir_bytes(folder: Path) -> int:
@@ -245,9 +287,11 @@ def main() -> None:
                                    seqlen=args.seqlen, device=args.device, mse=args.mse))
     shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)  # a killed run's work: time every layer
     timer = StageTimes()
+    memory = StageMemory(timer)
     start = time.perf_counter()
-    quantize_to_disk(recipe, overwrite=True, offload_activations=args.offload_activations, timer=timer)
+    quantize_to_disk(recipe, overwrite=True, offload_activations=args.offload_activations, timer=memory)
     wall = time.perf_counter() - start
+    stage_peaks = memory.stop()
     stages = timer.as_dict(1)
     if "observe" in stages:  # observe includes the Hessian updates: report the forwards on their own
         stages["observe_forward"] = round(stages["observe"] - stages.get("hessian", 0.0), 1)
@@ -258,7 +302,7 @@ def main() -> None:
         "bits": args.bits, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
         "mse": recipe.quant.mse, "device": args.device, "threads": torch.get_num_threads(),
         "wall_s": round(wall, 1), "s_per_layer": round(wall / args.layers, 1), "stage_s": stages,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_by_stage": stage_peaks,
         "input_gb": round(dir_bytes(model_dir) / 1e9, 2), "output_gb": round(dir_bytes(out) / 1e9, 3),
     }
     if not args.keep:

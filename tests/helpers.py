@@ -33,6 +33,12 @@ MOE_CONFIGS = {
 }
 
 
+# dense families beyond the LLaMA layout: special tokens inside the small vocabulary (their defaults lie past
+# it), and 16-wide heads where a family's default is wider (Gemma's 256)
+DENSE_CONFIGS = {family: dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=16)
+                 for family in ("gemma2", "gemma3_text", "phi3", "olmo2", "cohere", "cohere2", "granite", "glm4")}
+
+
 def tiny_config(model_type: str, **overrides):
     """A random-initialisable config of ``model_type`` with every dimension small."""
     from transformers import AutoConfig
@@ -42,6 +48,7 @@ def tiny_config(model_type: str, **overrides):
     if model_type in ("qwen3", "qwen3_moe", "olmoe", "glm4_moe"):
         kwargs["head_dim"] = 16
     kwargs.update(MOE_CONFIGS.get(model_type, {}))  # a few narrow experts, some layers dense where a family can
+    kwargs.update(DENSE_CONFIGS.get(model_type, {}))
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 

@@ -14,38 +14,79 @@ CFG3 = QuantConfig(method="rtn", bits=3, group_size=32)
 
 
 def _randomise_norms(model, gen):
+    """Every norm's weight drawn from [0.5, 1.5] (Gemma's zeros and LLaMA's ones would hide a wrong fold)."""
     with torch.no_grad():
         for module in model.modules():
-            if type(module).__name__.endswith("RMSNorm"):
-                module.weight.mul_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+            if type(module).__name__.endswith(("RMSNorm", "LayerNorm")) and getattr(module, "weight", None) is not None:
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+
+
+def _fold(layer, group, scales):
+    prev = layer.get_submodule(group.prev)
+    rows = group.prev_rows.span(prev.out_features) if group.prev_rows else None
+    fold_scales(prev, [layer.get_submodule(n) for n in group.linears], scales,
+                [layer.get_submodule(n) for n in group.also], rows, group.norm_offset)
+
+
+def _foldable(layer, group) -> bool:
+    prev = layer.get_submodule(group.prev)
+    rows = group.prev_rows.span(prev.out_features) if group.prev_rows else None
+    return can_fold(prev, [layer.get_submodule(n) for n in group.linears], [layer.get_submodule(n) for n in group.also],
+                    rows)
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_folding_random_scales_is_exact(model_type):
+    """Random scales folded into every scale group the table names leave the logits as they were: norms of
+    either kind (Gemma's 1 + w), whole linears and row slices of fused ones (Phi-3's v and up halves)."""
     gen = torch.Generator().manual_seed(0)
-    model = tiny_model(model_type)
+    # as many kv heads as heads, so that v -> o folds (and Phi-3's v slice of qkv_proj is exercised)
+    model = tiny_model(model_type, num_key_value_heads=4)
     _randomise_norms(model, gen)
     spec = get_arch(model_type)
     split_experts(model, spec)
     with torch.no_grad():
         before = model(CALIB).logits
-    folded = set()
+    folded, norms = set(), set()
     for i, layer in enumerate(get_layers(model, spec)):
         for group in spec.layer_scale_groups(model.config, i):
-            prev = layer.get_submodule(group.prev)
             linears = [layer.get_submodule(name) for name in group.linears]
-            also = [layer.get_submodule(name) for name in group.also]  # a MoE router: scaled, never quantized
-            if not can_fold(prev, linears, also):
+            if not isinstance(layer.get_submodule(group.prev), torch.nn.Linear):
+                norms.add(group.prev)
+            if not _foldable(layer, group):
                 with pytest.raises(ValueError):
-                    fold_scales(prev, linears, torch.ones(linears[0].in_features), also)
+                    _fold(layer, group, torch.ones(linears[0].in_features))
                 continue
-            fold_scales(prev, linears, torch.randn(linears[0].in_features, generator=gen).exp(), also)
+            _fold(layer, group, torch.randn(linears[0].in_features, generator=gen).exp())
             folded.add(group.prev.rsplit(".", 2)[-1] if "experts" in group.prev else group.prev)
-    assert {"input_layernorm", "post_attention_layernorm"} <= folded
-    assert {"mlp.up_proj", "up_proj", "w3"} & folded  # up -> down, in the dense MLP or in every expert
+    assert norms <= folded, "every norm the table names takes its scale"
+    assert {"self_attn.v_proj", "self_attn.qkv_proj"} & folded  # v -> o, or v's rows of a fused qkv -> o
+    assert {"mlp.up_proj", "up_proj", "w3", "mlp.gate_up_proj"} & folded  # up -> down, dense, per expert or fused
     with torch.no_grad():
         after = model(CALIB).logits
     assert torch.allclose(before, after, atol=1e-4), (before - after).abs().max()
+
+
+@pytest.mark.parametrize("model_type", sorted(t for t, s in ARCHITECTURES.items()
+                                              if any(g.norm_offset or g.prev_rows for g in s.scale_groups)))
+def test_folds_are_wrong_without_the_norm_kind_and_the_row_slice(model_type):
+    """The control: Gemma's norms folded as ``w * x`` norms, or a fused linear's slice folded from its first
+    rows, change the logits, so the exact folds above rest on ``norm_offset`` and ``prev_rows``."""
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_model(model_type, num_key_value_heads=4)
+    _randomise_norms(model, gen)
+    spec = get_arch(model_type)
+    with torch.no_grad():
+        before = model(CALIB).logits
+    layer = get_layers(model, spec)[0]
+    group = next(g.resolved(model.config) for g in spec.scale_groups if g.norm_offset or g.prev_rows)
+    prev = layer.get_submodule(group.prev)
+    n = layer.get_submodule(group.linears[0]).in_features
+    wrong = (0, n) if group.prev_rows else None  # the first rows instead of the slice
+    fold_scales(prev, [layer.get_submodule(x) for x in group.linears], torch.randn(n, generator=gen).exp(), (),
+                wrong, 0.0)
+    with torch.no_grad():
+        assert not torch.allclose(model(CALIB).logits, before, atol=1e-3)
 
 
 def test_fold_rejects_mismatched_and_unsupported():

@@ -15,10 +15,10 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import UnsupportedArchitectureError
-from .spec import ArchSpec, ExpertNames, MoESpec, ScaleGroup, SparseLayers
+from .spec import ArchSpec, ExpertNames, MoESpec, Rows, ScaleGroup, SparseLayers
 from .table import ARCHITECTURES
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "ExpertNames", "MoESpec", "ScaleGroup", "SparseLayers", "get_arch",
+__all__ = ["ARCHITECTURES", "ArchSpec", "ExpertNames", "MoESpec", "Rows", "ScaleGroup", "SparseLayers", "get_arch",
            "get_layers", "layer_linears"]
 
 

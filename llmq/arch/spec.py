@@ -8,6 +8,30 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class Rows:
+    """A row slice of a fused linear: its output rows split in proportion to ``parts`` (config attribute names
+    or numbers), part ``index`` taken. Phi-3's v inside ``qkv_proj`` is ``Rows(("num_attention_heads",
+    "num_key_value_heads", "num_key_value_heads"), 2)`` (each part is heads x head_dim rows); the up half
+    of a ``gate_up_proj`` is ``Rows((1, 1), 1)``."""
+
+    parts: tuple[str | int, ...]
+    index: int
+
+    def resolved(self, config: Any) -> Rows:
+        """The same slice with every part a number, read from ``config``."""
+        return Rows(tuple(p if isinstance(p, int) else int(getattr(config, p)) for p in self.parts), self.index)
+
+    def span(self, rows: int) -> tuple[int, int]:
+        """``(start, stop)`` of the slice in a linear with ``rows`` output rows (parts must be resolved)."""
+        total = sum(self.parts)
+        if rows % total:
+            raise ValueError(f"{rows} rows do not split in proportion {self.parts}")
+        unit = rows // total
+        start = unit * sum(self.parts[: self.index])
+        return start, start + unit * self.parts[self.index]
+
+
+@dataclass(frozen=True)
 class ScaleGroup:
     """Where an AWQ scale folds: ``linears`` read ``prev``'s output (AWQ, Lin et al. 2024, Sec. 3.2).
 
@@ -17,13 +41,25 @@ class ScaleGroup:
     ``input_of`` the module whose input the search runs on (default: the first linear; a MoE block,
     whose experts each see only their routed tokens). ``also`` are modules reading the same input that
     stay in full precision (a MoE router): their columns are scaled too, so they compute the same.
+
+    ``inspect`` may name several modules reading the same input in parallel (Cohere's attention and MLP):
+    their outputs are summed, as the layer adds them to the residual. ``prev_rows``: ``prev`` is a fused
+    linear and only these rows produce the linears' input (v inside ``qkv_proj``). ``norm_offset``: ``prev``
+    is a norm computing ``(offset + weight) * normed(x)`` (Gemma's ``1 + w``), whose fold is
+    ``(offset + w) / s - offset``.
     """
 
     prev: str
     linears: tuple[str, ...]
-    inspect: str | None = None
+    inspect: str | tuple[str, ...] | None = None
     input_of: str | None = None
     also: tuple[str, ...] = ()
+    prev_rows: Rows | None = None
+    norm_offset: float = 0.0
+
+    def resolved(self, config: Any) -> ScaleGroup:
+        """The group with its row slice's parts read from ``config``."""
+        return replace(self, prev_rows=self.prev_rows.resolved(config)) if self.prev_rows else self
 
 
 @dataclass(frozen=True)
@@ -83,6 +119,9 @@ class ArchSpec:
     after: tuple[str, ...]  # modules run after the last layer (final norm, lm_head)
     scale_groups: tuple[ScaleGroup, ...] = ()  # AWQ: where each activation-aware scale folds
     moe: MoESpec | None = None
+    # float16 holds the family's activations: False where they overflow it (Gemma's reach 1e5), so its
+    # unquantized tensors are stored, and its layers run, in bfloat16 or float32, never float16
+    fp16_ok: bool = True
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -118,10 +157,10 @@ class ArchSpec:
         """AWQ scale groups of layer ``index``: in a sparse layer the MLP norm folds into every expert's gate/up
         (and the router's columns), and each expert's up into its down."""
         if not self.is_sparse(config, index):
-            return self.scale_groups
+            return tuple(sg.resolved(config) for sg in self.scale_groups)
         m, n, members = self.moe, self.moe.names, self._members(config)
         norm = next(sg.prev for sg in self.scale_groups if self._mlp(sg.linears[0]) and not self._mlp(sg.prev))
-        attention = tuple(sg for sg in self.scale_groups if not self._mlp(sg.linears[0]))
+        attention = tuple(sg.resolved(config) for sg in self.scale_groups if not self._mlp(sg.linears[0]))
         also = tuple(f"{m.block}.{x}" for x in (m.router, m.shared_gate) if x)
         gate_up = tuple(f"{e}.{p}" for e in members for p in (n.gate, n.up))
         return attention + (ScaleGroup(norm, gate_up, inspect=m.block, input_of=m.block, also=also),) + tuple(

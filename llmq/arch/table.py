@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .spec import ArchSpec, ExpertNames, MoESpec, ScaleGroup, SparseLayers, with_moe
+from dataclasses import replace
+
+from .spec import ArchSpec, ExpertNames, MoESpec, Rows, ScaleGroup, SparseLayers, with_moe
 
 # LLaMA-style decoder: pre-norm attention then a gated MLP. q/k/v read the same normed input,
 # o reads the attention output, gate/up read the same normed input, down reads act(gate) * up.
@@ -26,6 +28,64 @@ LLAMA = ArchSpec(
         # up -> down: down reads act(gate) * up, linear in up's output
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
     ),
+)
+
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+# Gemma 2/3: LLaMA's linears, but each sublayer has a norm before and after it (input_layernorm and
+# post_attention_layernorm around attention, pre_ and post_feedforward_layernorm around the MLP), so the
+# MLP's input norm is pre_feedforward_layernorm; every norm computes (1 + w) * x, whose fold is
+# (1 + w) / s - 1; activations reach 1e5, past float16.
+GEMMA = replace(LLAMA, fp16_ok=False, scale_groups=(
+    ScaleGroup("input_layernorm", QKV, inspect="self_attn", norm_offset=1.0),
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+    ScaleGroup("pre_feedforward_layernorm", GATE_UP, inspect="mlp", norm_offset=1.0),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+))
+
+# Phi-3/4: q/k/v fused in qkv_proj ([q; k; v] rows, heads x head_dim each) and gate/up in gate_up_proj
+# ([gate; up]); each stays one linear. v -> o folds into qkv_proj's v rows, up -> down into gate_up_proj's
+# up half (down reads act(gate) * up, linear in up).
+PHI3 = replace(
+    LLAMA,
+    sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    scale_groups=(
+        ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), inspect="self_attn"),
+        ScaleGroup("self_attn.qkv_proj", ("self_attn.o_proj",),
+                   prev_rows=Rows(("num_attention_heads", "num_key_value_heads", "num_key_value_heads"), 2)),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), inspect="mlp"),
+        ScaleGroup("mlp.gate_up_proj", ("mlp.down_proj",), prev_rows=Rows((1, 1), 1)),
+    ),
+)
+
+# OLMo-2: norms after each sublayer only (post_attention_layernorm on the attention's output,
+# post_feedforward_layernorm on the MLP's), none in front of q/k/v or gate/up: their input is the
+# residual stream itself, so no scale folds there; v -> o and up -> down remain.
+OLMO2 = replace(LLAMA, scale_groups=(
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+))
+
+# Cohere (Command-R) and Cohere 2: one input_layernorm feeds attention and MLP in parallel
+# (x + attn(norm(x)) + mlp(norm(x))), so q/k/v and gate/up read the same tensor: one group, one Hessian,
+# one scale searched on the sum of both outputs.
+COHERE = replace(
+    LLAMA,
+    sequential=(QKV + GATE_UP, ("self_attn.o_proj",), ("mlp.down_proj",)),
+    scale_groups=(
+        ScaleGroup("input_layernorm", QKV + GATE_UP, inspect=("self_attn", "mlp")),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+)
+
+# GLM-4 (0414): LLaMA's attention, Phi-3's fused gate_up_proj, and a norm after each sublayer besides the
+# one before it (post_self_attn_layernorm, post_mlp_layernorm): post_attention_layernorm is the MLP's input norm.
+GLM4 = replace(
+    LLAMA,
+    sequential=LLAMA.sequential[:2] + (("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    scale_groups=LLAMA.scale_groups[:2] + PHI3.scale_groups[2:],
 )
 
 # Mixtures of experts with LLaMA-layout attention; the MoE block takes the MLP's place.
@@ -52,6 +112,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": LLAMA,  # LLaMA layout with sliding-window attention (a mask matter, not a weight one)
     "qwen2": LLAMA,  # LLaMA layout with biases on q/k/v (kept in full precision beside the codes)
     "qwen3": LLAMA,  # LLaMA layout with RMSNorm on q and k per head (norms are never quantized)
+    # Granite: LLaMA's layout; its multipliers (embedding, residual, attention, logits) scale activations
+    # between the linears, which the captured inputs and the layer forwards already include
+    "granite": LLAMA,
+    "gemma2": GEMMA,
+    "gemma3_text": GEMMA,  # Gemma 2's layout with q/k norms per head (never quantized)
+    "phi3": PHI3,
+    "olmo2": OLMO2,
+    "cohere": COHERE,
+    "cohere2": COHERE,  # Cohere's layout; sliding-window layers are a mask matter
+    "glm4": GLM4,
     "qwen3_moe": QWEN3_MOE,
     "qwen2_moe": QWEN2_MOE,
     "mixtral": MIXTRAL,
