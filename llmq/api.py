@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import __version__
-from .arch import ArchSpec, get_arch, get_layers, layer_linears
+from .arch import ArchSpec, arch_for, disk_namer, get_layers, layer_linears
 from .arch.experts import split_experts
 from .checkpoint import SpoolWriter, check_output_free, half_dtype, parse_size, save_tensors
 from .config import Recipe
@@ -42,6 +42,7 @@ from .stream import (
     ShardedCheckpoint,
     StreamingLayers,
     checkpoint_dtype,
+    discover_streamed,
     empty_model,
     generation_config,
     materialize,
@@ -67,7 +68,7 @@ def load_model(
     name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
     revision: str | None = None, kernel: str = "auto", device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, object]:
-    """A causal LM on ``device`` and its tokenizer; the architecture is checked before any weight loads.
+    """A causal LM on ``device`` and its tokenizer (any architecture: evaluation needs no table entry).
 
     ``name_or_path`` is a local folder or a hub id (read through the hub cache). A quantized
     checkpoint (``quantization_config`` in its config) loads packed through
@@ -78,7 +79,6 @@ def load_model(
     """
     folder = resolve_model(name_or_path, revision, trust_remote_code=trust_remote_code)
     config = load_config(folder, trust_remote_code)
-    get_arch(config.model_type)
     dtype = dtype or compute_dtype(checkpoint_dtype(config))
     if getattr(config, "quantization_config", None) is not None:
         model = from_pretrained(folder, device=device, torch_dtype=dtype, trust_remote_code=trust_remote_code,
@@ -97,6 +97,13 @@ def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec) -> None:
               for i, layer in enumerate(get_layers(model, spec))
               for name, m in layer_linears(layer, spec, model.config, i).items()}
     check_layout(recipe.format, recipe.quant, shapes)
+    if recipe.quant.method in ("awq", "awq+gptq") and not spec.scale_groups:
+        raise ConfigError(
+            f"AWQ needs to know where each scale folds, which model_type {model.config.model_type!r} does not show: "
+            "it has no table entry (its GPTQ groups were inferred). Use --method gptq or rtn, name an entry with "
+            "the same layout (--arch), or add one in llmq/arch/table.py, e.g. ScaleGroup('input_layernorm', "
+            "('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'), inspect='self_attn') for the norm "
+            "in front of q/k/v, and one per norm or linear feeding the others")
     if recipe.apply_awq is not None:
         if recipe.quant.method not in ("awq", "awq+gptq"):
             raise ConfigError(f"apply_awq re-applies AWQ scales, but method is {recipe.quant.method!r}: "
@@ -113,6 +120,7 @@ class Quantized(NamedTuple):
     awq: dict[str, torch.Tensor]  # AWQ search results (scales, clips) by name; empty for other methods
     dtype: torch.dtype = torch.float16  # unquantized tensors are saved in this dtype (the checkpoint's half dtype)
     notes: dict[str, Any] | None = None  # what the methods noted for the metadata (experts' tokens and policies)
+    spec: ArchSpec | None = None  # the table entry the run used (None: the model_type's own)
 
 
 def _calibration(recipe: Recipe, tokenizer: Any) -> torch.Tensor:
@@ -152,10 +160,12 @@ def plan(recipe: Recipe) -> Plan:
     config = load_config(folder, recipe.trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         raise ConfigError(f"{recipe.model} is already quantized: quantize its full-precision original")
-    spec = get_arch(config.model_type)
+    spec = arch_for(config.model_type, recipe.arch)
     stored = checkpoint_dtype(config)
     dtype = compute_dtype(stored, recipe.compute_dtype)
     skeleton = empty_model(config, dtype, recipe.trust_remote_code)
+    if spec is None:  # a dense decoder without an entry: its groups, from one forward of layer 0
+        spec = discover_streamed(skeleton, ShardedCheckpoint(folder, disk_namer(skeleton)))
     split_experts(skeleton, spec)  # the streaming reader fills the experts' linears from the per-expert tensors
     check_plan(recipe, skeleton, spec)
     return Plan(folder, config, spec, stored, dtype, skeleton)
@@ -175,8 +185,8 @@ def quantize(recipe: Recipe, packable_only: bool = True) -> Quantized:
     notes: dict[str, Any] = {}
     results = quantize_layers(model, calib, recipe.quant, device=resolve_device(recipe.device),
                               keep_fp=_keep_fp(recipe) if packable_only else None, awq_state=awq_state,
-                              awq_record=awq_record, notes=notes)
-    return Quantized(model, tokenizer, results, awq_record, half_dtype(p.stored_dtype, p.spec.fp16_ok), notes)
+                              awq_record=awq_record, notes=notes, spec=p.spec)
+    return Quantized(model, tokenizer, results, awq_record, half_dtype(p.stored_dtype, p.spec.fp16_ok), notes, p.spec)
 
 
 def save(run: Quantized, recipe: Recipe, overwrite: bool = False) -> Path:
@@ -189,7 +199,7 @@ def save(run: Quantized, recipe: Recipe, overwrite: bool = False) -> Path:
     extra = {AWQ_SEARCH_FILE: lambda path: save_tensors(path, run.awq)} if run.awq else {}
     return save_packed(run.model, run.tokenizer, run.results, recipe.out, recipe.quant, recipe=_recorded(recipe),
                        fmt=recipe.format, max_shard_size=recipe.max_shard_size, overwrite=overwrite, extra=extra,
-                       dtype=run.dtype, notes=run.notes)
+                       dtype=run.dtype, notes=run.notes, spec=run.spec)
 
 
 def _settings(recipe: Recipe, calib: torch.Tensor, ckpt: ShardedCheckpoint) -> str:
@@ -234,7 +244,7 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
     check_output_free(out, overwrite)
     p = plan(recipe)
     fix_malloc_mmap_threshold()
-    ckpt = ShardedCheckpoint(p.folder, p.spec.to_disk)
+    ckpt = ShardedCheckpoint(p.folder, disk_namer(p.skeleton, p.spec))
     tokenizer = AutoTokenizer.from_pretrained(p.folder, trust_remote_code=recipe.trust_remote_code)
     calib = _calibration(recipe, tokenizer)
     device = resolve_device(recipe.device)
@@ -273,14 +283,14 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
             materialize(model.get_submodule(name), name + ".", ckpt)
         if state is None:
             for key, tensor in ckpt.load(head).items():
-                writer.add(key, tensor)
+                writer.add(ckpt.to_disk(key), tensor)
 
-    hidden_bytes = calib.numel() * config.hidden_size * p.dtype.itemsize * (
+    hidden_bytes = calib.numel() * config.get_text_config().hidden_size * p.dtype.itemsize * (
         2 if recipe.quant.next_inputs == "fp" else 1)
     if awq_method:  # the scale search's own buffers count against the same budget
         widest = max(m.in_features for i, layer in enumerate(get_layers(model, spec))
                      for m in layer_linears(layer, spec, config, i).values())
-        hidden_bytes += awq_search_bytes(recipe.quant, calib.shape[0], calib.shape[1], widest, config.hidden_size,
+        hidden_bytes += awq_search_bytes(recipe.quant, calib.shape[0], calib.shape[1], widest, config.get_text_config().hidden_size,
                                          p.dtype.itemsize)
     offload_dir = None
     if offload_activations is not None:
@@ -301,10 +311,10 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
         for key, tensor in layer.state_dict().items():
             name = prefix + key.removesuffix(".weight")
             if key.endswith(".weight") and name in results:
-                writer.add_quantized(spec.to_disk(name), results[name])
+                writer.add_quantized(ckpt.to_disk(name), results[name])
             else:
-                writer.add(spec.to_disk(prefix + key), tensor)
-        unquantized.extend(spec.to_disk(prefix + n) for n in layer_linears(layer, spec, config, index)
+                writer.add(ckpt.to_disk(prefix + key), tensor)
+        unquantized.extend(ckpt.to_disk(prefix + n) for n in layer_linears(layer, spec, config, index)
                            if prefix + n not in results)
         if awq_spool is not None:
             for key in sorted(k for k in awq_record if k.startswith(prefix)):
@@ -324,12 +334,12 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
         quantize_layers(model, calib, recipe.quant, device=device, source=StreamingLayers(model, spec, ckpt),
                         sink=sink, batch_size=batch_size, keep_fp=_keep_fp(recipe), awq_state=awq_state,
                         awq_record=awq_record, start=start, resume_hidden=resume_hidden, offload_dir=offload_dir,
-                        timer=timer, notes=notes)
+                        timer=timer, notes=notes, spec=spec)
     if offload_dir is not None:
         shutil.rmtree(offload_dir, ignore_errors=True)
     with timer("write"):
         for key, tensor in ckpt.load(tail).items():
-            writer.add(key, tensor)
+            writer.add(ckpt.to_disk(key), tensor)
         fmt = writer.close(parse_size(recipe.max_shard_size))
         kill_point("finish.shards_written")
         extra = {}
@@ -338,5 +348,5 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
         elif awq_spool is not None:
             awq_spool.close()  # nothing was searched (no foldable scale): no file, as in memory
         write_metadata(folder, config, out_dtype, recipe.quant, fmt, n_layers, sorted(unquantized),
-                       _recorded(recipe), tokenizer, generation_config(ckpt.folder, config), extra, notes)
+                       _recorded(recipe), tokenizer, generation_config(ckpt.folder, config), extra, notes, spec)
         kill_point("finish.metadata_written")

@@ -52,6 +52,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the layer forwards (default auto: the checkpoint's if bfloat16, else float32); "
                         "Hessians and the solver are always float32")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
+    p.add_argument("--arch", metavar="NAME",
+                   help="the table entry to use for a model_type that shares its layout (e.g. llama); default: the "
+                        "model's own entry, or, for a dense decoder without one, groups inferred from the model "
+                        "(GPTQ and RTN only)")
     p.add_argument("--out", help="output folder (must not exist or be empty)")
     p.add_argument("--format", choices=["auto", "gptq", "gptq_v2", "awq"],
                    help="packed layout: GPTQ with zero-point convention gptq (v1, stores zero-1, cannot hold 0) or "
@@ -156,7 +160,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
             "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
-            "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens")
+            "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens", "arch")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
     if not recipe.out:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from .arch.table import ARCHITECTURES
 from .errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -135,6 +136,9 @@ class Recipe:
     revision: str | None = None  # hub branch, tag or commit of ``model``
     # dtype of the layer forwards: auto = the checkpoint's when bfloat16, else float32 (see llmq.device)
     compute_dtype: str = "auto"
+    # the table entry to use when the model's model_type shares another's layout (None: its own entry, or
+    # one inferred from the model when it has none)
+    arch: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in ("auto", "gptq", "gptq_v2", "awq"):
@@ -142,6 +146,10 @@ class Recipe:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype={self.compute_dtype!r} is unknown: choose auto, float32 or bfloat16 "
                               "(float16 is refused: activations of some models overflow it)")
+        if self.arch is not None and self.arch not in ARCHITECTURES:
+            raise ConfigError(f"arch={self.arch!r} is not a table entry: choose one of "
+                              f"{', '.join(sorted(ARCHITECTURES))}, or leave it out to use the model's own entry "
+                              "(or one inferred from the model)")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:
@@ -150,7 +158,7 @@ class Recipe:
         quant_keys = {f.name for f in dataclasses.fields(QuantConfig)}
         calib_keys = {f.name for f in dataclasses.fields(CalibConfig)}
         top_keys = {"model", "out", "device", "trust_remote_code", "format", "max_shard_size", "apply_awq", "revision",
-                    "compute_dtype"}
+                    "compute_dtype", "arch"}
         unknown = sorted(set(raw) - quant_keys - calib_keys - top_keys)
         if unknown:
             known = ", ".join(sorted(quant_keys | calib_keys | top_keys))
@@ -166,7 +174,7 @@ class Recipe:
             calib=CalibConfig(**{k: v for k, v in raw.items() if k in calib_keys}),
             device=raw.get("device"),
             trust_remote_code=bool(raw.get("trust_remote_code", False)),
-            **{k: str(raw[k]) for k in ("format", "max_shard_size", "apply_awq", "revision", "compute_dtype")
+            **{k: str(raw[k]) for k in ("format", "max_shard_size", "apply_awq", "revision", "compute_dtype", "arch")
                if raw.get(k) is not None},
         )
 
@@ -186,7 +194,7 @@ class Recipe:
         out = {"model": self.model, "out": self.out, "device": self.device, "trust_remote_code": self.trust_remote_code,
                "format": self.format,
                "max_shard_size": self.max_shard_size, "apply_awq": self.apply_awq, "revision": self.revision,
-               "compute_dtype": self.compute_dtype}
+               "compute_dtype": self.compute_dtype, "arch": self.arch}
         out.update(dataclasses.asdict(self.quant))
         out.update(dataclasses.asdict(self.calib))
         return out

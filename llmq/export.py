@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from . import __version__
-from .arch import ArchSpec, get_arch, layer_linears
+from .arch import ArchSpec, disk_namer, get_arch, layer_linears, resolve_arch
 from .checkpoint import SpoolWriter, atomic_output_dir, half_dtype, parse_size, write_json
 from .config import QuantConfig
 from .errors import ConfigError
@@ -200,12 +200,13 @@ class PackedWriter:
 def write_metadata(staging: Path, config: Any, dtype: torch.dtype, cfg: QuantConfig, fmt: str, n_layers: int,
                    unquantized: list[str], recipe: dict[str, Any] | None, tokenizer: Any = None,
                    generation_config: Any = None, extra: dict[str, Callable[[Path], None]] | None = None,
-                   notes: dict[str, Any] | None = None) -> None:
+                   notes: dict[str, Any] | None = None, spec: ArchSpec | None = None) -> None:
     """Everything but the weights: config.json with quantization_config, quantize_config.json, tokenizer.
 
     ``notes`` (by module name in the model) go under ``meta.llmq.experts`` with their checkpoint names.
+    ``spec``: the table entry the run used (default: the model_type's own).
     """
-    spec = get_arch(config.model_type)
+    spec = spec or get_arch(config.model_type)
     experts = {spec.to_disk(k): v for k, v in sorted((notes or {}).items())}
     config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -241,13 +242,15 @@ def save_packed(
     extra: dict[str, Callable[[Path], None]] | None = None,
     dtype: torch.dtype | None = None,
     notes: dict[str, Any] | None = None,
+    spec: ArchSpec | None = None,
 ) -> Path:
     """Pack ``results`` (full module name -> quantized weight) and save with the rest of ``model``.
 
     Unquantized tensors are stored in ``dtype`` (default: the half dtype of the model's own).
     ``extra`` maps file names to writers for files that go into the same folder, atomically with it.
+    ``spec``: the table entry the run used (default: the model's, or one inferred from it).
     """
-    spec = get_arch(model.config.model_type)
+    spec = spec or resolve_arch(model)
     check_format(fmt, cfg)
     choose_format(results, fmt)  # an impossible explicit format fails before anything is written
     dtype = dtype or half_dtype(next(model.parameters()).dtype, spec.fp16_ok)
@@ -255,7 +258,8 @@ def save_packed(
     quantized_params = {f"{name}.weight" for name in results}
     linears = {f"{spec.layers}.{i}.{name}": m for i, layer in enumerate(layers)
                for name, m in layer_linears(layer, spec, model.config, i).items()}
-    unquantized = sorted(spec.to_disk(name) for name in linears if name not in results)
+    to_disk = disk_namer(model, spec)
+    unquantized = sorted(to_disk(name) for name in linears if name not in results)
     for name in sorted(n for n in linears if n not in results):
         log.warning("%s stays in %s: the GPTQ layout cannot hold its shape %s", name, dtype,
                     tuple(linears[name].weight.shape))
@@ -266,10 +270,10 @@ def save_packed(
             if key == tied:
                 continue
             if key in quantized_params:
-                writer.add_quantized(spec.to_disk(key[: -len(".weight")]), results[key[: -len(".weight")]])
+                writer.add_quantized(to_disk(key[: -len(".weight")]), results[key[: -len(".weight")]])
             else:
-                writer.add(spec.to_disk(key), tensor)
+                writer.add(to_disk(key), tensor)
         fmt = writer.close(parse_size(max_shard_size))
         write_metadata(staging, model.config, dtype, cfg, fmt, len(layers), unquantized,
-                       recipe, tokenizer, getattr(model, "generation_config", None), extra, notes)
+                       recipe, tokenizer, getattr(model, "generation_config", None), extra, notes, spec)
     return Path(out)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .arch import ARCHITECTURES
+from .arch import ARCHITECTURES, model_namer
 from .arch.experts import split_experts
 from .checkpoint import read_tensor, shard_files
 from .errors import CheckpointError
@@ -156,9 +156,19 @@ def from_pretrained(
     folder = resolve_model(path_or_hub_id, revision, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     qc = read_quant_config(config)
-    spec = ARCHITECTURES.get(config.model_type)  # None: a dense layout llmq has no entry for, loaded as it is
+    # the entry the checkpoint was made with (``--arch``), else its model_type's; None: a dense layout without one
+    arch = ((qc.get("meta") or {}).get("llmq") or {}).get("recipe", {}).get("arch")
+    spec = ARCHITECTURES.get(arch or config.model_type)
+    skeleton_config = copy.deepcopy(config)
+    del skeleton_config.quantization_config  # build a plain model; the swap below makes it quantized
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(skeleton_config, dtype=torch_dtype,
+                                                 trust_remote_code=trust_remote_code)
+    if spec is not None:
+        split_experts(model, spec)  # per-expert linears, as the checkpoint stores them
     stored = shard_files(folder)
-    disk_names = {(spec.from_disk(k) if spec else k): k for k in stored}  # name in the model -> name on disk
+    to_model = model_namer(model, spec)
+    disk_names = {to_model(k): k for k in stored}  # name in the model -> name on disk
     where = {k: stored[d] for k, d in disk_names.items()}
     shapes: dict[str, dict[str, tuple]] = defaultdict(dict)
     scale_dtypes: dict[str, torch.dtype] = {}
@@ -173,13 +183,6 @@ def from_pretrained(
                         raise CheckpointError(f"{key} has dtype {sl.get_dtype()}, expected F16, BF16 or F32")
                     scale_dtypes[module] = _ST_FLOATS[sl.get_dtype()]
 
-    skeleton_config = copy.deepcopy(config)
-    del skeleton_config.quantization_config  # build a plain model; the swap below makes it quantized
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(skeleton_config, dtype=torch_dtype,
-                                                 trust_remote_code=trust_remote_code)
-    if spec is not None:
-        split_experts(model, spec)  # per-expert linears, as the checkpoint stores them
     _swap_quant_linears(model, shapes, qc, torch_dtype, {m: scale_dtypes.get(m, torch.float16) for m in shapes})
 
     target = torch.device("cpu") if device_map is not None else torch.device(device)

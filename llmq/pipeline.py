@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, get_arch, get_layers, layer_linears
+from .arch import ArchSpec, get_layers, layer_linears, resolve_arch
 from .arch.experts import LayerExperts, split_experts
 from .config import QuantConfig
 from .device import exact_float32, resolve_device
@@ -242,8 +242,11 @@ def quantize_layers(
     offload_dir: Path | None = None,
     timer: StageTimes | None = None,
     notes: dict[str, Any] | None = None,
+    spec: ArchSpec | None = None,
 ) -> LayerResults:
     """Quantize every decoder layer's linears with ``cfg.method``; returns all quantized weights.
+
+    ``spec``: the table entry (default: the model's, or one inferred from the in-memory model).
 
     ``input_ids`` ``[n, seqlen]`` are the calibration windows. ``source`` yields the layers
     (default: the model's own, in memory); ``sink(index, layer, results, hidden)`` receives each
@@ -259,7 +262,7 @@ def quantize_layers(
     A mixture of experts' fused experts are split into linears first (:func:`llmq.arch.experts.split_experts`);
     ``notes`` collects what the methods note for the metadata (each expert's tokens and policy).
     """
-    spec = get_arch(model.config.model_type)
+    spec = spec or resolve_arch(model)
     split_experts(model, spec)
     device = resolve_device(device)
     source = source or InMemoryLayers(model, spec)

@@ -20,7 +20,8 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
-from .arch import ArchSpec, get_layers
+from .arch import ArchSpec, discover_arch, get_layers
+from .arch.discover import infer_layout
 from .checkpoint import INDEX_FILE, SINGLE_FILE, read_tensor, shard_files
 from .errors import CheckpointError
 from .memory import malloc_trim
@@ -89,6 +90,24 @@ def materialize(module: nn.Module, prefix: str, ckpt: ShardedCheckpoint, device:
             raise CheckpointError(f"tensor {prefix + n} has shape {tuple(value.shape)}, the model expects "
                                   f"{tuple(expected.shape)}: config.json and the weights disagree")
         set_module_tensor_to_device(module, n, device, value=value, dtype=expected.dtype)
+
+
+def discover_streamed(skeleton: nn.Module, ckpt: ShardedCheckpoint) -> ArchSpec:
+    """:func:`~llmq.arch.discover_arch` on a skeleton: the modules before the layers and layer 0 are read from
+    ``ckpt`` for the one forward it takes, and dropped again (its buffers, such as rotary tables, stay)."""
+    layout = infer_layout(skeleton)
+    names = [*layout.before, f"{layout.layers}.0"]
+    try:
+        for name in names:
+            materialize(skeleton.get_submodule(name), name + ".", ckpt)
+        return discover_arch(skeleton)
+    finally:
+        for name in names:
+            module = skeleton.get_submodule(name)
+            for key in module.state_dict():
+                set_module_tensor_to_device(module, key, "meta")
+        gc.collect()
+        malloc_trim()
 
 
 def release(module: nn.Module) -> None:

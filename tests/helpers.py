@@ -39,9 +39,19 @@ DENSE_CONFIGS = {family: dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, he
                  for family in ("gemma2", "gemma3_text", "phi3", "olmo2", "cohere", "cohere2", "granite", "glm4")}
 
 
+# a multimodal wrapper: the text decoder's config inside, and a one-layer vision tower
+MULTIMODAL = {"gemma3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=28, patch_size=14),
+                              mm_tokens_per_image=4, boi_token_index=5, eoi_token_index=6, image_token_index=7)}
+
+
 def tiny_config(model_type: str, **overrides):
     """A random-initialisable config of ``model_type`` with every dimension small."""
     from transformers import AutoConfig
+
+    if model_type in MULTIMODAL:
+        text = tiny_config(f"{model_type}_text", **overrides).to_dict()
+        return AutoConfig.for_model(model_type, text_config=text, **MULTIMODAL[model_type])
 
     kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

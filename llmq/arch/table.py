@@ -44,6 +44,13 @@ GEMMA = replace(LLAMA, fp16_ok=False, scale_groups=(
     ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
 ))
 
+# Gemma 3 4B and larger (Gemma3ForConditionalGeneration): the same decoder inside a multimodal wrapper, whose
+# vision tower and projector run only on images and stay in full precision (copied as they are); checkpoints
+# name it language_model.model.*, which transformers' own renames map to these modules
+GEMMA3_MULTIMODAL = replace(GEMMA, layers="model.language_model.layers",
+                            before=("model.language_model.embed_tokens", "model.language_model.rotary_emb"),
+                            after=("model.language_model.norm", "lm_head"))
+
 # Phi-3/4: q/k/v fused in qkv_proj ([q; k; v] rows, heads x head_dim each) and gate/up in gate_up_proj
 # ([gate; up]); each stays one linear. v -> o folds into qkv_proj's v rows, up -> down into gate_up_proj's
 # up half (down reads act(gate) * up, linear in up).
@@ -117,6 +124,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "granite": LLAMA,
     "gemma2": GEMMA,
     "gemma3_text": GEMMA,  # Gemma 2's layout with q/k norms per head (never quantized)
+    "gemma3": GEMMA3_MULTIMODAL,
     "phi3": PHI3,
     "olmo2": OLMO2,
     "cohere": COHERE,
