@@ -285,12 +285,13 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
             for key, tensor in ckpt.load(head).items():
                 writer.add(ckpt.to_disk(key), tensor)
 
-    hidden_bytes = calib.numel() * config.get_text_config().hidden_size * p.dtype.itemsize * (
+    hidden_size = config.get_text_config().hidden_size
+    hidden_bytes = calib.numel() * hidden_size * p.dtype.itemsize * (
         2 if recipe.quant.next_inputs == "fp" else 1)
     if awq_method:  # the scale search's own buffers count against the same budget
         widest = max(m.in_features for i, layer in enumerate(get_layers(model, spec))
                      for m in layer_linears(layer, spec, config, i).values())
-        hidden_bytes += awq_search_bytes(recipe.quant, calib.shape[0], calib.shape[1], widest, config.get_text_config().hidden_size,
+        hidden_bytes += awq_search_bytes(recipe.quant, calib.shape[0], calib.shape[1], widest, hidden_size,
                                          p.dtype.itemsize)
     offload_dir = None
     if offload_activations is not None:
