@@ -320,4 +320,7 @@ def quantize_layers(
             else:
                 all_results.update(layer_results)
         source.release_layer(index, layer)
+        # streamed, this layer's codes are written: drop them now, not when the next layer's job replaces
+        # them (a Qwen3-30B-A3B layer's uint8 codes are 604 MB, held through the next layer's load and observe)
+        del results, layer_results, job, experts
     return all_results

@@ -97,13 +97,16 @@ def make_checkpoint(folder: Path, layers: int, shapes: dict = LLAMA2_7B) -> None
 class StageMemory:
     """Peak RSS per stage: wraps a :class:`~llmq.timing.StageTimes` and samples /proc/self/statm every
     ``every`` seconds from a thread, charging each sample to the innermost stage running then (``"other"``
-    outside any). Sampling misses spikes shorter than ``every``; VmHWM gives the true overall peak."""
+    outside any). Each ``load`` stage starts a new span (the head's, then one per decoder layer): the lowest
+    and highest RSS of each span show whether memory grows with depth. Sampling misses spikes shorter than
+    ``every``; VmHWM gives the true overall peak."""
 
     def __init__(self, timer, every: float = 0.02):
         import threading
 
         self.timer, self.every, self.stack = timer, every, []
         self.peak_mb: dict[str, int] = {}
+        self.spans: list[list[int]] = []  # [lowest, highest] RSS from one "load" to the next
         self.page = os.sysconf("SC_PAGE_SIZE")
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -114,6 +117,8 @@ class StageMemory:
 
         @contextmanager
         def charged():
+            if stage == "load":
+                self.spans.append([1 << 40, 0])
             self.stack.append(stage)
             try:
                 with self.timer(stage):
@@ -129,6 +134,9 @@ class StageMemory:
                 rss = int(f.read().split()[1]) * self.page >> 20
                 stage = self.stack[-1] if self.stack else "other"
                 self.peak_mb[stage] = max(self.peak_mb.get(stage, 0), rss)
+                if self.spans:
+                    span = self.spans[-1]
+                    span[0], span[1] = min(span[0], rss), max(span[1], rss)
 
     def stop(self) -> dict[str, int]:
         self.done.set()
@@ -303,6 +311,7 @@ def main() -> None:
         "mse": recipe.quant.mse, "device": args.device, "threads": torch.get_num_threads(),
         "wall_s": round(wall, 1), "s_per_layer": round(wall / args.layers, 1), "stage_s": stages,
         "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_by_stage": stage_peaks,
+        "rss_mb_low_high_by_layer": memory.spans[1:], "rss_mb_low_high_head": memory.spans[:1],
         "input_gb": round(dir_bytes(model_dir) / 1e9, 2), "output_gb": round(dir_bytes(out) / 1e9, 3),
     }
     if not args.keep:

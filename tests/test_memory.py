@@ -60,3 +60,29 @@ def test_packed_w4_load_adds_well_under_half_the_fp16_memory(tmp_path, report):
            f"{packed['added_now'] / 1e6:.0f}; peak ratio {ratio:.2f}")
     assert fp16["added_peak"] > 400e6, "the FP16 load must dominate the measurement"
     assert ratio < 0.45  # W4 g128 is 0.27 of FP16; the rest is the first forward pass and allocator slack
+
+
+def test_a_streamed_layer_s_codes_are_freed_before_the_next_layer_loads():
+    """With a sink (streaming), nothing keeps a written layer's codes alive into the next layer: at each load,
+    every codes tensor of the layers before is gone (for a Qwen3-30B-A3B layer they are 604 MB)."""
+    import weakref
+
+    from llmq.arch import get_arch
+    from llmq.pipeline import InMemoryLayers
+
+    model = tiny_model("qwen3_moe")
+    written: list[weakref.ref] = []
+    alive_at_load: list[int] = []
+
+    class Source(InMemoryLayers):
+        def load_layer(self, index):
+            alive_at_load.append(sum(ref() is not None for ref in written))
+            return super().load_layer(index)
+
+    def sink(index, layer, results, hidden):
+        written.extend(weakref.ref(qw.codes) for qw in results.values())
+
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    quantize_layers(model, calib, QuantConfig(method="gptq", bits=4, group_size=32),
+                    source=Source(model, get_arch("qwen3_moe")), sink=sink)
+    assert len(written) > 0 and alive_at_load == [0] * model.config.num_hidden_layers
