@@ -166,6 +166,11 @@ print(json.dumps({"added_peak": status("VmHWM") - before}))
 """
 
 
+# One thread and one malloc arena in the measured process: each extra thread's arena holds its own free
+# memory, and how much depends on thread timing (under a full suite one run's peak varied by ~100 MB)
+QUIET_HEAP = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
+
+
 def test_peak_memory_grows_far_less_than_the_extra_layers(tmp_path, report):
     # float32 layers of 12.6M parameters (50 MB): four more of them add 201 MB to the model
     shape = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8)
@@ -177,7 +182,7 @@ def test_peak_memory_grows_far_less_than_the_extra_layers(tmp_path, report):
         for i in range(3):  # the least of three runs: allocator and thread timing add up to ~100 MB to one run's peak
             r = recipe(folder, tmp_path / f"q{depth}-{i}", group_size=128, nsamples=4)
             out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(r.to_dict())], capture_output=True,
-                                 text=True)
+                                 text=True, env=QUIET_HEAP)
             assert out.returncode == 0, out.stderr[-3000:]
             runs.append(json.loads(out.stdout.strip().splitlines()[-1])["added_peak"])
         peaks[depth] = min(runs)
