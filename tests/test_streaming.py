@@ -144,31 +144,38 @@ def test_bad_inputs_are_refused_with_the_fix(small, tmp_path):
         quantize_to_disk(recipe(tmp_path / "q", tmp_path / "c"))
 
 
-# Peak RSS of one quantization, above the baseline after imports and calibration tokenization:
-# the kernel's high-water mark (VmHWM) is reset by writing 5 to /proc/self/clear_refs.
+# Peak anonymous memory of one quantization (calibration included) above the baseline after imports,
+# sampled every 2 ms from a thread. Anonymous only: VmHWM also counts file-backed pages (shared libraries,
+# mapped shards), which varied by ~100 MB from run to run under a full suite; what the test is about, memory
+# held as layers go by, is anonymous and lasts far longer than a sample's interval.
 MEASURE = r"""
-import json, sys
+import json, sys, threading
 import torch, transformers
 from llmq.api import quantize_to_disk
 from llmq.config import Recipe
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+def anon():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
 
 recipe = Recipe.from_dict(json.loads(sys.argv[1]))
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-before = status("VmRSS")
+before, peak, done = anon(), [0], threading.Event()
+def sample():
+    while not done.wait(0.002):
+        peak[0] = max(peak[0], anon())
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
 quantize_to_disk(recipe)
-print(json.dumps({"added_peak": status("VmHWM") - before}))
+done.set()
+sampler.join()
+print(json.dumps({"added_peak": max(peak[0], anon()) - before}))
 """
 
 
-# One thread and one malloc arena in the measured process: each extra thread's arena holds its own free
-# memory, and how much depends on thread timing (under a full suite one run's peak varied by ~100 MB)
-QUIET_HEAP = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
+# One malloc arena in the measured process: each thread's arena holds its own free memory, by thread timing
+QUIET_HEAP = {**os.environ, "MALLOC_ARENA_MAX": "1"}
 
 
 def test_peak_memory_grows_far_less_than_the_extra_layers(tmp_path, report):
