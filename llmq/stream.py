@@ -100,7 +100,7 @@ def discover_streamed(skeleton: nn.Module, ckpt: ShardedCheckpoint) -> ArchSpec:
     try:
         for name in names:
             materialize(skeleton.get_submodule(name), name + ".", ckpt)
-        return discover_arch(skeleton)
+        return discover_arch(skeleton, layout)
     finally:
         for name in names:
             module = skeleton.get_submodule(name)

@@ -151,10 +151,10 @@ def discover_groups(model: nn.Module, layout: ArchSpec, input_ids: torch.Tensor,
     return tuple(tuple(g) for g in groups), largest
 
 
-def discover_arch(model: nn.Module) -> ArchSpec:
+def discover_arch(model: nn.Module, layout: ArchSpec | None = None) -> ArchSpec:
     """The inferred entry (layout and groups) of ``model``, whose modules before the layers and layer 0 hold
-    real weights; it has no AWQ scale groups."""
-    layout = infer_layout(model)
+    real weights; it has no AWQ scale groups. ``layout``: :func:`infer_layout` of the model, if known."""
+    layout = layout or infer_layout(model)
     embed = model.get_input_embeddings()
     device = embed.weight.device if embed is not None else torch.device("cpu")
     vocab = model.config.get_text_config().vocab_size
