@@ -9,32 +9,77 @@ the weights llmq computes with are exactly the weights a packed checkpoint decod
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+import copy
 
 import torch
 
 from .config import QuantConfig
 
 
-@dataclass
 class QuantizedWeight:
-    """A quantized ``[out, in]`` weight: ``W[:, j] = scales[:, g] * (codes[:, j] - zeros[:, g])``, ``g = g_idx[j]``."""
+    """A quantized ``[out, in]`` weight: ``W[:, j] = scales[:, g] * (codes[:, j] - zeros[:, g])``, ``g = g_idx[j]``.
 
-    codes: torch.Tensor  # [out, in] uint8
-    scales: torch.Tensor  # [out, n_groups] float32 holding float16 values
-    zeros: torch.Tensor  # [out, n_groups] uint8 integer zero points
-    g_idx: torch.Tensor  # [in] int32
-    bits: int
-    group_size: int  # -1: one group per row
-    sym: bool
+    The codes are held ``codes_per_byte(bits)`` to a byte (2 for 3- and 4-bit codes), since a layer's finished
+    codes are kept until the layer is written (a Qwen3-30B-A3B layer's are 604 MB as one byte each);
+    :attr:`codes` unpacks them.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                 bits: int, group_size: int, sym: bool):
+        self.in_features = codes.shape[1]
+        self.code_bytes = pack_bytes(codes, codes_per_byte(bits))  # [out, ceil(in / per byte)] uint8
+        self.scales = scales  # [out, n_groups] float32 holding float16 values
+        self.zeros = zeros  # [out, n_groups] uint8 integer zero points
+        self.g_idx = g_idx  # [in] int32
+        self.bits = bits
+        self.group_size = group_size  # -1: one group per row
+        self.sym = sym
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """``[out, in]`` uint8 codes (unpacked on each access)."""
+        return unpack_bytes(self.code_bytes, codes_per_byte(self.bits), self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.zeros, self.g_idx)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
-        return dataclasses.replace(self, codes=self.codes.to(device), scales=self.scales.to(device),
-                                   zeros=self.zeros.to(device), g_idx=self.g_idx.to(device))
+        moved = copy.copy(self)
+        for name in ("code_bytes", "scales", "zeros", "g_idx"):
+            setattr(moved, name, getattr(self, name).to(device))
+        return moved
+
+    def __repr__(self) -> str:
+        return (f"QuantizedWeight(out={self.code_bytes.shape[0]}, in={self.in_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym})")
+
+
+def codes_per_byte(bits: int) -> int:
+    """How many ``bits``-bit codes one byte holds at a power-of-two width (1 for 5 to 8 bits)."""
+    return 8 // (1 << (bits - 1).bit_length())
+
+
+def pack_bytes(codes: torch.Tensor, per_byte: int) -> torch.Tensor:
+    """``[rows, cols]`` uint8 codes to ``[rows, ceil(cols / per_byte)]`` bytes, code ``i`` of a byte in bits
+    ``i * 8 / per_byte`` up (the last byte padded with zeros)."""
+    if per_byte == 1:
+        return codes.contiguous()
+    width, pad = 8 // per_byte, -codes.shape[1] % per_byte
+    slots = torch.nn.functional.pad(codes, (0, pad)).view(codes.shape[0], -1, per_byte)
+    out = slots[..., 0].clone()
+    for i in range(1, per_byte):
+        out |= slots[..., i] << (width * i)
+    return out
+
+
+def unpack_bytes(packed: torch.Tensor, per_byte: int, cols: int) -> torch.Tensor:
+    """The inverse of :func:`pack_bytes`: ``[rows, cols]`` uint8 codes."""
+    if per_byte == 1:
+        return packed
+    width = 8 // per_byte
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
+    return codes.view(packed.shape[0], -1)[:, :cols].contiguous()
 
 
 def _fp16_exact(scale: torch.Tensor) -> torch.Tensor:

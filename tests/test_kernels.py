@@ -89,6 +89,22 @@ def test_int4_folding_is_exact_in_float32(bits):
         check(module, layer, torch.float32, shapes=[(3, K), (200, K)], tol=2e-6)
 
 
+def test_prefill_scratch_buffers_never_reach_a_graph_autograd_keeps():
+    """Prefill rows dequantize into per-thread scratch buffers that the next layer overwrites. With
+    gradients on, the weight is fresh, so a backward through two layers gets the reference's gradients;
+    under no_grad two layers in a row still give each its own output."""
+    a_layer, b_layer = packed_layer(4, 64, seed=1, n=K), packed_layer(8, 128, seed=2, n=K)  # 1 and 2 planes
+    a, b = KERNELS["int4_cpu"](a_layer, torch.float32), KERNELS["int4_cpu"](b_layer, torch.float32)
+    x = torch.randn(200, K, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    b(a(x)).square().sum().backward()
+    want_x = x.detach().clone().requires_grad_(True)
+    reference(b_layer, reference(a_layer, want_x)).square().sum().backward()
+    assert rel_err(x.grad, want_x.grad) < 1e-5
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+        assert rel_err(ya, reference(a_layer, x)) < 2e-6 and rel_err(yb, reference(b_layer, x)) < 2e-6
+
+
 def test_int8_offsets_are_exact_in_float32():
     for sym in (False, True):
         layer = packed_layer(8, -1, sym=sym)

@@ -80,7 +80,7 @@ def test_a_streamed_layer_s_codes_are_freed_before_the_next_layer_loads():
             return super().load_layer(index)
 
     def sink(index, layer, results, hidden):
-        written.extend(weakref.ref(qw.codes) for qw in results.values())
+        written.extend(weakref.ref(qw.code_bytes) for qw in results.values())
 
     calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     quantize_layers(model, calib, QuantConfig(method="gptq", bits=4, group_size=32),

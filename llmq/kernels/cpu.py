@@ -18,13 +18,18 @@ The only rounding besides the reference's own is that of the scale/zero pairs to
 ``_weight_int8pack_mm(x, w, scale)`` runs 8-bit codes with one scale per row (group size -1); zero
 points other than 128 add ``sum(x) * (128 - z) * s``.
 Above ``DEQUANT_ABOVE_ROWS`` rows of activations (prefill, perplexity) these kernels are slower than
-bf16 GEMM, so the weight is dequantized once per call and multiplied by the dense kernel instead.
+bf16 GEMM, so the weight is dequantized once per call and multiplied by the dense kernel instead. That
+dequantization is the only cost prefill adds to bf16's (about 0.6 ns per weight on this project's 2-core
+machine: ``bench_decode.py --kernels``): four passes (nibbles to bytes, ``- 8`` on bytes, bytes to bf16, one
+``addcmul``) into scratch buffers kept per thread, since fresh tensors of a weight's size cost page faults
+on every call.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import torch
 import torch.nn as nn
@@ -82,13 +87,14 @@ def _layout_is_known() -> bool:
         return False
 
 
-def _int4pack_codes_t(packed: torch.Tensor, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[k, n]`` codes (as ``dtype``) from the CPU kernel's layout: rows in blocks of 64 stored ``[k, 32]`` bytes,
-    row ``j`` in the low nibble and row ``32 + j`` in the high one; a last block of 32 rows stores ``[k, 16]``
-    bytes, rows ``2j`` low and ``2j + 1`` high (aten/src/ATen/native/cpu/int4mm_kernel.cpp)."""
+def _int4pack_codes_t(packed: torch.Tensor, n: int, k: int, dtype: torch.dtype,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[k, n]`` codes (as ``dtype``, into ``out`` if given) from the CPU kernel's layout: rows in blocks of 64
+    stored ``[k, 32]`` bytes, row ``j`` in the low nibble and row ``32 + j`` in the high one; a last block of 32
+    rows stores ``[k, 16]`` bytes, rows ``2j`` low and ``2j + 1`` high (aten/src/ATen/native/cpu/int4mm_kernel.cpp)."""
     blocks, tail = divmod(n, 64)
     flat = packed.reshape(-1)
-    out = torch.empty(k, n, dtype=dtype, device=packed.device)
+    out = torch.empty(k, n, dtype=dtype, device=packed.device) if out is None else out.view(k, n)
     if blocks:
         full = flat[: blocks * k * 32].view(blocks, k, 32).permute(1, 0, 2)  # [k, blocks, 32]
         o = out[:, : blocks * 64].view(k, blocks, 2, 32)
@@ -100,6 +106,22 @@ def _int4pack_codes_t(packed: torch.Tensor, n: int, k: int, dtype: torch.dtype) 
         o[:, :, 0] = rest & 15
         o[:, :, 1] = rest >> 4
     return out
+
+
+class _Scratch(threading.local):
+    """Flat buffers reused by every layer's prefill dequantization on this thread (they grow to the largest)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def get(self, slot: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers.get((slot, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[slot, dtype] = torch.empty(numel, dtype=dtype)
+        return buf[:numel]
+
+
+_SCRATCH = _Scratch()
 
 
 class Int4CpuLinear(nn.Module):
@@ -156,25 +178,35 @@ class Int4CpuLinear(nn.Module):
                                f"{self.weight.device}: load the checkpoint on that device instead")
         return self
 
-    def dequantized_t(self) -> torch.Tensor:
-        """``W^T`` ``[in, out]`` in the activation dtype, from the kernel's layout."""
+    def dequantized_t(self, scratch: bool = False) -> torch.Tensor:
+        """``W^T`` ``[in, out]`` in the activation dtype, from the kernel's layout (in this thread's scratch
+        buffers when ``scratch``: valid until the next call, so only for a result no graph keeps)."""
+        k, n = self.in_features, self.out_features
+
+        def buffer(slot: int, dtype: torch.dtype) -> torch.Tensor:
+            return _SCRATCH.get(slot, k * n, dtype) if scratch else torch.empty(k * n, dtype=dtype)
+
         w = None
-        for packed, sz in zip(self.weight, self.scales_and_zeros, strict=True):
-            q = _int4pack_codes_t(packed, self.out_features, self.in_features, sz.dtype)
-            # (q - 8) s + z in that order: q - 8 is exact, so bf16 rounds only products no larger than the weights
-            # (q s + (z - 8 s) saves a pass but rounds q s, up to 15 s, and loses 2-bit weights' precision).
-            # Scale and zero as contiguous [groups, 1, N]: broadcasting a strided view is several times slower.
+        for plane, (packed, sz) in enumerate(zip(self.weight, self.scales_and_zeros, strict=True)):
+            codes = _int4pack_codes_t(packed, n, k, torch.uint8, out=buffer(0, torch.uint8))
+            q = codes.view(torch.int8).sub_(8)  # exact on bytes: codes are below 16
+            part = buffer(1 + min(plane, 1), sz.dtype).view(-1, self.group, n)
+            part.copy_(q.view(-1, self.group, n))
+            # (q - 8) s + z in float, rounded once to bf16 (q s + (z - 8 s) would round z - 8 s, up to 8 s,
+            # and lose 2-bit weights' precision). Scale and zero as contiguous [groups, 1, N]: broadcasting a
+            # strided view is several times slower.
             scale, zero = sz[:, None, :, 0].contiguous(), sz[:, None, :, 1].contiguous()
-            part = q.view(-1, self.group, self.out_features).sub_(8).mul_(scale).add_(zero)
+            torch.addcmul(zero, part, scale, out=part)
             w = part if w is None else w.add_(part)
-        return w.view(self.in_features, self.out_features)
+        return w.view(k, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         if x2.shape[0] > DEQUANT_ABOVE_ROWS and _layout_is_known():
-            y = x2 @ self.dequantized_t()
+            # scratch only when autograd will not keep the weight for a backward pass
+            y = x2 @ self.dequantized_t(scratch=not (torch.is_grad_enabled() and x2.requires_grad))
         else:
             x2 = x2.contiguous()
             y = None
