@@ -250,6 +250,8 @@ def main() -> None:
                    help="where the random checkpoint is kept (and the output written)")
     p.add_argument("--offload-activations", metavar="DIR", help="as llmq quantize --offload-activations")
     p.add_argument("--keep", action="store_true", help="keep the quantized output")
+    p.add_argument("--hessian-mb", type=int, help="float32 Hessians an MoE group gathers at once "
+                   "(llmq.methods.HESSIAN_BYTES; smaller: less memory, more observe passes)")
     p.add_argument("--method", default="gptq",
                    help="gptq, awq, awq+gptq or rtn; several, comma-separated, run one after the other, each in its "
                         "own process (so each peak RSS is its own), one JSON line each")
@@ -283,9 +285,13 @@ def main() -> None:
         for method in methods:
             subprocess.run([sys.executable, __file__, *argv, f"--method={method}"], check=True)
         return
+    import llmq.methods
     from llmq.api import quantize_to_disk
     from llmq.config import Recipe
     from llmq.timing import StageTimes
+
+    if args.hessian_mb:
+        llmq.methods.HESSIAN_BYTES = args.hessian_mb << 20
 
     calib = SHARED / "assets" / "tinystories-text" / "TinyStories-valid.Ahmedessaa-30k.txt"
     method = methods[0]
@@ -308,7 +314,8 @@ def main() -> None:
         "intermediate": SHAPES[args.shape].get("moe_intermediate_size", SHAPES[args.shape]["intermediate_size"]),
         "experts": SHAPES[args.shape].get("num_experts", 0), "method": method,
         "bits": args.bits, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
-        "mse": recipe.quant.mse, "device": args.device, "threads": torch.get_num_threads(),
+        "hessian_mb": llmq.methods.HESSIAN_BYTES >> 20, "mse": recipe.quant.mse, "device": args.device,
+        "threads": torch.get_num_threads(),
         "wall_s": round(wall, 1), "s_per_layer": round(wall / args.layers, 1), "stage_s": stages,
         "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_by_stage": stage_peaks,
         "rss_mb_low_high_by_layer": memory.spans[1:], "rss_mb_low_high_head": memory.spans[:1],
