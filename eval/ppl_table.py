@@ -36,6 +36,7 @@ RUNS = {
     "AWQ": dict(method="awq"),
     "AWQ+GPTQ": dict(method="awq+gptq"),
     "AWQ+GPTQ act-order": dict(method="awq+gptq", act_order=True),
+    "Tune": dict(method="tune"),
     "RTN sym": dict(method="rtn", sym=True),
     "GPTQ sym": dict(sym=True),
     "GPTQ act-order sym": dict(act_order=True, sym=True),
@@ -68,7 +69,7 @@ def stories260k(shared: Path = SHARED, rows: dict[int, list[str]] | None = None)
     evals = {"TinyStories": eval_windows([text[third:]], tok, 128)}
     w4 = ["RTN", "GPTQ", "GPTQ act-order", "GPTQ min-max", "GPTQ act-order min-max", "AWQ"]
     w3 = [name for name in RUNS if not name.endswith(" sym")]  # the sym rows are eval/sym_vs_asym.py's
-    return _table(path, calib, evals, 32, rows or {4: w4, 3: w3})
+    return _table(path, calib, evals, 32, rows or {4: w4, 3: w3, 2: ["RTN", "GPTQ", "Tune"]})
 
 
 def _c4_protocol(path: Path, shared: Path, rows: dict[int, list[str]], datasets: tuple[str, ...]) -> dict[str, dict]:
@@ -85,7 +86,7 @@ def _c4_protocol(path: Path, shared: Path, rows: dict[int, list[str]], datasets:
 
 def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) -> dict[str, dict]:
     return _c4_protocol(shared / "assets" / "llmq-tiny-llama", shared,
-                        rows or {4: ["RTN", "GPTQ"], 3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ"]},
+                        rows or {4: ["RTN", "GPTQ", "Tune"], 3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ", "Tune"]},
                         ("WikiText-2", "C4 900-999"))
 
 

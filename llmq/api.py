@@ -33,7 +33,7 @@ from .export import PackedWriter, check_format, check_layout, save_packed, write
 from .killpoints import kill_point
 from .loader import from_pretrained
 from .memory import fix_malloc_mmap_threshold
-from .methods import awq_search_bytes
+from .methods import METHOD_FNS, awq_search_bytes
 from .pack import can_pack
 from .pipeline import LayerResults, quantize_layers
 from .resume import WorkFolder
@@ -287,7 +287,7 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
 
     hidden_size = config.get_text_config().hidden_size
     hidden_bytes = calib.numel() * hidden_size * p.dtype.itemsize * (
-        2 if recipe.quant.next_inputs == "fp" else 1)
+        1 + (recipe.quant.next_inputs == "fp") + getattr(METHOD_FNS[recipe.quant.method], "needs_teacher", False))
     if awq_method:  # the scale search's own buffers count against the same budget
         widest = max(m.in_features for i, layer in enumerate(get_layers(model, spec))
                      for m in layer_linears(layer, spec, config, i).values())
@@ -301,13 +301,14 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
         log.warning("calibration activations (%.1f GB) exceed half the free memory: keeping them in %s",
                     hidden_bytes / 1e9, offload_dir)
 
-    def resume_hidden(buffer: torch.Tensor) -> None:
+    def resume_hidden(activations: dict[str, torch.Tensor]) -> None:
         with safe_open(str(folder / state["hidden"]), framework="pt") as f:
-            saved = f.get_slice("hidden")
-            for i in range(buffer.shape[0]):
-                buffer[i] = saved[i : i + 1][0].to(buffer.device)
+            for name, buffer in activations.items():
+                saved = f.get_slice(name)
+                for i in range(buffer.shape[0]):
+                    buffer[i] = saved[i : i + 1][0].to(buffer.device)
 
-    def sink(index: int, layer: nn.Module, results: LayerResults, hidden: torch.Tensor) -> None:
+    def sink(index: int, layer: nn.Module, results: LayerResults, activations: dict[str, torch.Tensor]) -> None:
         prefix = f"{spec.layers}.{index}."
         for key, tensor in layer.state_dict().items():
             name = prefix + key.removesuffix(".weight")
@@ -321,7 +322,7 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
             for key in sorted(k for k in awq_record if k.startswith(prefix)):
                 awq_spool.add(key, awq_record.pop(key))
         hidden_file = f"hidden-{index + 1:05d}.safetensors"
-        save_tensors(folder / hidden_file, {"hidden": hidden}, kill="activations.write")
+        save_tensors(folder / hidden_file, activations, kill="activations.write")
         work.commit({"next_layer": index + 1, "hidden": hidden_file, "writer": writer.sync(),
                      "awq": awq_spool.sync() if awq_spool else None, "unquantized": unquantized, "notes": notes})
         for old in folder.glob("hidden-*.safetensors"):

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from .config import COMPUTE_DTYPES
+from .config import COMPUTE_DTYPES, METHODS
 from .errors import LlmqError
 from .kernels import KERNEL_CHOICES
 
@@ -31,7 +31,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", help="local folder or Hugging Face hub id (e.g. Qwen/Qwen2.5-7B)")
     p.add_argument("--revision", help="hub branch, tag or commit of MODEL (default: main)")
     p.add_argument("--recipe", help="YAML recipe with the same keys as these options (group_size, ...)")
-    p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"])
+    p.add_argument("--method", choices=METHODS,
+                   help="rtn, gptq, awq, awq+gptq; tune: block-wise reconstruction against the FP layer "
+                        "from an RTN start (default gptq)")
     p.add_argument("--bits", type=int, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, help="input columns per group, -1 for one per row (default 128)")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
@@ -71,6 +73,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "(routed) or none (rtn)")
     p.add_argument("--expert-min-tokens", type=int,
                    help="tokens below which an expert is starved (default 0: its input width)")
+    p.add_argument("--tune-iters", type=int, help="method tune: Adam steps per layer (default 200)")
+    p.add_argument("--tune-batch", type=int, help="method tune: calibration windows per step (default 4)")
+    p.add_argument("--tune-lr", type=float,
+                   help="method tune: learning rate of the rounding offsets, in group scales (default 1e-3)")
+    p.add_argument("--tune-lr-qparams", type=float,
+                   help="method tune: learning rate of the log-scales and zero points (default 1e-3)")
     p.add_argument("--max-shard-size", help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (and discard an unfinished run with other settings)")
@@ -160,7 +168,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
             "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
-            "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens", "arch")
+            "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens", "arch",
+            "tune_iters", "tune_batch", "tune_lr", "tune_lr_qparams")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
     if not recipe.out:

@@ -19,7 +19,7 @@ from .errors import ConfigError
 SUPPORTED_BITS = (2, 3, 4, 8)
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # float16 is refused: activations of some models overflow it
 SYMMETRIC_BY_DEFAULT = (4, 8)  # the widths vLLM's Marlin kernels serve (symmetric GPTQ only)
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "tune")
 # where a mixture-of-experts expert with too few routed tokens gets its calibration statistics
 EXPERT_POLICIES = ("all_tokens", "routed", "rtn")
 
@@ -68,6 +68,12 @@ class QuantConfig:
     # damping; RTN when it has none) or "rtn". The default is measured in eval/moe_starved.py.
     expert_policy: str = "all_tokens"
     expert_min_tokens: int = 0
+    # Block-wise reconstruction (method tune; llmq.tune): Adam steps per layer, windows per step, and
+    # the learning rates of the weight offsets (in units of the group scale) and of the log-scales and zeros
+    tune_iters: int = 200
+    tune_batch: int = 4
+    tune_lr: float = 1e-3
+    tune_lr_qparams: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,7 +92,7 @@ class QuantConfig:
         if self.sym is None:
             object.__setattr__(self, "sym", self.bits in SYMMETRIC_BY_DEFAULT)
         if self.mse is None:
-            object.__setattr__(self, "mse", self.method in ("gptq", "awq+gptq"))
+            object.__setattr__(self, "mse", self.method in ("gptq", "awq+gptq", "tune"))
         if self.next_inputs not in ("quantized", "fp"):
             raise ConfigError(f"next_inputs={self.next_inputs!r} must be 'quantized' or 'fp'")
         if self.awq_max_tokens < 1:
@@ -96,6 +102,10 @@ class QuantConfig:
                               f"{', '.join(EXPERT_POLICIES)}")
         if self.expert_min_tokens < 0:
             raise ConfigError(f"expert_min_tokens={self.expert_min_tokens} must be >= 0 (0: each expert's input width)")
+        if self.tune_iters < 0 or self.tune_batch < 1 or self.tune_lr <= 0 or self.tune_lr_qparams < 0:
+            raise ConfigError(f"tune_iters={self.tune_iters}, tune_batch={self.tune_batch}, tune_lr={self.tune_lr}, "
+                              f"tune_lr_qparams={self.tune_lr_qparams}: need iters >= 0, batch >= 1, lr > 0 "
+                              "and lr_qparams >= 0")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} must be positive (128 is the usual value)")
 

@@ -25,6 +25,7 @@ from .errors import WeightError
 from .gptq import HessianAccumulator, gptq_quantize
 from .quant import QuantizedWeight, rtn_quantize
 from .timing import StageTimes
+from .tune import tune_block
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class LayerJob:
     # note(key, value): JSON-able facts for the checkpoint's metadata (each expert's tokens and policy)
     note: Callable[[str, Any], None] = lambda key, value: None
     _policies: dict[str, str] | None = None
+    # methods that tune against a teacher (``needs_teacher``) get the layer's inputs in the quantized model and
+    # the FP layer's outputs on the FP model's inputs, both ``[windows, seqlen, hidden]``
+    inputs: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
     def expert_policies(self) -> dict[str, str]:
         """Expert name -> where its calibration statistics come from: ``"routed"`` (its routed tokens),
@@ -407,9 +412,48 @@ def awq_gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     return gptq_layer(job)
 
 
+def _block_forward(job: LayerJob) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
+    """``(weights, x) -> layer(x)`` with the named linears' weights replaced (``torch.func.functional_call``)."""
+    def forward(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(job.layer, {name + ".weight": w for name, w in weights.items()},
+                                         (x,), job.kwargs)
+        return _first_output(out)
+    return forward
+
+
+def tune_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
+    """Round to nearest (each group's range searched), then block-wise reconstruction (:func:`llmq.tune.tune_block`)
+    of the whole layer from its FP weights.
+
+    A GPTQ start was tried and dropped: its weights sit on grid points, half a step from any rounding boundary,
+    so the offsets barely move them (stories260K W3: no better than this RTN start, at twice the time)."""
+    fp_weights = {name: m.weight.data.clone() for g in job.groups for name, m in g.items()}
+    start = rtn_layer(job)
+    frozen = [p for p in job.layer.parameters() if p.requires_grad]
+    for p in frozen:  # only the tunable copies get gradients
+        p.requires_grad_(False)
+    try:
+        with job.timer("tune"):
+            dtype = next(iter(fp_weights.values())).dtype
+            res = tune_block(_block_forward(job), job.inputs, job.targets, start, fp_weights, job.cfg, dtype,
+                             seed=job.index)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    log.info("layer %d: block output MSE %.5g -> %.5g%s", job.index, res.loss_before, res.loss_after,
+             " (kept the start: tuning did not lower it)" if res.kept_start else "")
+    job.note(f"{job.prefix}tune_loss", {"before": res.loss_before, "after": res.loss_after})
+    for name, qw in res.weights.items():
+        write_back(job.layer.get_submodule(name), qw)
+    return res.weights
+
+
+tune_layer.needs_teacher = True  # type: ignore[attr-defined]
+
 METHOD_FNS: dict[str, Callable[[LayerJob], dict[str, QuantizedWeight]]] = {
     "rtn": rtn_layer,
     "gptq": gptq_layer,
     "awq": awq_layer,
     "awq+gptq": awq_gptq_layer,
+    "tune": tune_layer,
 }

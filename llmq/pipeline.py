@@ -33,7 +33,10 @@ from .timing import StageTimes
 log = logging.getLogger(__name__)
 
 LayerResults = dict[str, QuantizedWeight]  # full module name -> quantized weight
-Sink = Callable[[int, nn.Module, LayerResults, torch.Tensor], None]
+# the activation streams entering the next layer by name: "hidden" (the quantized model's), and "teacher" (the
+# FP model's) for methods that tune against the FP layer
+Activations = dict[str, torch.Tensor]
+Sink = Callable[[int, nn.Module, LayerResults, Activations], None]
 
 
 class LayerSource(Protocol):
@@ -238,7 +241,7 @@ def quantize_layers(
     awq_state: dict[str, torch.Tensor] | None = None,
     awq_record: dict[str, torch.Tensor] | None = None,
     start: int = 0,
-    resume_hidden: Callable[[torch.Tensor], None] | None = None,
+    resume_hidden: Callable[[Activations], None] | None = None,
     offload_dir: Path | None = None,
     timer: StageTimes | None = None,
     notes: dict[str, Any] | None = None,
@@ -249,15 +252,18 @@ def quantize_layers(
     ``spec``: the table entry (default: the model's, or one inferred from the in-memory model).
 
     ``input_ids`` ``[n, seqlen]`` are the calibration windows. ``source`` yields the layers
-    (default: the model's own, in memory); ``sink(index, layer, results, hidden)`` receives each
+    (default: the model's own, in memory); ``sink(index, layer, results, activations)`` receives each
     finished layer and the next layer's inputs, and when one is given the results are not also
     kept (so memory stays at one layer's). Linears for which ``keep_fp(full_name, module)`` is true
     stay in full precision (e.g. shapes a format cannot hold). AWQ methods fill ``awq_record`` with
     their search results, or re-apply ``awq_state`` without searching.
 
-    Resuming: ``start`` skips the layers before it, and ``resume_hidden(buffer)`` fills the
-    activation buffer with that layer's saved inputs. With ``offload_dir`` the activations are
+    Resuming: ``start`` skips the layers before it, and ``resume_hidden(activations)`` fills the
+    activation buffers with that layer's saved inputs. With ``offload_dir`` the activations are
     memory-mapped files there instead of tensors on ``device``.
+
+    A method with ``needs_teacher`` also gets the FP layer's outputs on the FP model's inputs (``job.targets``):
+    the FP stream runs beside the quantized one, one more activation buffer (``activations["teacher"]``).
 
     A mixture of experts' fused experts are split into linears first (:func:`llmq.arch.experts.split_experts`);
     ``notes`` collects what the methods note for the metadata (each expert's tokens and policy).
@@ -272,8 +278,13 @@ def quantize_layers(
 
     with timer("capture"):
         hidden, layer_kwargs = capture_layer_inputs(model, spec, input_ids, device, offload_dir)
+        activations = {"hidden": hidden}
+        if getattr(method, "needs_teacher", False):
+            activations["teacher"] = allocate_activations(tuple(hidden.shape), hidden.dtype, hidden.device,
+                                                          offload_dir, "teacher")
+            activations["teacher"].copy_(hidden)
         if start:
-            resume_hidden(hidden)
+            resume_hidden(activations)
         source.after_capture(model)
     log.info("captured %d calibration windows of %d tokens for %d layers", *hidden.shape[:2], n_layers)
     fp_outputs = None
@@ -299,13 +310,17 @@ def quantize_layers(
         if fp_outputs is not None:
             with timer("propagate"):
                 _propagate(layer, hidden, kwargs, batch_size, out=fp_outputs)
+        teacher = activations.get("teacher")
+        if teacher is not None:  # the FP layer's outputs on the FP model's inputs: the targets, and the next inputs
+            with timer("propagate"):
+                _propagate(layer, teacher, kwargs, batch_size)
         record = awq_record.__setitem__ if awq_record is not None else (lambda name, tensor: None)
         experts = LayerExperts(layer, spec, model.config, index) if spec.is_sparse(model.config, index) else None
         note = notes.__setitem__ if notes is not None else (lambda key, value: None)
         job = LayerJob(index, prefix, groups, cfg, observe, layer=layer, kwargs=kwargs,
                        scale_groups=spec.layer_scale_groups(model.config, index), batch_size=batch_size,
                        record=record, awq_state=awq_state, timer=timer, windows=hidden.shape[0],
-                       seqlen=hidden.shape[1], experts=experts, note=note)
+                       seqlen=hidden.shape[1], experts=experts, note=note, inputs=hidden, targets=teacher)
         results = method(job)
         with timer("propagate"):
             if fp_outputs is not None:
@@ -316,7 +331,7 @@ def quantize_layers(
         layer_results = {prefix + name: qw.to("cpu") for name, qw in results.items()}
         with timer("write"):
             if sink is not None:
-                sink(index, layer, layer_results, hidden)
+                sink(index, layer, layer_results, activations)
             else:
                 all_results.update(layer_results)
         source.release_layer(index, layer)

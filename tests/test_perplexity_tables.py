@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 import ppl_table  # noqa: E402
 
 
-def test_stories260k_gptq_keeps_less_than_rtn_loses(report):
+def test_stories260k_gptq_keeps_less_than_rtn_loses_and_tuning_less_than_gptq(report):
     shared_path("assets", "stories260K")
     table = ppl_table.stories260k(SHARED)
     report(ppl_table.markdown("stories260K, asym g32, every linear quantized", table))
@@ -31,15 +31,25 @@ def test_stories260k_gptq_keeps_less_than_rtn_loses(report):
     assert ppl["W4 AWQ"] < ppl["W4 RTN"] and ppl["W3 AWQ"] < ppl["W3 RTN"]
     assert ppl["W3 AWQ+GPTQ"] <= min(ppl["W3 AWQ"], ppl["W3 GPTQ"])
 
+    def of_gptq(bits):  # issue 14: block-wise reconstruction's perplexity increase as a fraction of GPTQ's
+        return (ppl[f"W{bits} Tune"] - ppl["FP"]) / (ppl[f"W{bits} GPTQ"] - ppl["FP"])
+
+    report(f"tune's perplexity increase as a fraction of GPTQ's: W3 {of_gptq(3):.3f}, W2 {of_gptq(2):.3f}")
+    assert of_gptq(3) <= 0.6
+    assert of_gptq(2) <= 0.5
+
 
 def test_tiny_llama_gptq_beats_rtn_on_held_out_c4(report):
     shared_path("assets", "llmq-tiny-llama")
-    table = ppl_table.tiny_llama(SHARED)
+    table = ppl_table.tiny_llama(SHARED, rows={4: ["RTN", "GPTQ"], 3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ", "Tune"]})
     report(ppl_table.markdown("llmq-tiny-llama, asym g128, seqlen 256", table))
     assert table["FP"]["WikiText-2"] == pytest.approx(126.74, abs=0.2)  # training-log.txt: 126.7438
     assert table["W3 GPTQ"]["C4 900-999"] < table["W3 RTN"]["C4 900-999"]
     assert table["W3 GPTQ act-order"]["C4 900-999"] < table["W3 RTN"]["C4 900-999"]
     assert table["W3 AWQ"]["C4 900-999"] < table["W3 RTN"]["C4 900-999"]
+    # issue 14: block-wise reconstruction beats GPTQ on both held-out sets
+    assert table["W3 Tune"]["C4 900-999"] < table["W3 GPTQ"]["C4 900-999"]
+    assert table["W3 Tune"]["WikiText-2"] < table["W3 GPTQ"]["WikiText-2"]
 
 
 def test_tiny_moe_gptq_beats_rtn_on_held_out_c4(report):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import shared_path, tiny_model
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
@@ -45,8 +46,9 @@ def small(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kw", [dict(method="gptq", act_order=True), dict(method="rtn", bits=3),
-                                dict(method="awq", format="awq"), dict(method="gptq", next_inputs="fp")],
-                         ids=["gptq-act-order", "rtn-w3", "awq", "gptq-fp-inputs"])
+                                dict(method="awq", format="awq"), dict(method="gptq", next_inputs="fp"),
+                                dict(method="tune", bits=3, tune_iters=10)],
+                         ids=["gptq-act-order", "rtn-w3", "awq", "gptq-fp-inputs", "tune"])
 def test_streaming_writes_the_bytes_of_the_in_memory_reference(small, tmp_path, kw):
     # the reference loads the whole model and packs it at the end; a tiny shard size makes both cut shards
     r_mem, r_stream = (recipe(small, tmp_path / name, max_shard_size="40KB", **kw) for name in ("mem", "stream"))
@@ -228,7 +230,8 @@ def committed(work: Path) -> int | None:
 def cli_quantize(r: Recipe) -> list[str]:
     return ["quantize", r.model, "--method", r.quant.method, "--bits", str(r.quant.bits), "--group-size",
             str(r.quant.group_size), "--calib", r.calib.calib, "--nsamples", str(r.calib.nsamples), "--seqlen",
-            str(r.calib.seqlen), "--max-shard-size", r.max_shard_size, "--out", r.out]
+            str(r.calib.seqlen), "--max-shard-size", r.max_shard_size, "--out", r.out, "--tune-iters",
+            str(r.quant.tune_iters)]
 
 
 def killed_at(point: str, r: Recipe) -> None:
@@ -257,6 +260,22 @@ def test_a_kill_at_any_point_then_rerun_gives_the_uninterrupted_bytes(small, tmp
     killed_at("spool.write@20", r)  # inside the layer after the one the first run finished
     quantize_to_disk(r)
     assert files(tmp_path / "twice") == ref
+
+
+def test_a_tune_run_killed_between_layers_resumes_both_activation_streams(small, tmp_path):
+    """Block-wise reconstruction carries the FP model's activations beside the quantized ones: both are saved
+    with each layer's commit, and a resumed run continues from them to the uninterrupted bytes."""
+    reference = recipe(small, tmp_path / "ref", method="tune", bits=3, tune_iters=10)
+    quantize_to_disk(reference)
+    r = recipe(small, tmp_path / "q", method="tune", bits=3, tune_iters=10)
+    killed_at("layer.committed@1", r)
+    work = tmp_path / ".q.partial"
+    saved = json.loads((work / "progress.json").read_text())["hidden"]
+    with safe_open(str(work / saved), framework="pt") as f:
+        assert sorted(f.keys()) == ["hidden", "teacher"]
+        assert not torch.equal(f.get_tensor("hidden"), f.get_tensor("teacher"))  # quantized vs FP stream
+    quantize_to_disk(r)
+    assert files(tmp_path / "q") == files(tmp_path / "ref")
 
 
 def test_a_run_killed_while_writing_its_final_files_starts_again(small, tmp_path, monkeypatch):

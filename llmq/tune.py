@@ -1,0 +1,133 @@
+"""Block-wise reconstruction: tune a quantized decoder block against the full-precision block's outputs.
+
+The quantization-aware training of EfficientQAT's Block-AP (Chen et al., 2024) and the signed-gradient
+tuning of AutoRound (Cheng et al., 2023), done one block at a time with the FP block as the teacher:
+starting from round-to-nearest (each group's range searched) and the FP weights, per-weight offsets,
+per-group scales and zero points are optimised through straight-through rounding to minimise
+``|| block_q(x_q) - block_fp(x_fp) ||^2`` over the calibration windows, where ``x_q`` are the
+quantized model's inputs to the block and ``x_fp`` the FP model's. The result is rounded once more into
+the same integer codes, float16 scales and integer zeros, so every packed format and loader is unchanged.
+
+Pure tensors and a block forward in, quantized weights out: nothing here knows an architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantConfig
+from .quant import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+# forward(weights, x): the block's output for input batch ``x`` with its linears' weights replaced by ``weights``
+BlockForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, with the identity as gradient (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+class TunableWeight(torch.nn.Module):
+    """A weight on a learnable integer grid: ``scale_g * (clamp(round(w / scale_g) + round(zero_g), 0, maxq) -
+    round(zero_g))`` with ``w = w0 + offset * scale0_g`` (offsets in units of the starting group scale, so one
+    learning rate suits every model's weight magnitude), ``scale = scale0 * exp(log_scale)`` rounded to float16
+    as stored, and the zero point learnable only when asymmetric. At the start it decodes to ``start`` exactly.
+    """
+
+    def __init__(self, w0: torch.Tensor, start: QuantizedWeight):
+        super().__init__()
+        self.start = start
+        self.maxq = 2**start.bits - 1
+        self.g = start.g_idx.long()
+        self.register_buffer("w0", w0.float())
+        self.register_buffer("scale0", start.scales.float())
+        self.register_buffer("zero0", start.zeros.float())
+        self.offset = torch.nn.Parameter(torch.zeros_like(self.w0))
+        self.log_scale = torch.nn.Parameter(torch.zeros_like(self.scale0))
+        self.zero_shift = torch.nn.Parameter(torch.zeros_like(self.zero0), requires_grad=not start.sym)
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w, scales, zeros)`` now: the continuous weight, float16-valued scales and integer zeros per group."""
+        scale = self.scale0 * torch.exp(self.log_scale)
+        scale = scale + (scale.half().float() - scale).detach()
+        zero = round_ste(self.zero0 + self.zero_shift).clamp(0, self.maxq)
+        return self.w0 + self.offset * self.scale0[:, self.g], scale, zero
+
+    def forward(self) -> torch.Tensor:
+        w, scale, zero = self.grid()
+        s, z = scale[:, self.g], zero[:, self.g]
+        return s * (torch.clamp(round_ste(w / s) + z, 0, self.maxq) - z)
+
+    @torch.no_grad()
+    def quantized(self) -> QuantizedWeight:
+        """The tuned weight as codes, scales and zeros (its forward's values exactly)."""
+        w, scale, zero = self.grid()
+        codes = torch.clamp(torch.round(w / scale[:, self.g]) + zero[:, self.g], 0, self.maxq)
+        st = self.start
+        return QuantizedWeight(codes.to(torch.uint8), scale.clone(), zero.to(torch.uint8), st.g_idx,
+                               st.bits, st.group_size, st.sym)
+
+
+@dataclass
+class TuneResult:
+    weights: dict[str, QuantizedWeight]
+    loss_before: float  # mean squared error of the block's outputs against the teacher's, over all windows
+    loss_after: float
+    kept_start: bool  # tuning did not lower the loss: the starting solution is returned
+
+
+def _loss(forward: BlockForward, weights: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
+          batch: int) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, inputs.shape[0], batch):
+            y = forward(weights, inputs[i : i + batch])
+            total += (y.float() - targets[i : i + batch].to(y.device).float()).pow(2).sum().item()
+    return total / targets.numel()
+
+
+def tune_block(forward: BlockForward, inputs: torch.Tensor, targets: torch.Tensor,
+               start: dict[str, QuantizedWeight], fp_weights: dict[str, torch.Tensor], cfg: QuantConfig,
+               dtype: torch.dtype, seed: int = 0) -> TuneResult:
+    """Tune the ``start`` quantized weights of one block so its outputs on ``inputs`` match ``targets``.
+
+    ``inputs``/``targets``: ``[windows, seqlen, hidden]``, the block's inputs in the quantized model and the FP
+    block's outputs on the FP model's inputs. ``fp_weights`` are the linears' FP weights, where the continuous
+    weights start (as EfficientQAT's), on the start's grid (RTN's codes, scales and zeros). Adam,
+    ``cfg.tune_iters`` steps of ``cfg.tune_batch`` windows drawn with ``seed``; the loss over all windows is measured before and after, and the start is kept if it is not lower.
+    """
+    device = inputs.device
+    tunable = {name: TunableWeight(fp_weights[name], qw.to(device)).to(device)
+               for name, qw in start.items()}
+    params = [{"params": [t.offset for t in tunable.values()], "lr": cfg.tune_lr},
+              {"params": [p for t in tunable.values() for p in (t.log_scale, t.zero_shift) if p.requires_grad],
+               "lr": cfg.tune_lr_qparams}]
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {name: t().to(dtype) for name, t in tunable.items()}
+
+    n = inputs.shape[0]
+    batch = min(cfg.tune_batch, n)
+    with torch.no_grad():
+        loss_before = _loss(forward, weights(), inputs, targets, batch)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(params)
+    with torch.enable_grad():
+        for _ in range(cfg.tune_iters):
+            idx = torch.randperm(n, generator=generator)[:batch].to(device)
+            y = forward(weights(), inputs[idx])
+            loss = (y.float() - targets[idx].to(y.device).float()).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        loss_after = _loss(forward, weights(), inputs, targets, batch)
+    if not loss_after < loss_before:
+        return TuneResult(dict(start), loss_before, loss_before, kept_start=True)
+    return TuneResult({name: t.quantized() for name, t in tunable.items()}, loss_before, loss_after, False)

@@ -1,0 +1,93 @@
+"""Block-wise reconstruction (llmq/tune.py): the learnable grid, the tuning loop, and the method in the pipeline."""
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from llmq.config import QuantConfig
+from llmq.errors import ConfigError
+from llmq.pipeline import quantize_layers
+from llmq.quant import rtn_quantize
+from llmq.tune import TunableWeight, round_ste, tune_block
+
+
+def test_round_ste_rounds_forward_and_passes_the_gradient_through():
+    x = torch.tensor([0.2, 0.7, -1.6], requires_grad=True)
+    y = round_ste(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), torch.round(x.detach()))
+    assert torch.equal(x.grad, torch.ones(3))
+
+
+@pytest.mark.parametrize("bits,group_size,sym", [(3, 32, False), (4, 64, True), (2, -1, False)])
+def test_a_tunable_weight_starts_at_its_start_and_rounds_to_its_own_forward(bits, group_size, sym):
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    start = rtn_quantize(w, QuantConfig(method="rtn", bits=bits, group_size=group_size, sym=sym))
+    t = TunableWeight(w, start)
+    assert torch.equal(t().detach(), start.dequantize())  # FP weights round to the RTN codes exactly
+    with torch.no_grad():  # anywhere on the grid, the exported codes decode to what the forward computed
+        t.offset.normal_(0, 0.7)
+        t.log_scale.normal_(0, 0.1)
+        t.zero_shift.normal_(0, 0.8) if not sym else None
+    qw = t.quantized()
+    assert qw.scales.dtype == torch.float32 and torch.equal(qw.scales, qw.scales.half().float())
+    assert torch.allclose(qw.dequantize(), t().detach(), atol=1e-6)
+    assert int(qw.codes.max()) <= 2**bits - 1
+    if sym:
+        assert torch.equal(qw.zeros, start.zeros)  # a symmetric grid keeps its fixed zero point
+
+
+def _linear_block():
+    """A block of one linear and a nonlinearity, as ``tune_block`` sees a decoder layer."""
+    def forward(weights, x):
+        return torch.nn.functional.gelu(x @ weights["lin"].T)
+    return forward
+
+
+def test_tuning_lowers_the_block_loss_deterministically_and_keeps_a_start_it_cannot_beat():
+    torch.manual_seed(0)
+    w = torch.randn(64, 64) / 8
+    x = torch.randn(16, 8, 64)
+    forward = _linear_block()
+    targets = forward({"lin": w}, x)
+    cfg = QuantConfig(method="tune", bits=3, group_size=32, sym=False, tune_iters=200, tune_lr=1e-3)
+    start = {"lin": rtn_quantize(w, cfg)}
+    runs = [tune_block(forward, x, targets, start, {"lin": w}, cfg, torch.float32, seed=1) for _ in range(2)]
+    res = runs[0]
+    assert not res.kept_start and res.loss_after < 0.9 * res.loss_before
+    rtn_loss = (forward({"lin": start["lin"].dequantize()}, x) - targets).pow(2).mean().item()
+    assert res.loss_before == pytest.approx(rtn_loss, rel=1e-5)
+    tuned = res.weights["lin"]
+    assert res.loss_after == pytest.approx((forward({"lin": tuned.dequantize()}, x) - targets).pow(2).mean().item(),
+                                           rel=1e-5)  # the exported codes are the weights the loss was measured on
+    assert all(torch.equal(getattr(tuned, k), getattr(runs[1].weights["lin"], k)) for k in ("codes", "scales", "zeros"))
+    idle = tune_block(forward, x, targets, start, {"lin": w}, dataclasses.replace(cfg, tune_iters=0), torch.float32)
+    assert idle.kept_start and idle.weights["lin"] is start["lin"]
+
+
+def test_tune_settings_are_validated():
+    with pytest.raises(ConfigError, match="tune_batch"):
+        QuantConfig(method="tune", tune_batch=0)
+
+
+def test_the_tuned_layers_lose_less_of_the_fp_output_than_their_rtn_start():
+    torch.manual_seed(0)
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2).eval()
+    ids = torch.randint(0, model.config.vocab_size, (8, 32))
+    with torch.no_grad():
+        fp = model(ids).logits
+    errors = {}
+    for method in ("rtn", "tune"):
+        q = tiny_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2).eval()
+        notes = {}
+        cfg = QuantConfig(method=method, bits=2, group_size=32, sym=False, mse=True, tune_iters=40)
+        quantize_layers(q, ids, cfg, notes=notes)
+        with torch.no_grad():
+            errors[method] = (q(ids).logits - fp).pow(2).mean().item()
+    # each layer's block loss before and after is recorded for the checkpoint's metadata
+    losses = [notes[f"model.layers.{i}.tune_loss"] for i in range(2)]
+    assert all(v["after"] < v["before"] for v in losses), losses
+    assert errors["tune"] < 0.9 * errors["rtn"], errors
