@@ -83,7 +83,7 @@ def check_layout(fmt: str, cfg: QuantConfig, shapes: dict[str, tuple[int, int]])
 
 
 def awq_quantization_config(cfg: QuantConfig, unquantized: list[str], recipe: dict[str, Any] | None,
-                            experts: dict[str, Any] | None = None) -> dict[str, Any]:
+                            notes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The config AutoAWQ writes for its GEMM layout (read by transformers' AwqConfig and vLLM)."""
     qc = {
         "quant_method": "awq",
@@ -95,8 +95,7 @@ def awq_quantization_config(cfg: QuantConfig, unquantized: list[str], recipe: di
         "meta": {"quantizer": [f"llmq:{__version__}"],
                  "llmq": {"quant": dataclasses.asdict(cfg), "recipe": recipe or {}, "unquantized": unquantized}},
     }
-    if experts:
-        qc["meta"]["llmq"]["experts"] = experts
+    qc["meta"]["llmq"].update(notes or {})
     return qc
 
 
@@ -113,7 +112,7 @@ def _awq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 def quantization_config(
     cfg: QuantConfig, fmt: str, spec: ArchSpec, n_layers: int, unquantized: list[str], recipe: dict[str, Any] | None,
-    experts: dict[str, Any] | None = None,
+    notes: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     qc: dict[str, Any] = {
         "quant_method": "gptq",
@@ -130,8 +129,9 @@ def quantization_config(
             "llmq": {"quant": dataclasses.asdict(cfg), "recipe": recipe or {}, "unquantized": unquantized},
         },
     }
-    if experts:  # each expert's calibration tokens and the policy it got (``LayerJob.expert_policies``)
-        qc["meta"]["llmq"]["experts"] = experts
+    # what the methods noted, by section: "experts" (each expert's calibration tokens and the policy it got,
+    # ``LayerJob.expert_policies``), "tune_loss" (each layer's block loss before and after tuning)
+    qc["meta"]["llmq"].update(notes or {})
     if unquantized:
         qc["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in unquantized}
         depth = len(spec.layers.split(".")) + 1
@@ -203,18 +203,22 @@ def write_metadata(staging: Path, config: Any, dtype: torch.dtype, cfg: QuantCon
                    notes: dict[str, Any] | None = None, spec: ArchSpec | None = None) -> None:
     """Everything but the weights: config.json with quantization_config, quantize_config.json, tokenizer.
 
-    ``notes`` (by module name in the model) go under ``meta.llmq.experts`` with their checkpoint names.
+    ``notes`` (``"section/module name"`` in the model, or a bare module name for section ``experts``) go under
+    ``meta.llmq.<section>`` with their checkpoint names.
     ``spec``: the table entry the run used (default: the model_type's own).
     """
     spec = spec or get_arch(config.model_type)
-    experts = {spec.to_disk(k): v for k, v in sorted((notes or {}).items())}
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in sorted((notes or {}).items()):
+        section, _, name = key.rpartition("/")
+        sections.setdefault(section or "experts", {})[spec.to_disk(name)] = value
     config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict["dtype"] = str(dtype).removeprefix("torch.")
     if fmt == "awq":
-        qc = awq_quantization_config(cfg, unquantized, recipe, experts)
+        qc = awq_quantization_config(cfg, unquantized, recipe, sections)
     else:
-        qc = quantization_config(cfg, fmt, spec, n_layers, unquantized, recipe, experts)
+        qc = quantization_config(cfg, fmt, spec, n_layers, unquantized, recipe, sections)
     config_dict["quantization_config"] = qc
     write_json(staging / "config.json", config_dict)
     write_json(staging / "quantize_config.json", qc)

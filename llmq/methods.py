@@ -442,7 +442,7 @@ def tune_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
             p.requires_grad_(True)
     log.info("layer %d: block output MSE %.5g -> %.5g%s", job.index, res.loss_before, res.loss_after,
              " (kept the start: tuning did not lower it)" if res.kept_start else "")
-    job.note(f"{job.prefix}tune_loss", {"before": res.loss_before, "after": res.loss_after})
+    job.note(f"tune_loss/{job.prefix.rstrip('.')}", {"before": res.loss_before, "after": res.loss_after})
     for name, qw in res.weights.items():
         write_back(job.layer.get_submodule(name), qw)
     return res.weights

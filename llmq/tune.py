@@ -83,11 +83,11 @@ class TuneResult:
 
 
 def _loss(forward: BlockForward, weights: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
-          batch: int) -> float:
+          batch: int, device: torch.device) -> float:
     total = 0.0
     with torch.no_grad():
         for i in range(0, inputs.shape[0], batch):
-            y = forward(weights, inputs[i : i + batch])
+            y = forward(weights, inputs[i : i + batch].to(device))
             total += (y.float() - targets[i : i + batch].to(y.device).float()).pow(2).sum().item()
     return total / targets.numel()
 
@@ -100,9 +100,10 @@ def tune_block(forward: BlockForward, inputs: torch.Tensor, targets: torch.Tenso
     ``inputs``/``targets``: ``[windows, seqlen, hidden]``, the block's inputs in the quantized model and the FP
     block's outputs on the FP model's inputs. ``fp_weights`` are the linears' FP weights, where the continuous
     weights start (as EfficientQAT's), on the start's grid (RTN's codes, scales and zeros). Adam,
-    ``cfg.tune_iters`` steps of ``cfg.tune_batch`` windows drawn with ``seed``; the loss over all windows is measured before and after, and the start is kept if it is not lower.
+    ``cfg.tune_iters`` steps of ``cfg.tune_batch`` windows drawn with ``seed``; the loss over all windows is
+    measured before and after, and the start is kept if it is not lower.
     """
-    device = inputs.device
+    device = next(iter(fp_weights.values())).device  # the layer's; the activations may be memory-mapped on the CPU
     tunable = {name: TunableWeight(fp_weights[name], qw.to(device)).to(device)
                for name, qw in start.items()}
     params = [{"params": [t.offset for t in tunable.values()], "lr": cfg.tune_lr},
@@ -115,19 +116,19 @@ def tune_block(forward: BlockForward, inputs: torch.Tensor, targets: torch.Tenso
     n = inputs.shape[0]
     batch = min(cfg.tune_batch, n)
     with torch.no_grad():
-        loss_before = _loss(forward, weights(), inputs, targets, batch)
+        loss_before = _loss(forward, weights(), inputs, targets, batch, device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(params)
     with torch.enable_grad():
         for _ in range(cfg.tune_iters):
-            idx = torch.randperm(n, generator=generator)[:batch].to(device)
-            y = forward(weights(), inputs[idx])
-            loss = (y.float() - targets[idx].to(y.device).float()).pow(2).mean()
+            idx = torch.randperm(n, generator=generator)[:batch]  # drawn on the CPU: the same windows on any device
+            y = forward(weights(), inputs[idx.to(inputs.device)].to(device))
+            loss = (y.float() - targets[idx.to(targets.device)].to(y.device).float()).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        loss_after = _loss(forward, weights(), inputs, targets, batch)
+        loss_after = _loss(forward, weights(), inputs, targets, batch, device)
     if not loss_after < loss_before:
         return TuneResult(dict(start), loss_before, loss_before, kept_start=True)
     return TuneResult({name: t.quantized() for name, t in tunable.items()}, loss_before, loss_after, False)

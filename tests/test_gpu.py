@@ -109,3 +109,20 @@ def test_triton_decodes_faster_than_the_pure_path_and_reports_fp16(tmp_path, rep
            f"{rates['triton']:.1f} ({rates['triton'] / rates['fp16']:.2f}x fp16), pure {rates['pure']:.1f}")
     assert rates["triton"] > rates["pure"]
 
+
+
+def test_block_tuning_on_cuda_lowers_each_layers_loss_and_reloads(bf16_model, tmp_path):
+    """Method tune on CUDA from the bf16 checkpoint: the block loss falls in every layer (the metadata's record)
+    and the packed checkpoint decodes to the perplexity of the in-memory tuned weights' checkpoint on the CPU."""
+    r = Recipe.from_dict(dict(model=str(bf16_model), out=str(tmp_path / "q"), method="tune", bits=3, group_size=128,
+                              calib=str(shared_path("assets", "c4-sample", "c4_train_00000_first1000.jsonl")),
+                              nsamples=16, seqlen=128, tune_iters=50, device="cuda"))
+    quantize_to_disk(r)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    losses = list(qc["meta"]["llmq"]["tune_loss"].values())
+    assert len(losses) == 6 and all(v["after"] < v["before"] for v in losses), losses
+    tok = AutoTokenizer.from_pretrained(tmp_path / "q")
+    evals = eval_windows(c4_texts()[900:], tok, 256)[:16]
+    ppl = {dev: perplexity(llmq.from_pretrained(str(tmp_path / "q"), device_map=dev), evals, batch_size=4,
+                           progress=False)["ppl"] for dev in ("cuda", "cpu")}
+    assert ppl["cuda"] == pytest.approx(ppl["cpu"], rel=1e-2)

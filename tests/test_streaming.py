@@ -276,6 +276,10 @@ def test_a_tune_run_killed_between_layers_resumes_both_activation_streams(small,
         assert not torch.equal(f.get_tensor("hidden"), f.get_tensor("teacher"))  # quantized vs FP stream
     quantize_to_disk(r)
     assert files(tmp_path / "q") == files(tmp_path / "ref")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    losses = qc["meta"]["llmq"]["tune_loss"]
+    assert sorted(losses) == [f"model.layers.{i}" for i in range(3)]  # the first layer's, noted before the kill
+    assert all(v["after"] <= v["before"] for v in losses.values())
 
 
 def test_a_run_killed_while_writing_its_final_files_starts_again(small, tmp_path, monkeypatch):

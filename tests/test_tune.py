@@ -88,6 +88,6 @@ def test_the_tuned_layers_lose_less_of_the_fp_output_than_their_rtn_start():
         with torch.no_grad():
             errors[method] = (q(ids).logits - fp).pow(2).mean().item()
     # each layer's block loss before and after is recorded for the checkpoint's metadata
-    losses = [notes[f"model.layers.{i}.tune_loss"] for i in range(2)]
+    losses = [notes[f"tune_loss/model.layers.{i}"] for i in range(2)]
     assert all(v["after"] < v["before"] for v in losses), losses
     assert errors["tune"] < 0.9 * errors["rtn"], errors
