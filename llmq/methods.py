@@ -434,8 +434,7 @@ def tune_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
         p.requires_grad_(False)
     try:
         with job.timer("tune"):
-            dtype = next(iter(fp_weights.values())).dtype
-            res = tune_block(_block_forward(job), job.inputs, job.targets, start, fp_weights, job.cfg, dtype,
+            res = tune_block(_block_forward(job), job.inputs, job.targets, start, fp_weights, job.cfg,
                              seed=job.index)
     finally:
         for p in frozen:

@@ -82,19 +82,19 @@ class TuneResult:
     kept_start: bool  # tuning did not lower the loss: the starting solution is returned
 
 
-def _loss(forward: BlockForward, weights: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
-          batch: int, device: torch.device) -> float:
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, inputs.shape[0], batch):
-            y = forward(weights, inputs[i : i + batch].to(device))
-            total += (y.float() - targets[i : i + batch].to(y.device).float()).pow(2).sum().item()
+@torch.no_grad()
+def _loss(forward: BlockForward, weights: Callable[[], dict[str, torch.Tensor]], inputs: torch.Tensor,
+          targets: torch.Tensor, batch: int, device: torch.device) -> float:
+    ws, total = weights(), 0.0
+    for i in range(0, inputs.shape[0], batch):
+        y = forward(ws, inputs[i : i + batch].to(device))
+        total += (y.float() - targets[i : i + batch].to(y.device).float()).pow(2).sum().item()
     return total / targets.numel()
 
 
 def tune_block(forward: BlockForward, inputs: torch.Tensor, targets: torch.Tensor,
                start: dict[str, QuantizedWeight], fp_weights: dict[str, torch.Tensor], cfg: QuantConfig,
-               dtype: torch.dtype, seed: int = 0) -> TuneResult:
+               seed: int = 0) -> TuneResult:
     """Tune the ``start`` quantized weights of one block so its outputs on ``inputs`` match ``targets``.
 
     ``inputs``/``targets``: ``[windows, seqlen, hidden]``, the block's inputs in the quantized model and the FP
@@ -111,12 +111,11 @@ def tune_block(forward: BlockForward, inputs: torch.Tensor, targets: torch.Tenso
                "lr": cfg.tune_lr_qparams}]
 
     def weights() -> dict[str, torch.Tensor]:
-        return {name: t().to(dtype) for name, t in tunable.items()}
+        return {name: t().to(fp_weights[name].dtype) for name, t in tunable.items()}
 
     n = inputs.shape[0]
     batch = min(cfg.tune_batch, n)
-    with torch.no_grad():
-        loss_before = _loss(forward, weights(), inputs, targets, batch, device)
+    loss_before = _loss(forward, weights, inputs, targets, batch, device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(params)
     with torch.enable_grad():
@@ -127,8 +126,7 @@ def tune_block(forward: BlockForward, inputs: torch.Tensor, targets: torch.Tenso
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    with torch.no_grad():
-        loss_after = _loss(forward, weights(), inputs, targets, batch, device)
+    loss_after = _loss(forward, weights, inputs, targets, batch, device)
     if not loss_after < loss_before:
         return TuneResult(dict(start), loss_before, loss_before, kept_start=True)
     return TuneResult({name: t.quantized() for name, t in tunable.items()}, loss_before, loss_after, False)

@@ -55,7 +55,7 @@ def test_tuning_lowers_the_block_loss_deterministically_and_keeps_a_start_it_can
     targets = forward({"lin": w}, x)
     cfg = QuantConfig(method="tune", bits=3, group_size=32, sym=False, tune_iters=200, tune_lr=1e-3)
     start = {"lin": rtn_quantize(w, cfg)}
-    runs = [tune_block(forward, x, targets, start, {"lin": w}, cfg, torch.float32, seed=1) for _ in range(2)]
+    runs = [tune_block(forward, x, targets, start, {"lin": w}, cfg, seed=1) for _ in range(2)]
     res = runs[0]
     assert not res.kept_start and res.loss_after < 0.9 * res.loss_before
     rtn_loss = (forward({"lin": start["lin"].dequantize()}, x) - targets).pow(2).mean().item()
@@ -64,7 +64,7 @@ def test_tuning_lowers_the_block_loss_deterministically_and_keeps_a_start_it_can
     assert res.loss_after == pytest.approx((forward({"lin": tuned.dequantize()}, x) - targets).pow(2).mean().item(),
                                            rel=1e-5)  # the exported codes are the weights the loss was measured on
     assert all(torch.equal(getattr(tuned, k), getattr(runs[1].weights["lin"], k)) for k in ("codes", "scales", "zeros"))
-    idle = tune_block(forward, x, targets, start, {"lin": w}, dataclasses.replace(cfg, tune_iters=0), torch.float32)
+    idle = tune_block(forward, x, targets, start, {"lin": w}, dataclasses.replace(cfg, tune_iters=0))
     assert idle.kept_start and idle.weights["lin"] is start["lin"]
 
 
