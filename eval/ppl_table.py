@@ -20,10 +20,12 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmq.config import QuantConfig
+from llmq.arch import get_layers, layer_linears, resolve_arch
+from llmq.config import QuantConfig, Width
 from llmq.data import calibration_windows, eval_windows
 from llmq.eval import perplexity
-from llmq.pipeline import quantize_layers
+from llmq.mixed import make_units, widths_table
+from llmq.pipeline import noted_widths, quantize_layers
 
 SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 # The tables follow the papers' protocol: asymmetric groups, whatever llmq's per-width default.
@@ -72,7 +74,7 @@ def stories260k(shared: Path = SHARED, rows: dict[int, list[str]] | None = None)
     return _table(path, calib, evals, 32, rows or {4: w4, 3: w3, 2: ["RTN", "GPTQ", "Tune"]})
 
 
-def _c4_protocol(path: Path, shared: Path, rows: dict[int, list[str]], datasets: tuple[str, ...]) -> dict[str, dict]:
+def _c4_data(path: Path, shared: Path, datasets: tuple[str, ...]):
     """Calibration 128 x 256 from C4 records 0-899; 256-token windows of WikiText-2 test and C4 900-999."""
     records = (shared / "assets" / "c4-sample" / "c4_train_00000_first1000.jsonl").read_text().splitlines()
     c4 = [json.loads(r)["text"] for r in records]
@@ -81,7 +83,55 @@ def _c4_protocol(path: Path, shared: Path, rows: dict[int, list[str]], datasets:
     wiki = shared / "assets" / "wikitext2-raw" / "wikitext-2-raw-v1.test.rows.jsonl"
     sources = {"WikiText-2": lambda: eval_windows(str(wiki), tok, 256),
                "C4 900-999": lambda: eval_windows(c4[900:], tok, 256)}
-    return _table(path, calib, {name: sources[name]() for name in datasets}, 128, rows)
+    return calib, {name: sources[name]() for name in datasets}
+
+
+def _c4_protocol(path: Path, shared: Path, rows: dict[int, list[str]], datasets: tuple[str, ...]) -> dict[str, dict]:
+    calib, evals = _c4_data(path, shared, datasets)
+    return _table(path, calib, evals, 128, rows)
+
+
+def tiny_llama_mixed(shared: Path = SHARED, datasets: tuple[str, ...] = ("C4 900-999",),
+                     ) -> tuple[dict[str, dict], dict[str, str]]:
+    """Mixed precision (GPTQ) on llmq-tiny-llama at the effective bits per weight of uniform W3 g64: uniform
+    W3 g64; uniform W3 g128 with the budget left over spent on the first layers' groups at W4 g128, in order (a
+    naive baseline); the automatic allocation. Each row also gives its effective bits per weight. Returns the
+    table and the automatic allocation (linear -> width)."""
+    path = shared / "assets" / "llmq-tiny-llama"
+    calib, evals = _c4_data(path, shared, datasets)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    spec = resolve_arch(model)
+    units = make_units([{f"{spec.layers}.{i}.{n}": (m.out_features, m.in_features)
+                         for n, m in layer_linears(layer, spec, model.config, i).items() if n in group}
+                        for i, layer in enumerate(get_layers(model, spec)) for group in spec.groups(model.config, i)],
+                       (Width(3, 64), *(Width(b, 128) for b in (2, 3, 4, 8))))
+    weights = sum(u.weights for u in units)
+
+    def bpw(choice: list[Width]) -> float:
+        return sum(u.costs[w] for u, w in zip(units, choice, strict=True)) / weights
+
+    budget = bpw([Width(3, 64)] * len(units))
+    naive = [Width(3, 128)] * len(units)
+    for i in range(len(units)):
+        if bpw([*naive[:i], Width(4, 128), *naive[i + 1:]]) <= budget:
+            naive[i] = Width(4, 128)
+    widths = {name: w for u, w in zip(units, naive, strict=True) for name in u.linears}
+    cfg = QuantConfig(bits=3, group_size=128)
+    auto = QuantConfig(bits=3, group_size=128, bits_per_weight=budget)
+    notes: dict = {}
+    rows = {"W3 g64": (QuantConfig(bits=3, group_size=64), None, {}),
+            "W3 g128, first groups W4 g128": (cfg, widths, {}),
+            f"auto at {budget:.4f} bits": (auto, None, notes)}
+    out = {}
+    for name, (row_cfg, row_widths, row_notes) in rows.items():
+        m = AutoModelForCausalLM.from_pretrained(path).eval()
+        quantize_layers(m, calib, row_cfg, device="cpu", widths=row_widths, notes=row_notes)
+        out[name] = {ev: perplexity(m, w, batch_size=8, progress=False)["ppl"] for ev, w in evals.items()}
+    chosen = noted_widths(notes)
+    out[f"auto at {budget:.4f} bits"]["bits per weight"] = bpw([chosen[u.linears[0]] for u in units])
+    out["W3 g64"]["bits per weight"] = budget
+    out["W3 g128, first groups W4 g128"]["bits per weight"] = bpw(naive)
+    return out, {name: str(w) for name, w in chosen.items()}
 
 
 def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) -> dict[str, dict]:
@@ -108,7 +158,7 @@ def markdown(title: str, table: dict[str, dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", type=Path, default=SHARED)
-    p.add_argument("--only", choices=["stories260k", "tiny-llama", "tiny-moe"])
+    p.add_argument("--only", choices=["stories260k", "tiny-llama", "tiny-moe", "mixed"])
     args = p.parse_args()
     tables = {}
     if args.only in (None, "stories260k"):
@@ -117,6 +167,9 @@ def main() -> None:
         tables["llmq-tiny-llama, asym g128, seqlen 256"] = tiny_llama(args.shared)
     if args.only in (None, "tiny-moe"):
         tables["llmq-tiny-moe, asym g128, seqlen 256"] = tiny_moe(args.shared)
+    if args.only in (None, "mixed"):
+        tables["llmq-tiny-llama mixed precision, GPTQ, seqlen 256"], allocation = tiny_llama_mixed(args.shared)
+        print(widths_table(allocation) + "\n")
     for title, table in tables.items():
         print(markdown(title, table) + "\n")
     print(json.dumps(tables))

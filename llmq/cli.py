@@ -79,6 +79,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="method tune: learning rate of the rounding offsets, in group scales (default 1e-3)")
     p.add_argument("--tune-lr-qparams", type=float,
                    help="method tune: learning rate of the log-scales and zero points (default 1e-3)")
+    p.add_argument("--bits-per-weight", type=float, metavar="B",
+                   help="mixed precision: a budget of effective bits per weight (scales and zeros counted, as llmq "
+                        "info counts them), spread over --mixed-widths by each group of linears' measured "
+                        "sensitivity; --group-size sets the default candidates' groups")
+    p.add_argument("--mixed-widths", metavar="W,W,...",
+                   help="mixed precision: candidate widths as <bits>g<group size> (default 2, 3, 4 and 8 bits at "
+                        "--group-size)")
     p.add_argument("--max-shard-size", help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (and discard an unfinished run with other settings)")
@@ -169,12 +176,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
             "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
             "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens", "arch",
-            "tune_iters", "tune_batch", "tune_lr", "tune_lr_qparams")
+            "tune_iters", "tune_batch", "tune_lr", "tune_lr_qparams", "bits_per_weight", "mixed_widths")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
     if not recipe.out:
         raise LlmqError("no output folder: pass --out DIR (or `out:` in the recipe)")
     quantize_to_disk(recipe, overwrite=args.overwrite, offload_activations=args.offload_activations)
+    if recipe.quant.bits_per_weight is not None:
+        from .info import checkpoint_info
+        from .mixed import widths_table
+
+        info = checkpoint_info(recipe.out)
+        print(widths_table({name: f"{w['bits']}g{w['group_size']}" for name, w in info["allocation"].items()}))
+        print(f"effective bits per weight {info['effective_bits_per_weight']:.4f} "
+              f"(budget {recipe.quant.bits_per_weight})")
     print(f"wrote {recipe.out}")
     return 0
 

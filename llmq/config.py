@@ -7,6 +7,7 @@ A recipe is a flat YAML mapping whose keys are the ``llmq quantize`` options (``
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,33 @@ SYMMETRIC_BY_DEFAULT = (4, 8)  # the widths vLLM's Marlin kernels serve (symmetr
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "tune")
 # where a mixture-of-experts expert with too few routed tokens gets its calibration statistics
 EXPERT_POLICIES = ("all_tokens", "routed", "rtn")
+
+
+@dataclass(frozen=True, order=True)
+class Width:
+    """One candidate width of a mixed-precision run: bits and group size; symmetric at the widths where that
+    is llmq's default (4 and 8 bits, which vLLM's Marlin kernels serve), asymmetric below."""
+
+    bits: int
+    group_size: int
+
+    @classmethod
+    def parse(cls, text: str) -> Width:
+        m = re.fullmatch(r"(\d+)g(-1|\d+)", str(text).strip())
+        if m is None:
+            raise ConfigError(f"width {text!r} is not of the form <bits>g<group size>, e.g. 3g128 or 4g-1")
+        width = cls(int(m[1]), int(m[2]))
+        if width.bits not in SUPPORTED_BITS or width.group_size == 0 or width.group_size < -1:
+            raise ConfigError(f"width {text!r}: bits must be one of {', '.join(map(str, SUPPORTED_BITS))} and the "
+                              "group size positive or -1")
+        return width
+
+    @property
+    def sym(self) -> bool:
+        return self.bits in SYMMETRIC_BY_DEFAULT
+
+    def __str__(self) -> str:
+        return f"{self.bits}g{self.group_size}"
 
 
 @dataclass(frozen=True)
@@ -74,6 +102,13 @@ class QuantConfig:
     tune_batch: int = 4
     tune_lr: float = 1e-3
     tune_lr_qparams: float = 1e-3
+    # Mixed precision (llmq.mixed): a budget of effective bits per weight (scales, zeros and g_idx counted as
+    # ``llmq info`` counts them) spread over ``mixed_widths`` ("<bits>g<group size>") by each group of linears'
+    # measured sensitivity. None: every linear at ``bits``/``group_size``. Default widths: 2, 3, 4 and 8 bits at
+    # ``group_size``; adding groups of 64 and 32 made llmq-tiny-llama worse at the W3 g64 budget (C4 122.40 ->
+    # 122.52: the proxy ranks close candidates less well) and the sensitivity pass half again as long.
+    bits_per_weight: float | None = None
+    mixed_widths: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -106,12 +141,32 @@ class QuantConfig:
             raise ConfigError(f"tune_iters={self.tune_iters}, tune_batch={self.tune_batch}, tune_lr={self.tune_lr}, "
                               f"tune_lr_qparams={self.tune_lr_qparams}: need iters >= 0, batch >= 1, lr > 0 "
                               "and lr_qparams >= 0")
+        if self.mixed_widths is None:
+            object.__setattr__(self, "mixed_widths", tuple(f"{b}g{self.group_size}" for b in SUPPORTED_BITS))
+        if isinstance(self.mixed_widths, str):
+            object.__setattr__(self, "mixed_widths", tuple(w for w in self.mixed_widths.split(",") if w.strip()))
+        object.__setattr__(self, "mixed_widths", tuple(str(Width.parse(w)) for w in self.mixed_widths))
+        if self.bits_per_weight is not None:
+            if not self.mixed_widths:
+                raise ConfigError("bits_per_weight needs candidate widths: give mixed_widths such as 3g128,4g128")
+            if not 1 < self.bits_per_weight <= 16:
+                raise ConfigError(f"bits_per_weight={self.bits_per_weight} must be in (1, 16]: it counts the "
+                                  "effective bits of each quantized weight, e.g. 3.3")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} must be positive (128 is the usual value)")
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
+
+    @property
+    def widths(self) -> tuple[Width, ...]:
+        return tuple(Width.parse(w) for w in self.mixed_widths)
+
+    def at(self, width: Width) -> QuantConfig:
+        """These settings at another width (its own default symmetry); a run of one width, not a budget."""
+        return dataclasses.replace(self, bits=width.bits, group_size=width.group_size, sym=width.sym,
+                                   bits_per_weight=None)
 
 
 @dataclass(frozen=True)

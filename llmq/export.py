@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from . import __version__
 from .arch import ArchSpec, disk_namer, get_arch, layer_linears, resolve_arch
 from .checkpoint import SpoolWriter, atomic_output_dir, half_dtype, parse_size, write_json
 from .config import QuantConfig
+from .dynamic import override_rule, skip_rule
 from .errors import ConfigError
 from .pack import can_pack, pack_awq, pack_cols, pack_gptq, unpack_cols
 from .quant import QuantizedWeight
@@ -49,6 +50,9 @@ def check_format(fmt: str, cfg: QuantConfig) -> None:
     if fmt not in FORMATS:
         raise ConfigError(f"format {fmt!r} is unknown: choose one of {', '.join(FORMATS)}")
     if fmt == "awq":
+        if cfg.bits_per_weight is not None:
+            raise ConfigError("the AWQ GEMM layout holds one width (4-bit) only, so it cannot hold a mixed-precision "
+                              "run (bits_per_weight): use --format auto for the GPTQ layout")
         if cfg.bits != 4:
             raise ConfigError(f"the AWQ GEMM layout holds 4-bit weights only, not bits={cfg.bits}: "
                               "use --bits 4, or --format auto for the GPTQ layout")
@@ -132,8 +136,13 @@ def quantization_config(
     # what the methods noted, by section: "experts" (each expert's calibration tokens and the policy it got,
     # ``LayerJob.expert_policies``), "tune_loss" (each layer's block loss before and after tuning)
     qc["meta"]["llmq"].update(notes or {})
+    widths = (notes or {}).get("widths")
+    if widths:  # mixed precision: the most common width is the base, the others are positive dynamic rules
+        base = Counter(tuple(w.items()) for w in widths.values()).most_common(1)[0][0]
+        qc.update(base)
+        qc["dynamic"] = {override_rule(name): w for name, w in widths.items() if tuple(w.items()) != base}
     if unquantized:
-        qc["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in unquantized}
+        qc["dynamic"] = {**{skip_rule(name): {} for name in unquantized}, **qc.get("dynamic", {})}
         depth = len(spec.layers.split(".")) + 1
         in_layer = {name.split(".", depth)[-1] for name in unquantized}
         if spec.moe is None and len(unquantized) == len(in_layer) * n_layers:  # the same linears in every layer
@@ -163,6 +172,7 @@ class PackedWriter:
         self.requested, self.dtype, self.bits = requested, dtype, bits
         self.spool = SpoolWriter(staging, state=state["spool"] if state else None)
         self.has_zero = bool(state["has_zero"]) if state else False
+        self.bits_of: dict[str, int] = dict(state.get("bits_of", {})) if state else {}  # mixed precision: others
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         """A tensor stored as is: floating point in the checkpoint's half dtype."""
@@ -176,6 +186,8 @@ class PackedWriter:
                 choose_format({name: qw}, self.requested)  # raises for an explicit v1
                 self.has_zero = True
             packed = pack_gptq(qw.codes, qw.scales, qw.zeros, qw.g_idx, qw.bits, "gptq_v2")
+            if qw.bits != self.bits:
+                self.bits_of[name] = qw.bits
         for suffix, t in packed.items():
             self.spool.add(f"{name}.{suffix}", t)
 
@@ -186,14 +198,14 @@ class PackedWriter:
         return self.requested
 
     def sync(self) -> dict[str, Any]:
-        return {"spool": self.spool.sync(), "has_zero": self.has_zero}
+        return {"spool": self.spool.sync(), "has_zero": self.has_zero, "bits_of": self.bits_of}
 
     def close(self, max_bytes: int) -> str:
         """Write the shards; returns the format they are in."""
         fmt = self.format
         v1 = fmt == "gptq"
-        self.spool.close(max_bytes, lambda name, t: _v2_zeros_to_v1(t, self.bits) if v1 and name.endswith(
-            ".qzeros") else t)
+        self.spool.close(max_bytes, lambda name, t: _v2_zeros_to_v1(
+            t, self.bits_of.get(name.removesuffix(".qzeros"), self.bits)) if v1 and name.endswith(".qzeros") else t)
         return fmt
 
 

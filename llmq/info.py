@@ -10,6 +10,7 @@ from typing import Any
 from safetensors import safe_open
 
 from .checkpoint import shard_files
+from .dynamic import OVERRIDABLE, module_settings
 from .errors import CheckpointError
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "I16": 2, "F64": 8, "BOOL": 1}
@@ -52,6 +53,26 @@ def vllm_kernel(qc: dict[str, Any], linears: dict[str, tuple[int, int]]) -> dict
                      "your vLLM reads gptq_v2, or quantize with --sym")
     family = ("awq" if awq else "gptq") if why else ("awq_marlin" if awq else "gptq_marlin")
     return {"kernel": family, "why_not_marlin": why, "notes": notes}
+
+
+def _vllm_kernel_by_width(qc: dict[str, Any], linears: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """:func:`vllm_kernel` for a checkpoint whose ``dynamic`` rules give linears other widths: Marlin only when
+    every width qualifies (vLLM chooses gptq_marlin from the base width, then refuses a layer it cannot run)."""
+    by_width: dict[tuple, dict[str, tuple[int, int]]] = {}
+    for name, shape in linears.items():
+        settings = module_settings(qc, name) or qc
+        by_width.setdefault(tuple(settings.get(k) for k in OVERRIDABLE), {})[name] = shape
+    if len(by_width) <= 1:
+        return vllm_kernel(qc, linears)
+    parts = {key: vllm_kernel({**qc, **dict(zip(OVERRIDABLE, key, strict=True))}, group)
+             for key, group in sorted(by_width.items())}
+    if all(not p["why_not_marlin"] for p in parts.values()):
+        return {"kernel": "gptq_marlin", "why_not_marlin": [], "notes": [n for p in parts.values() for n in p["notes"]]}
+    why = [f"{b}g{g}: {w}" for (b, g, *_), p in parts.items() for w in p["why_not_marlin"]]
+    notes = [n for p in parts.values() for n in p["notes"]]
+    notes.append("mixed widths: serve with vLLM's gptq kernel (quantization='gptq'); its Marlin path refuses the "
+                 "widths listed")
+    return {"kernel": "gptq", "why_not_marlin": why, "notes": notes}
 
 
 def vllm_moe_kernel(qc: dict[str, Any], experts: dict[str, tuple[int, int]], hidden: int) -> dict[str, Any] | None:
@@ -101,6 +122,8 @@ def checkpoint_info(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{config_path} has no quantization_config: not a quantized checkpoint")
     quant_bytes = quant_weights = fp16_bytes = disk = 0
     linears: dict[str, tuple[int, int]] = {}
+    widths: Counter[tuple[int, int, bool]] = Counter()  # (bits, group size, sym) -> weights at that width
+    width_linears: Counter[tuple[int, int, bool]] = Counter()
     for key, path in shard_files(folder).items():
         with safe_open(str(path), framework="pt") as f:
             sl = f.get_slice(key)
@@ -117,7 +140,11 @@ def checkpoint_info(folder: str | Path) -> dict[str, Any]:
                 if qc.get("quant_method") == "awq":  # [in, out / 8]
                     linears[module] = (shape[1] * 8, shape[0])
                 else:  # [in * bits / 32, out]
-                    linears[module] = (shape[1], shape[0] * 32 // qc["bits"])
+                    settings = module_settings(qc, module) or qc
+                    linears[module] = (shape[1], shape[0] * 32 // settings["bits"])
+                    widths[(settings["bits"], settings["group_size"], settings["sym"])] += linears[module][0] * \
+                        linears[module][1]
+                    width_linears[(settings["bits"], settings["group_size"], settings["sym"])] += 1
                 weights = linears[module][0] * linears[module][1]
                 quant_weights += weights
                 fp16_bytes += 2 * weights
@@ -139,7 +166,11 @@ def checkpoint_info(folder: str | Path) -> dict[str, Any]:
         "fp16_bytes": fp16_bytes,
         "size_vs_fp16": disk / fp16_bytes if fp16_bytes else None,
         "unquantized": meta.get("unquantized", []),
-        "vllm": vllm_kernel(qc, {n: s for n, s in linears.items() if ".experts." not in n}),
+        # each width's linears and share of the quantized weights: one entry unless mixed precision
+        "allocation": meta.get("widths", {}),  # a mixed-precision run's width of every linear
+        "widths": [{"bits": b, "group_size": g, "sym": sym, "linears": width_linears[b, g, sym],
+                    "share": n / quant_weights} for (b, g, sym), n in sorted(widths.items())],
+        "vllm": _vllm_kernel_by_width(qc, {n: s for n, s in linears.items() if ".experts." not in n}),
         # checkpoints name each expert's linears ...experts.E.<linear>, as vLLM's expert mapping expects
         "vllm_moe": vllm_moe_kernel(qc, {n: s for n, s in linears.items() if ".experts." in n},
                                     config.get("hidden_size", 0)),
@@ -167,6 +198,12 @@ def format_info(info: dict[str, Any]) -> str:
         f"size              {info['tensor_bytes'] / 1e6:.2f} MB vs {info['fp16_bytes'] / 1e6:.2f} MB in FP16 "
         f"({info['size_vs_fp16']:.1%})",
         f"unquantized       {', '.join(info['unquantized']) or 'none'}",
+    ]
+    if len(info.get("widths", [])) > 1:
+        lines.append("widths            " + "; ".join(
+            f"{w['bits']}g{w['group_size']} {'sym' if w['sym'] else 'asym'}: {w['linears']} linears, "
+            f"{w['share']:.1%} of weights" for w in info["widths"]))
+    lines += [
         f"vLLM kernel       {info['vllm']['kernel']}"
         + (f" (not Marlin: {'; '.join(info['vllm']['why_not_marlin'])})" if info["vllm"]["why_not_marlin"] else ""),
     ]

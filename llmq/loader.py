@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from .arch import ARCHITECTURES, model_namer
 from .arch.experts import split_experts
 from .checkpoint import read_tensor, shard_files
+from .dynamic import module_settings
 from .errors import CheckpointError
 from .kernels import KERNEL_CHOICES, prepare
 from .pack import GPTQ_BITS
@@ -63,11 +64,19 @@ def read_quant_config(config: Any) -> dict[str, Any]:
 
 
 def _swap_quant_linears(model: nn.Module, shapes: dict[str, dict[str, tuple]], qc: dict[str, Any],
-                        dtype: torch.dtype, scale_dtypes: dict[str, torch.dtype]) -> None:
+                        dtype: torch.dtype, scale_dtypes: dict[str, torch.dtype], disk_name: dict[str, str]) -> None:
     """Replace each quantized linear by a packed module; its scales keep their stored dtype (fp16), so the
-    weights decode exactly whatever ``dtype`` the model computes in."""
-    bits = qc["bits"]
+    weights decode exactly whatever ``dtype`` the model computes in. Each linear's bits are the config's, or
+    its ``dynamic`` rule's (mixed precision; rules name modules as on disk, ``disk_name``)."""
     for name, tensors in shapes.items():
+        settings = module_settings(qc, disk_name[name])
+        if settings is None:
+            raise CheckpointError(f"{disk_name[name]} has quantized tensors, but a dynamic rule of the config "
+                                  "excludes it from quantization: config and tensors disagree")
+        bits = settings["bits"]
+        if bits not in GPTQ_BITS:
+            raise CheckpointError(f"bits={bits} for {disk_name[name]} in quantization_config is not one of "
+                                  f"{GPTQ_BITS}")
         try:
             linear = model.get_submodule(name)
         except AttributeError:
@@ -183,7 +192,8 @@ def from_pretrained(
                         raise CheckpointError(f"{key} has dtype {sl.get_dtype()}, expected F16, BF16 or F32")
                     scale_dtypes[module] = _ST_FLOATS[sl.get_dtype()]
 
-    _swap_quant_linears(model, shapes, qc, torch_dtype, {m: scale_dtypes.get(m, torch.float16) for m in shapes})
+    _swap_quant_linears(model, shapes, qc, torch_dtype, {m: scale_dtypes.get(m, torch.float16) for m in shapes},
+                        {m: disk_names.get(m + ".qweight", m).removesuffix(".qweight") for m in shapes})
 
     target = torch.device("cpu") if device_map is not None else torch.device(device)
     expected = {k for k, _ in model.named_parameters()} | {k for k, _ in model.named_buffers()

@@ -58,6 +58,12 @@ class LayerJob:
     # the FP layer's outputs on the FP model's inputs, both ``[windows, seqlen, hidden]``
     inputs: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    # mixed precision: the settings of linears (by name in the layer) quantized at another width than ``cfg``'s
+    widths: dict[str, QuantConfig] = field(default_factory=dict)
+
+    def cfg_for(self, linear: str) -> QuantConfig:
+        """The settings ``linear`` is quantized with: its own width's in a mixed-precision run, else ``cfg``."""
+        return self.widths.get(linear, self.cfg)
 
     def expert_policies(self) -> dict[str, str]:
         """Expert name -> where its calibration statistics come from: ``"routed"`` (its routed tokens),
@@ -128,7 +134,7 @@ def rtn_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
         for name, module in group.items():
             check_finite(job.prefix + name, module.weight)
             with job.timer("solve"):
-                results[name] = rtn_quantize(module.weight.data, job.cfg)
+                results[name] = rtn_quantize(module.weight.data, job.cfg_for(name))
             write_back(module, results[name])
     return results
 
@@ -223,10 +229,10 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
         for name, module in group.items():
             with job.timer("solve"):  # H passed inline: the solver frees it once it has H^-1
                 if policy[name] == "rtn":
-                    results[name] = rtn_quantize(module.weight.data, job.cfg)
+                    results[name] = rtn_quantize(module.weight.data, job.cfg_for(name))
                     log.info("layer %d %-22s RTN (no calibration tokens)", job.index, name)
                 else:
-                    res = gptq_quantize(module.weight.data, hessians.hessian(name), job.cfg)
+                    res = gptq_quantize(module.weight.data, hessians.hessian(name), job.cfg_for(name))
                     log.info("layer %d %-22s loss %.5g damp %.3g", job.index, name, res.loss, res.damp)
                     results[name] = res.weight
             write_back(module, results[name])
@@ -348,10 +354,10 @@ def _fold_scales(job: LayerJob, gptq_rounding: bool) -> None:
             if x is None:  # an expert routed no token in the search windows: scale 1
                 continue
             compared = _compared(layer, sg.inspect, job.kwargs) if sg.inspect else linears[0]
+            cfg = job.cfg_for(sg.linears[0])  # the linears one scale feeds read the same input: one width
             with torch.no_grad():
-                scales, loss = search_scale(x, linears, compared, job.cfg,
-                                            n_grid=job.cfg.awq_grid, duo=job.cfg.awq_duo,
-                                            quantize_fn=_gptq_rounding(x, job.cfg) if gptq_rounding else None,
+                scales, loss = search_scale(x, linears, compared, cfg, n_grid=cfg.awq_grid, duo=cfg.awq_duo,
+                                            quantize_fn=_gptq_rounding(x, cfg) if gptq_rounding else None,
                                             batch_tokens=job.batch_size * job.seqlen)
             del x
             log.info("layer %d %s -> %s: scale loss %.5g", job.index, sg.prev, _short(sg.linears), loss)
@@ -372,9 +378,10 @@ def _clip_weights(job: LayerJob) -> None:
     Skips q/k projections, as the reference: their own output error says little about the
     attention scores they feed; and linears with a partial last group.
     """
-    state, gs = job.awq_state, job.cfg.group_size
+    state = job.awq_state
     clipped = [n for g in job.groups for n, m in g.items()
-               if not n.endswith(("q_proj", "k_proj")) and (gs < 0 or m.in_features % gs == 0)
+               if not n.endswith(("q_proj", "k_proj")) and (job.cfg_for(n).group_size < 0
+                                                            or m.in_features % job.cfg_for(n).group_size == 0)
                and job.policy_of(n) != "rtn"]
     inputs = {}
     if state is None and clipped:
@@ -389,8 +396,9 @@ def _clip_weights(job: LayerJob) -> None:
             max_val = state[key].to(module.weight.device)
         else:
             with torch.no_grad():
-                w = search_clip(module.weight.data.float(), inputs[name], job.cfg, n_tokens=CLIP_TOKENS)
+                w = search_clip(module.weight.data.float(), inputs[name], job.cfg_for(name), n_tokens=CLIP_TOKENS)
             # clamping at the clipped weight's own group maxima reproduces the clip exactly
+            gs = job.cfg_for(name).group_size
             max_val = w.reshape(w.shape[0], -1, gs if gs > 0 else w.shape[1]).abs().amax(dim=2)  # [out, groups]
         w = module.weight.data.float().reshape(module.out_features, max_val.shape[1], -1)  # [out, groups, gs]
         w = torch.clamp(w, -max_val[..., None], max_val[..., None])

@@ -126,6 +126,13 @@ def can_pack(in_features: int, out_features: int, bits: int) -> bool:
         and in_features % 32 == 0 and out_features % 32 == 0
 
 
+def gptq_storage_bits(in_features: int, out_features: int, bits: int, group_size: int) -> int:
+    """Bits a linear takes in the GPTQ layout: qweight, qzeros (stored even when symmetric), fp16 scales and
+    int32 g_idx, as ``llmq info`` counts them."""
+    groups = 1 if group_size <= 0 else -(-in_features // group_size)
+    return in_features * out_features * bits + groups * out_features * (16 + bits) + 32 * in_features
+
+
 def _fp16_scales(scales: torch.Tensor) -> torch.Tensor:
     s16 = scales.to(torch.float16)
     if not torch.equal(s16.to(scales.dtype), scales):

@@ -24,15 +24,17 @@ from tqdm.auto import tqdm
 
 from .arch import ArchSpec, get_layers, layer_linears, resolve_arch
 from .arch.experts import LayerExperts, split_experts
-from .config import QuantConfig
+from .config import QuantConfig, Width
 from .device import exact_float32, resolve_device
 from .methods import METHOD_FNS, LayerJob, check_finite
+from .mixed import allocate, check_budget, format_allocation, layer_sensitivity, make_units
 from .quant import QuantizedWeight
 from .timing import StageTimes
 
 log = logging.getLogger(__name__)
 
 LayerResults = dict[str, QuantizedWeight]  # full module name -> quantized weight
+Widths = dict[str, Width]  # full linear name -> its width, in a mixed-precision run
 # the activation streams entering the next layer by name: "hidden" (the quantized model's), and "teacher" (the
 # FP model's) for methods that tune against the FP layer
 Activations = dict[str, torch.Tensor]
@@ -228,6 +230,85 @@ def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], b
     return out
 
 
+def _layer_groups(layer: nn.Module, spec: ArchSpec, config: Any, index: int,
+                  keep_fp: Callable[[str, nn.Linear], bool] | None) -> tuple[dict[str, nn.Linear], ...]:
+    """Layer ``index``'s linears to quantize, by name in the layer, in true-sequential groups (weights checked)."""
+    prefix = f"{spec.layers}.{index}."
+    linears = layer_linears(layer, spec, config, index)
+    for name, module in linears.items():
+        check_finite(prefix + name, module.weight)
+    if keep_fp is not None:
+        linears = {name: m for name, m in linears.items() if not keep_fp(prefix + name, m)}
+    return tuple(g for g in ({n: linears[n] for n in group if n in linears}
+                             for group in spec.groups(config, index)) if g)
+
+
+def _output_error(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
+                  reference: torch.Tensor) -> float:
+    """The squared difference between the layer's outputs for ``hidden`` and ``reference``, summed."""
+    err = 0.0
+    with torch.no_grad():
+        for i in range(0, hidden.shape[0], batch_size):
+            y = _layer_forward(layer, hidden[i : i + batch_size].to(_device_of(layer)), kwargs)
+            err += (y.float() - reference[i : i + batch_size].to(y.device).float()).pow(2).sum().item()
+    return err
+
+
+SENSITIVITY_WINDOWS = 32  # calibration windows the layer-output error of each candidate width is measured on
+
+
+def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidden: torch.Tensor,
+                     layer_kwargs: list[dict[str, Any]], cfg: QuantConfig, device: torch.device, batch_size: int,
+                     keep_fp: Callable[[str, nn.Linear], bool] | None, offload_dir: Path | None,
+                     timer: StageTimes) -> Widths:
+    """Mixed precision (:mod:`llmq.mixed`): one pass of the FP model over the calibration windows measuring each
+    group's sensitivity at each of ``cfg.widths``, then the allocation within ``cfg.bits_per_weight``."""
+    stream = allocate_activations(tuple(hidden.shape), hidden.dtype, hidden.device, offload_dir, "sensitivity")
+    stream.copy_(hidden)
+    n = min(SENSITIVITY_WINDOWS, hidden.shape[0])
+    fp_outputs = torch.empty((n, *hidden.shape[1:]), dtype=hidden.dtype, device=hidden.device)
+    units = []
+    for index in tqdm(range(len(get_layers(model, spec))), desc=f"sensitivity x {len(cfg.widths)} widths",
+                      unit="layer"):
+        with timer("load"):
+            layer = source.load_layer(index).to(device)
+        prefix = f"{spec.layers}.{index}."
+        groups = _layer_groups(layer, spec, model.config, index, keep_fp)
+        layer_units = make_units([{prefix + name: (m.out_features, m.in_features) for name, m in g.items()}
+                                  for g in groups], cfg.widths)
+        kwargs = layer_kwargs[index]
+        with timer("propagate"):
+            _propagate(layer, stream[:n], kwargs, batch_size, out=fp_outputs)
+        experts = LayerExperts(layer, spec, model.config, index) if spec.is_sparse(model.config, index) else None
+        # the probes' statistics come from the same first windows as the error: a proxy, at a quarter of the cost
+        job = LayerJob(index, prefix, groups, cfg, functools.partial(_observe, layer, stream[:n], kwargs, batch_size),
+                       layer=layer, kwargs=kwargs, batch_size=batch_size, timer=timer, windows=n,
+                       seqlen=stream.shape[1], experts=experts, inputs=stream[:n])
+        with timer("sensitivity"):
+            errors = layer_sensitivity(job, [tuple(u.costs) for u in layer_units],
+                                       functools.partial(_output_error, layer, stream[:n], kwargs, batch_size,
+                                                         fp_outputs))
+        for unit, err in zip(layer_units, errors, strict=True):
+            unit.errors = err
+        units += layer_units
+        with timer("propagate"):
+            _propagate(layer, stream, kwargs, batch_size)
+        source.release_layer(index, layer)
+        del job, experts, layer
+    choice = allocate(units, check_budget(units, cfg))
+    log.info("mixed precision within %.3f bits per weight:\n%s", cfg.bits_per_weight,
+             format_allocation(units, choice))
+    if offload_dir is not None:
+        (offload_dir / "sensitivity.bin").unlink(missing_ok=True)
+    return {name: width for unit, width in zip(units, choice, strict=True) for name in unit.linears}
+
+
+def noted_widths(notes: dict[str, Any] | None) -> Widths:
+    """The widths a mixed-precision run noted (``widths/<linear>``), e.g. in its resume state."""
+    return {key.removeprefix("widths/"): Width(v["bits"], v["group_size"]) for key, v in (notes or {}).items()
+            if key.startswith("widths/")}
+
+
 @exact_float32()  # Hessians and solves in full float32 on CUDA too (TF32 off), as the reference GPTQ code
 def quantize_layers(
     model: nn.Module,
@@ -246,6 +327,7 @@ def quantize_layers(
     timer: StageTimes | None = None,
     notes: dict[str, Any] | None = None,
     spec: ArchSpec | None = None,
+    widths: Widths | None = None,
 ) -> LayerResults:
     """Quantize every decoder layer's linears with ``cfg.method``; returns all quantized weights.
 
@@ -267,6 +349,10 @@ def quantize_layers(
 
     A mixture of experts' fused experts are split into linears first (:func:`llmq.arch.experts.split_experts`);
     ``notes`` collects what the methods note for the metadata (each expert's tokens and policy).
+
+    Mixed precision: ``widths`` gives linears (by full name) another width than ``cfg``'s; with
+    ``cfg.bits_per_weight`` and none given (nor noted in ``notes`` by the run being resumed), a first pass
+    chooses them (:mod:`llmq.mixed`). They are noted as ``widths/<linear>``.
     """
     spec = spec or resolve_arch(model)
     split_experts(model, spec)
@@ -283,9 +369,18 @@ def quantize_layers(
             activations["teacher"] = allocate_activations(tuple(hidden.shape), hidden.dtype, hidden.device,
                                                           offload_dir, "teacher")
             activations["teacher"].copy_(hidden)
-        if start:
-            resume_hidden(activations)
         source.after_capture(model)
+    widths = widths or noted_widths(notes)
+    if cfg.bits_per_weight is not None and not widths:
+        if start:
+            raise RuntimeError("a mixed-precision run resumed without the widths it chose: its state is damaged")
+        widths = _allocate_widths(model, spec, source, hidden, layer_kwargs, cfg, device, batch_size, keep_fp,
+                                  offload_dir, timer)
+    if notes is not None:
+        notes.update({f"widths/{name}": {"bits": w.bits, "group_size": w.group_size, "sym": w.sym}
+                      for name, w in sorted(widths.items())})
+    if start:
+        resume_hidden(activations)
     log.info("captured %d calibration windows of %d tokens for %d layers", *hidden.shape[:2], n_layers)
     fp_outputs = None
     if cfg.next_inputs == "fp":
@@ -297,13 +392,7 @@ def quantize_layers(
         with timer("load"):
             layer = source.load_layer(index).to(device)
         prefix = f"{spec.layers}.{index}."
-        linears = layer_linears(layer, spec, model.config, index)
-        for name, module in linears.items():
-            check_finite(prefix + name, module.weight)
-        if keep_fp is not None:
-            linears = {name: m for name, m in linears.items() if not keep_fp(prefix + name, m)}
-        groups = tuple(g for g in ({n: linears[n] for n in group if n in linears}
-                                   for group in spec.groups(model.config, index)) if g)
+        groups = _layer_groups(layer, spec, model.config, index, keep_fp)
 
         kwargs = layer_kwargs[index]
         observe = functools.partial(_observe, layer, hidden, kwargs, batch_size)
@@ -320,7 +409,9 @@ def quantize_layers(
         job = LayerJob(index, prefix, groups, cfg, observe, layer=layer, kwargs=kwargs,
                        scale_groups=spec.layer_scale_groups(model.config, index), batch_size=batch_size,
                        record=record, awq_state=awq_state, timer=timer, windows=hidden.shape[0],
-                       seqlen=hidden.shape[1], experts=experts, note=note, inputs=hidden, targets=teacher)
+                       seqlen=hidden.shape[1], experts=experts, note=note, inputs=hidden, targets=teacher,
+                       widths={name: cfg.at(widths[prefix + name]) for g in groups for name in g
+                               if prefix + name in widths})
         results = method(job)
         with timer("propagate"):
             if fp_outputs is not None:

@@ -71,9 +71,11 @@ def test_a_block_tuned_checkpoint_reloads_to_the_in_memory_model(tiny_llama, tmp
     with torch.no_grad():
         want, got = model(evals[:4]).logits, loaded(evals[:4]).logits
     assert torch.allclose(got, want, atol=2e-2, rtol=1e-3), (got - want).abs().max()
-    for name, m in loaded.named_modules():
-        if isinstance(m, QuantLinear):
-            assert torch.equal(m.dequantized_weight(torch.float32), results[name].dequantize()), name
+    pure = {n: m for n, m in llmq.from_pretrained(str(tmp_path / "q"), torch_dtype=torch.float32,
+                                                  kernel="pure").named_modules() if isinstance(m, QuantLinear)}
+    assert sorted(pure) == sorted(results)
+    for name, m in pure.items():
+        assert torch.equal(m.dequantized_weight(torch.float32), results[name].dequantize()), name
 
 
 @pytest.mark.parametrize("method", [dict(method="gptq", act_order=True), dict(method="tune", tune_iters=10)],

@@ -47,8 +47,8 @@ def small(tmp_path_factory):
 
 @pytest.mark.parametrize("kw", [dict(method="gptq", act_order=True), dict(method="rtn", bits=3),
                                 dict(method="awq", format="awq"), dict(method="gptq", next_inputs="fp"),
-                                dict(method="tune", bits=3, tune_iters=10)],
-                         ids=["gptq-act-order", "rtn-w3", "awq", "gptq-fp-inputs", "tune"])
+                                dict(method="tune", bits=3, tune_iters=10), dict(method="gptq", bits_per_weight=3.6)],
+                         ids=["gptq-act-order", "rtn-w3", "awq", "gptq-fp-inputs", "tune", "mixed"])
 def test_streaming_writes_the_bytes_of_the_in_memory_reference(small, tmp_path, kw):
     # the reference loads the whole model and packs it at the end; a tiny shard size makes both cut shards
     r_mem, r_stream = (recipe(small, tmp_path / name, max_shard_size="40KB", **kw) for name in ("mem", "stream"))
@@ -231,7 +231,8 @@ def cli_quantize(r: Recipe) -> list[str]:
     return ["quantize", r.model, "--method", r.quant.method, "--bits", str(r.quant.bits), "--group-size",
             str(r.quant.group_size), "--calib", r.calib.calib, "--nsamples", str(r.calib.nsamples), "--seqlen",
             str(r.calib.seqlen), "--max-shard-size", r.max_shard_size, "--out", r.out, "--tune-iters",
-            str(r.quant.tune_iters)]
+            str(r.quant.tune_iters)] + (["--bits-per-weight", str(r.quant.bits_per_weight)]
+                                        if r.quant.bits_per_weight is not None else [])
 
 
 def killed_at(point: str, r: Recipe) -> None:
@@ -280,6 +281,18 @@ def test_a_tune_run_killed_between_layers_resumes_both_activation_streams(small,
     losses = qc["meta"]["llmq"]["tune_loss"]
     assert sorted(losses) == [f"model.layers.{i}" for i in range(3)]  # the first layer's, noted before the kill
     assert all(v["after"] <= v["before"] for v in losses.values())
+
+
+def test_a_mixed_precision_run_killed_between_layers_resumes_with_the_widths_it_chose(small, tmp_path):
+    """The allocation is part of the resume state: a resumed run skips the sensitivity pass and keeps the widths."""
+    reference = recipe(small, tmp_path / "ref", bits_per_weight=3.6)
+    quantize_to_disk(reference)
+    r = recipe(small, tmp_path / "q", bits_per_weight=3.6)
+    killed_at("layer.committed@1", r)
+    notes = json.loads((tmp_path / ".q.partial" / "progress.json").read_text())["notes"]
+    assert len({json.dumps(v) for k, v in notes.items() if k.startswith("widths/")}) > 1
+    quantize_to_disk(r)
+    assert files(tmp_path / "q") == files(tmp_path / "ref")
 
 
 def test_a_run_killed_while_writing_its_final_files_starts_again(small, tmp_path, monkeypatch):

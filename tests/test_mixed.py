@@ -1,0 +1,157 @@
+"""Mixed precision to a bits-per-weight budget (issue 14): allocation, dynamic rules, mixed checkpoints."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from helpers import shared_path
+from transformers import AutoModelForCausalLM
+
+import llmq
+from llmq.api import plan, quantize, quantize_to_disk
+from llmq.cli import main as cli_main
+from llmq.config import QuantConfig, Recipe, Width
+from llmq.dynamic import module_settings, override_rule, skip_rule
+from llmq.errors import ConfigError
+from llmq.info import checkpoint_info
+from llmq.mixed import Unit, allocate, check_budget, make_units
+from llmq.pack import gptq_storage_bits
+from llmq.qlinear import QuantLinear
+
+WIDTHS = (Width(2, 128), Width(3, 128), Width(4, 128), Width(8, 128))
+
+
+def synthetic_units(seed: int, n: int = 6) -> list[Unit]:
+    """Units of random shapes whose error falls with the bits, by a random sensitivity each."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [{f"l{i}": (int(128 * torch.randint(1, 4, (1,), generator=g)), 256)} for i in range(n)]
+    units = make_units(shapes, WIDTHS)
+    for unit in units:
+        s = float(torch.rand(1, generator=g)) * 10
+        unit.errors = {w: s * 4.0 ** -w.bits * (1 + 0.3 * float(torch.rand(1, generator=g))) for w in unit.costs}
+    return units
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_allocation_stays_within_budget_and_is_near_the_exhaustive_optimum(seed):
+    units = synthetic_units(seed)
+    weights = sum(u.weights for u in units)
+    for bpw in (2.5, 3.2, 3.9, 5.0):
+        budget = bpw * weights
+        choice = allocate(units, budget)
+        cost = sum(u.costs[w] for u, w in zip(units, choice, strict=True))
+        err = sum(u.errors[w] for u, w in zip(units, choice, strict=True))
+        assert cost <= budget
+        feasible = [sum(u.errors[w] for u, w in zip(units, c, strict=True))
+                    for c in itertools.product(WIDTHS, repeat=len(units))
+                    if sum(u.costs[w] for u, w in zip(units, c, strict=True)) <= budget]
+        best = min(feasible)
+        for w in WIDTHS:  # never worse than a uniform width that fits
+            if sum(u.costs[w] for u in units) <= budget:
+                assert err <= sum(u.errors[w] for u in units) + 1e-12
+        assert err <= 1.25 * best, (err, best)  # the greedy hull walk is within a quarter of the optimum here
+        assert choice == allocate(units, budget)  # deterministic
+
+
+def test_the_storage_count_is_the_one_llmq_info_reports():
+    # qweight 3 bits, qzeros 3 bits and fp16 scales per group and output, int32 g_idx per input
+    assert gptq_storage_bits(256, 128, 3, 64) == 256 * 128 * 3 + 4 * 128 * 19 + 32 * 256
+    assert gptq_storage_bits(256, 128, 4, -1) == 256 * 128 * 4 + 128 * 20 + 32 * 256
+
+
+def test_a_budget_no_width_can_meet_is_refused_with_the_least_it_allows():
+    units = make_units([{"a": (128, 256)}], WIDTHS)
+    with pytest.raises(ConfigError, match=r"below what the narrowest .* \(2\.391 bits"):
+        check_budget(units, QuantConfig(bits_per_weight=2.1, mixed_widths=tuple(map(str, WIDTHS))))
+    with pytest.raises(ConfigError, match="not a multiple of any candidate group size"):
+        check_budget(make_units([{"b": (128, 96)}], WIDTHS), QuantConfig(bits_per_weight=3.0))
+
+
+def test_widths_parse_and_bad_ones_name_the_form():
+    assert QuantConfig(group_size=64, bits_per_weight=3.3).mixed_widths == ("2g64", "3g64", "4g64", "8g64")
+    assert QuantConfig(bits_per_weight=3.3, mixed_widths="3g128, 4g-1").widths == (Width(3, 128), Width(4, -1))
+    for bad in ("3x128", "5g128", "3g0"):
+        with pytest.raises(ConfigError, match="width"):
+            QuantConfig(bits_per_weight=3.3, mixed_widths=(bad,))
+    with pytest.raises(ConfigError, match="must be in"):
+        QuantConfig(bits_per_weight=0.5)
+
+
+def test_dynamic_rules_follow_the_first_match_as_vllm_reads_them():
+    qc = {"bits": 3, "group_size": 128, "sym": False, "desc_act": False,
+          "dynamic": {skip_rule("model.layers.0.mlp.down_proj"): {},
+                      override_rule("model.layers.0.mlp.up_proj"): {"bits": 4, "sym": True},
+                      r"+:^model\.layers\.0\..*": {"bits": 8}}}
+    assert module_settings(qc, "model.layers.0.mlp.down_proj") is None
+    assert module_settings(qc, "model.layers.0.mlp.up_proj") == {"bits": 4, "group_size": 128, "sym": True,
+                                                                 "desc_act": False}
+    assert module_settings(qc, "model.layers.0.mlp.gate_proj")["bits"] == 8
+    assert module_settings(qc, "model.layers.1.mlp.up_proj")["bits"] == 3
+    assert module_settings(qc, "model.layers.0.mlp.up_proj_x")["bits"] == 8  # the exact rule is anchored
+
+
+def tiny_llama_recipe(out, **kw) -> Recipe:
+    return Recipe.from_dict({**dict(model=str(shared_path("assets", "llmq-tiny-llama")), out=str(out), method="gptq",
+                                    calib=str(shared_path("assets", "tinystories-text",
+                                                          "tinystories_sample.cs336.txt")),
+                                    nsamples=8, seqlen=128, group_size=128), **kw})
+
+
+def test_an_impossible_budget_is_refused_before_calibration(tmp_path):
+    with pytest.raises(ConfigError, match="bits_per_weight=2.1 is below"):
+        plan(tiny_llama_recipe(tmp_path / "q", bits_per_weight=2.1))
+    with pytest.raises(ConfigError, match="AWQ GEMM layout holds one width"):
+        plan(tiny_llama_recipe(tmp_path / "q", bits_per_weight=3.5, format="awq", method="awq"))
+
+
+def test_a_mixed_checkpoint_reloads_with_equal_logits_and_info_lists_its_widths(tmp_path, capsys):
+    r = tiny_llama_recipe(tmp_path / "q", bits_per_weight=3.5)
+    run = quantize(r)  # in memory: the model the checkpoint must decode to
+    quantize_to_disk(r)  # streamed, as users run it
+    info = checkpoint_info(r.out)
+    assert info["effective_bits_per_weight"] <= 3.5
+    assert len(info["widths"]) > 1 and sum(w["linears"] for w in info["widths"]) == 6 * 7
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    base = (qc["bits"], qc["group_size"], qc["sym"])
+    for name, w in info["allocation"].items():  # every linear's width, from its dynamic rule or the base
+        settings = module_settings(qc, name)
+        assert (settings["bits"], settings["group_size"], settings["sym"]) == (w["bits"], w["group_size"], w["sym"])
+    assert all(key.startswith("+:^") for key in qc["dynamic"]) and base not in [
+        (v["bits"], v["group_size"], v["sym"]) for v in qc["dynamic"].values()]
+    pure = {name: m for name, m in llmq.from_pretrained(r.out, torch_dtype=torch.float32, kernel="pure")
+            .named_modules() if isinstance(m, QuantLinear)}
+    assert {name: m.bits for name, m in pure.items()} == {name: w["bits"] for name, w in info["allocation"].items()}
+    for name, m in pure.items():
+        assert torch.equal(m.dequantized_weight(torch.float32), run.results[name].dequantize()), name
+    loaded = llmq.from_pretrained(r.out, torch_dtype=torch.float32)  # each linear on the kernel chosen for it
+    x = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        want, got = run.model(x).logits, loaded(x).logits
+    assert torch.allclose(got, want, atol=2e-2, rtol=1e-3), (got - want).abs().max()
+    cli_main(["info", r.out])
+    out = capsys.readouterr().out
+    assert "widths" in out and all(f"{w['bits']}g{w['group_size']}" in out for w in info["widths"])
+
+
+def test_the_fp_model_is_untouched_by_the_sensitivity_pass():
+    """The probes quantize each group and restore it: the allocation pass leaves the FP weights bit for bit."""
+    from llmq.pipeline import quantize_layers
+
+    path = shared_path("assets", "llmq-tiny-llama")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = torch.randint(0, 512, (4, 32))
+    notes: dict = {}
+    cfg = QuantConfig(bits=3, group_size=128, bits_per_weight=3.6)
+
+    def stop_after_allocation(index, layer, results, activations):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_layers(model, calib, cfg, device="cpu", notes=notes, sink=stop_after_allocation)
+    widths = {k: v for k, v in notes.items() if k.startswith("widths/")}
+    assert len(widths) == 6 * 7
+    state = model.state_dict()
+    changed = [k for k in ref if not k.startswith("model.layers.0.") and not torch.equal(ref[k], state[k])]
+    assert changed == []  # layer 0 was quantized by the main pass before the sink stopped it; no other layer
