@@ -162,6 +162,32 @@ def _add_ppl(sub: argparse._SubParsersAction) -> None:
     _add_load_options(p, "bfloat16 for a bf16 checkpoint or one packed from it, else float32")
 
 
+def _add_table(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("table", help="a perplexity table (methods x widths x group sizes, FP row first), resumable, "
+                                     "with table.md, table.csv and plot.png")
+    p.add_argument("model", nargs="?", help="local folder or hub id (or `model:` in --recipe)")
+    p.add_argument("--recipe", help="a table recipe (recipes/tables/*.yaml), or a quantize recipe every cell starts "
+                                    "from")
+    p.add_argument("--methods", help="comma-separated methods, each with optional recipe keys: "
+                                     "rtn,gptq,gptq:act_order=true,awq (default rtn,gptq,awq)")
+    p.add_argument("--bits", help="comma-separated widths (default 4,3)")
+    p.add_argument("--group-sizes", help="comma-separated group sizes, -1 for one per row (default 128)")
+    p.add_argument("--datasets", help="comma-separated: wikitext2, c4 or local files, as llmq ppl "
+                                      "(default wikitext2,c4)")
+    p.add_argument("--seqlen", type=int, help="evaluation window length (default 2048)")
+    p.add_argument("--tasks", help="lm-eval tasks as extra columns (their accuracy)")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--calib", help="calibration set of every cell (default c4)")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    p.add_argument("--calib-seqlen", type=int, help="calibration window length (default 2048)")
+    p.add_argument("--revision", help="hub branch, tag or commit of MODEL")
+    p.add_argument("--device", help="default: cuda when present, else cpu")
+    p.add_argument("--out", required=True, help="folder for results.jsonl, table.md, table.csv, plot.png (a rerun "
+                                                "with the same settings skips finished cells)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's packed checkpoint in "
+                                                                   "OUT/checkpoints/")
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline end-to-end demo on a small LLaMA trained on the spot")
     p.add_argument("--out", default="llmq-demo", help="working folder (default ./llmq-demo)")
@@ -205,6 +231,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = run_lm_eval(model, tokenizer, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
                       num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size, device=str(device))
     print(json.dumps(out["results"], default=str))
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from .table import TableSpec, run_table
+
+    raw: dict = {}
+    if args.recipe:
+        spec_file = yaml.safe_load(Path(args.recipe).read_text()) or {}
+        if not isinstance(spec_file, dict):
+            raise LlmqError(f"recipe {args.recipe} must be a YAML mapping")
+        if "methods" in spec_file or "quantize" in spec_file:
+            raw = spec_file  # a table recipe (TABLE_KEYS)
+        else:  # a quantize recipe: the cells' base
+            raw = {"model": spec_file.pop("model", None), "quantize": spec_file}
+    base = dict(raw.get("quantize") or {})
+    base.update({k: v for k, v in (("calib", args.calib), ("nsamples", args.nsamples), ("seqlen", args.calib_seqlen))
+                 if v is not None})
+    raw.update({k: v for k, v in (("model", args.model), ("methods", args.methods), ("bits", args.bits),
+                                  ("group_sizes", args.group_sizes), ("datasets", args.datasets),
+                                  ("seqlen", args.seqlen), ("tasks", args.tasks), ("revision", args.revision))
+                if v is not None})
+    raw["quantize"] = base
+    if raw.get("model") is None:
+        raise LlmqError("no model: give MODEL or `model:` in --recipe")
+    records = run_table(TableSpec.from_dict(raw), args.out, keep_checkpoints=args.keep_checkpoints,
+                        device=args.device, include_path=args.include_path)
+    print(Path(args.out, "table.md").read_text(), end="")
+    print(f"{len(records)} cells; wrote {', '.join(p.name for p in sorted(Path(args.out).glob('table.*')))}"
+          + (", plot.png" if Path(args.out, "plot.png").is_file() else ""))
     return 0
 
 
@@ -275,11 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_info(sub)
     _add_demo(sub)
+    _add_table(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info,
-                "demo": cmd_demo}
+                "demo": cmd_demo, "table": cmd_table}
     try:
         return commands[args.command](args)
     except LlmqError as e:
