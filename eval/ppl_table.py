@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,7 +26,9 @@ from llmq.config import QuantConfig, Width
 from llmq.data import calibration_windows, eval_windows
 from llmq.eval import perplexity
 from llmq.mixed import make_units, widths_table
+from llmq.pack import gptq_storage_bits
 from llmq.pipeline import noted_widths, quantize_layers
+from llmq.table import Cell, run_cells
 
 SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 # The tables follow the papers' protocol: asymmetric groups, whatever llmq's per-width default.
@@ -45,21 +48,33 @@ RUNS = {
 }
 
 
-def _ppl(path: Path, calib, cfg: QuantConfig | None, evals: dict) -> dict[str, float]:
+def _ppl(path: Path, calib, cfg: QuantConfig | None, evals: dict) -> dict[str, Any]:
+    """One cell, in memory: every linear fake-quantized (packable or not), then each evaluation's perplexity."""
     model = AutoModelForCausalLM.from_pretrained(path).eval()
+    bits, weights = 16.0, 1
     if cfg is not None:
-        quantize_layers(model, calib, cfg, device="cpu")
-    return {name: perplexity(model, w, batch_size=8, progress=False)["ppl"] for name, w in evals.items()}
+        results = quantize_layers(model, calib, cfg, device="cpu")
+        bits = sum(gptq_storage_bits(qw.codes.shape[1], qw.codes.shape[0], qw.bits, qw.group_size)
+                   for qw in results.values())
+        weights = sum(qw.codes.numel() for qw in results.values())
+    return {"bits_per_weight": bits / weights,
+            "metrics": {name: perplexity(model, w, batch_size=8, progress=False)["ppl"] for name, w in evals.items()}}
 
 
 def _table(path: Path, calib, evals: dict, group_size: int, rows: dict[int, list[str]]) -> dict[str, dict]:
-    """``{"FP": {eval: ppl}, "W3 GPTQ": {eval: ppl}, ...}`` for the ``rows`` (bits -> run names)."""
-    out = {"FP": _ppl(path, calib, None, evals)}
-    for bits, names in rows.items():
-        for name in names:
-            cfg = QuantConfig(bits=bits, group_size=group_size, **{"sym": False, **RUNS[name]})
-            out[f"W{bits} {name}"] = _ppl(path, calib, cfg, evals)
-    return out
+    """``{"FP": {eval: ppl}, "W3 GPTQ": {eval: ppl}, ...}`` for the ``rows`` (bits -> run names): the cells of
+    ``llmq table`` (:func:`llmq.table.run_cells`), each measured in memory."""
+    names = {Cell(): "FP"}
+    for bits, runs in rows.items():
+        for name in runs:
+            keys = {"sym": False, **RUNS[name]}
+            names[Cell(keys.pop("method", "gptq"), bits, group_size, tuple(sorted(keys.items())))] = f"W{bits} {name}"
+
+    def measure(cell: Cell) -> dict[str, Any]:
+        return _ppl(path, calib, None if cell.is_fp else QuantConfig(**cell.recipe_keys()), evals)
+
+    records = run_cells(list(names), measure, settings={"model": str(path)}, desc=path.name)
+    return {names[cell]: r["metrics"] for cell, r in zip(names, records, strict=True)}
 
 
 def stories260k(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) -> dict[str, dict]:

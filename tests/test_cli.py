@@ -9,13 +9,16 @@ from helpers import shared_path
 
 from llmq.cli import main
 from llmq.config import Recipe
+from llmq.export import check_format
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(path):
+    """Every quantize recipe in recipes/ (issue 15): known keys, a method, a format that holds its widths."""
     recipe = Recipe.from_yaml(path)
+    check_format(recipe.format, recipe.quant)
     assert recipe.out and recipe.quant.bits in (3, 4)
 
 

@@ -13,9 +13,7 @@ import pytest
 from helpers import shared_path
 
 from llmq.cli import main as cli_main
-from llmq.config import Recipe
 from llmq.errors import ConfigError
-from llmq.export import check_format
 from llmq.table import PLOT_DPI, PLOT_INCHES, Cell, TableSpec, grid, markdown, parse_methods, plot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,13 +106,6 @@ def test_without_matplotlib_the_table_is_written_and_the_plot_skipped(monkeypatc
         assert plot(rows, tmp_path / "plot.png") is False
     assert "pip install 'llmq[plot]'" in caplog.text and not (tmp_path / "plot.png").exists()
     assert "| FP | 5.470 | 16.000 |" in markdown(rows)
-
-
-@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_quantize_recipe_validates(path):
-    recipe = Recipe.from_yaml(path)
-    check_format(recipe.format, recipe.quant)
-    assert recipe.model and recipe.out
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "tables").glob("*.yaml")), ids=lambda p: p.name)
