@@ -1,14 +1,14 @@
 """``llmq demo``: the whole job offline on an embedded default.
 
 Trains (once, then cached in the working folder) a small LLaMA on text the code generates, then
-for RTN and GPTQ at W4 g128 and W3 g128: quantize -> pack -> load the packed checkpoint ->
-evaluate, and prints the held-out perplexity table with each checkpoint's size.
+for RTN, GPTQ and GPTQ act-order at W4, W3 and W2 g128: quantize -> pack -> load the packed checkpoint ->
+evaluate, and prints the held-out perplexity table with each checkpoint's bits per weight (``llmq table``'s
+cells and outputs, the plot included).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -22,18 +22,16 @@ from .export import save_packed
 from .info import checkpoint_info
 from .loader import from_pretrained
 from .pipeline import quantize_layers
+from .table import Cell, grid, markdown, run_cells, write_outputs
 
-log = logging.getLogger(__name__)
-
-DEMO_RUNS = (
-    ("RTN", dict(method="rtn")),
-    ("GPTQ", dict(method="gptq")),
-    ("GPTQ act-order", dict(method="gptq", act_order=True)),
-)
+DEMO_METHODS = "rtn,gptq,gptq:act_order=true"
+DEMO_BITS = "4,3,2"
+EVAL = "held-out stories"
 
 
 def run_demo(out: str | Path, train_seconds: float = 60.0, seed: int = 0) -> dict[str, float]:
-    """Returns ``{row label: held-out perplexity}`` and prints the table."""
+    """Returns ``{cell name: held-out perplexity}``, prints the table and writes ``table.md``, ``table.csv`` and
+    ``plot.png`` (llmq table's outputs) beside the checkpoints."""
     out = Path(out)
     model_dir = out / "model"
     if not (model_dir / "config.json").is_file():
@@ -45,25 +43,24 @@ def run_demo(out: str | Path, train_seconds: float = 60.0, seed: int = 0) -> dic
                                 per_document=False)
     evals = eval_windows([texts["evaluation"]], tokenizer, 128)
 
-    def load() -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(model_dir).eval()
-
-    rows = [("FP32", perplexity(load(), evals, batch_size=8, progress=False)["ppl"], "")]
-    for bits in (4, 3):
-        for label, kw in DEMO_RUNS:
-            cfg = QuantConfig(bits=bits, group_size=128, **kw)
-            model = load()
+    def measure(cell: Cell) -> dict:
+        """Quantize -> pack -> load the packed checkpoint -> evaluate (the FP row: the model itself)."""
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        bits = 16.0
+        if not cell.is_fp:
+            cfg = QuantConfig(**cell.recipe_keys())
             results = quantize_layers(model, calib, cfg, device="cpu")
-            ckpt = out / f"w{bits}-g128-{label.lower().replace(' ', '-')}"
+            ckpt = out / cell.slug
             save_packed(model, tokenizer, results, ckpt, cfg, overwrite=True)
-            packed = from_pretrained(str(ckpt), torch_dtype=torch.float32)
-            info = checkpoint_info(ckpt)
-            size = f"{info['effective_bits_per_weight']:.2f} bits/weight, {info['size_vs_fp16']:.0%} of FP16"
-            rows.append((f"W{bits} g128 {label}", perplexity(packed, evals, batch_size=8, progress=False)["ppl"], size))
-    width = max(len(label) for label, _, _ in rows)
+            model = from_pretrained(str(ckpt), torch_dtype=torch.float32)
+            bits = checkpoint_info(ckpt)["effective_bits_per_weight"]
+        ppl = perplexity(model, evals, batch_size=8, progress=False)["ppl"]
+        return {"bits_per_weight": bits, "metrics": {EVAL: ppl}}
+
+    records = run_cells(grid(DEMO_METHODS, DEMO_BITS, "128"), measure, settings={"seed": seed}, desc="demo")
+    write_outputs(records, out, title="llmq demo: a LLaMA trained on synthetic stories")
     print(f"\nheld-out perplexity of the demo LLaMA, packed checkpoints reloaded "
-          f"({evals.shape[0]} windows of {evals.shape[1]} tokens)")
-    for label, ppl, size in rows:
-        print(f"  {label:<{width}}  {ppl:8.4f}  {size}")
-    print(f"checkpoints in {out}")
-    return {label: ppl for label, ppl, _ in rows}
+          f"({evals.shape[0]} windows of {evals.shape[1]} tokens)\n")
+    print(markdown(records))
+    print(f"\ncheckpoints, table.md, table.csv and plot.png in {out}")
+    return {r["name"]: r["metrics"][EVAL] for r in records}

@@ -54,12 +54,20 @@ def test_bad_command_lines_exit_2_with_the_reason(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_demo_runs_offline_and_gptq_helps(tmp_path, capsys):
+def test_demo_runs_offline_and_shows_what_quantization_costs(tmp_path, capsys):
+    """Issue 15: on the demo's own model GPTQ beats RTN at W3 and W2, and at W2 RTN loses at least 5% and GPTQ
+    keeps less than half of that; the table and plot come from llmq table's code. (W3 RTN loses 1-4% on this
+    model, short of the issue's 5%: see the README.)"""
     from llmq.demo import run_demo
 
     table = run_demo(tmp_path, train_seconds=20)
     out = capsys.readouterr().out
-    assert "W3 g128 GPTQ act-order" in out and "bits/weight" in out
-    assert set(table) == {"FP32"} | {f"W{b} g128 {m}" for b in (4, 3) for m in ("RTN", "GPTQ", "GPTQ act-order")}
-    assert table["FP32"] < table["W3 g128 RTN"]
-    assert table["W3 g128 GPTQ"] < table["W3 g128 RTN"]
+    assert "W3 g128 GPTQ act_order=true" in out and "bits per weight" in out
+    assert set(table) == {"FP"} | {f"W{b} g128 {m}" for b in (4, 3, 2) for m in ("RTN", "GPTQ",
+                                                                               "GPTQ act_order=true")}
+    fp = table["FP"]
+    assert fp < table["W3 g128 GPTQ"] < table["W3 g128 RTN"]
+    rtn, gptq = table["W2 g128 RTN"], table["W2 g128 GPTQ"]
+    assert fp < gptq < rtn and rtn >= 1.05 * fp
+    assert gptq - fp < 0.5 * (rtn - fp)
+    assert (tmp_path / "table.md").is_file() and (tmp_path / "plot.png").is_file()

@@ -95,7 +95,7 @@ def tiny_llama_recipe(out, **kw) -> Recipe:
     return Recipe.from_dict({**dict(model=str(shared_path("assets", "llmq-tiny-llama")), out=str(out), method="gptq",
                                     calib=str(shared_path("assets", "tinystories-text",
                                                           "tinystories_sample.cs336.txt")),
-                                    nsamples=8, seqlen=128, group_size=128), **kw})
+                                    nsamples=4, seqlen=64, group_size=128), **kw})
 
 
 def test_an_impossible_budget_is_refused_before_calibration(tmp_path):
@@ -143,7 +143,7 @@ def test_the_fp_model_is_untouched_by_the_sensitivity_pass():
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     calib = torch.randint(0, 512, (4, 32))
     notes: dict = {}
-    cfg = QuantConfig(bits=3, group_size=128, bits_per_weight=3.6)
+    cfg = QuantConfig(bits=3, group_size=128, bits_per_weight=3.6, mixed_widths=("3g128", "4g128"))
 
     def stop_after_allocation(index, layer, results, activations):
         raise KeyboardInterrupt
