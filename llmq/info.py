@@ -142,9 +142,9 @@ def checkpoint_info(folder: str | Path) -> dict[str, Any]:
                 else:  # [in * bits / 32, out]
                     settings = module_settings(qc, module) or qc
                     linears[module] = (shape[1], shape[0] * 32 // settings["bits"])
-                    widths[(settings["bits"], settings["group_size"], settings["sym"])] += linears[module][0] * \
-                        linears[module][1]
-                    width_linears[(settings["bits"], settings["group_size"], settings["sym"])] += 1
+                    width = (settings["bits"], settings["group_size"], settings["sym"])
+                    widths[width] += linears[module][0] * linears[module][1]
+                    width_linears[width] += 1
                 weights = linears[module][0] * linears[module][1]
                 quant_weights += weights
                 fp16_bytes += 2 * weights
@@ -166,8 +166,8 @@ def checkpoint_info(folder: str | Path) -> dict[str, Any]:
         "fp16_bytes": fp16_bytes,
         "size_vs_fp16": disk / fp16_bytes if fp16_bytes else None,
         "unquantized": meta.get("unquantized", []),
-        # each width's linears and share of the quantized weights: one entry unless mixed precision
         "allocation": meta.get("widths", {}),  # a mixed-precision run's width of every linear
+        # each width's linears and share of the quantized weights: one entry unless mixed precision
         "widths": [{"bits": b, "group_size": g, "sym": sym, "linears": width_linears[b, g, sym],
                     "share": n / quant_weights} for (b, g, sym), n in sorted(widths.items())],
         "vllm": _vllm_kernel_by_width(qc, {n: s for n, s in linears.items() if ".experts." not in n}),

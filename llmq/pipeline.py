@@ -261,12 +261,12 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
                      layer_kwargs: list[dict[str, Any]], cfg: QuantConfig, device: torch.device, batch_size: int,
                      keep_fp: Callable[[str, nn.Linear], bool] | None, offload_dir: Path | None,
                      timer: StageTimes) -> Widths:
-    """Mixed precision (:mod:`llmq.mixed`): one pass of the FP model over the calibration windows measuring each
+    """Mixed precision (:mod:`llmq.mixed`): one pass of the FP model over the first calibration windows measuring each
     group's sensitivity at each of ``cfg.widths``, then the allocation within ``cfg.bits_per_weight``."""
-    stream = allocate_activations(tuple(hidden.shape), hidden.dtype, hidden.device, offload_dir, "sensitivity")
-    stream.copy_(hidden)
-    n = min(SENSITIVITY_WINDOWS, hidden.shape[0])
-    fp_outputs = torch.empty((n, *hidden.shape[1:]), dtype=hidden.dtype, device=hidden.device)
+    n = min(SENSITIVITY_WINDOWS, hidden.shape[0])  # only these windows are measured: only they are propagated
+    stream = allocate_activations((n, *hidden.shape[1:]), hidden.dtype, hidden.device, offload_dir, "sensitivity")
+    stream.copy_(hidden[:n])
+    fp_outputs = torch.empty_like(stream)
     units = []
     for index in tqdm(range(len(get_layers(model, spec))), desc=f"sensitivity x {len(cfg.widths)} widths",
                       unit="layer"):
@@ -278,15 +278,15 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
                                   for g in groups], cfg.widths)
         kwargs = layer_kwargs[index]
         with timer("propagate"):
-            _propagate(layer, stream[:n], kwargs, batch_size, out=fp_outputs)
+            _propagate(layer, stream, kwargs, batch_size, out=fp_outputs)
         experts = LayerExperts(layer, spec, model.config, index) if spec.is_sparse(model.config, index) else None
         # the probes' statistics come from the same first windows as the error: a proxy, at a quarter of the cost
-        job = LayerJob(index, prefix, groups, cfg, functools.partial(_observe, layer, stream[:n], kwargs, batch_size),
+        job = LayerJob(index, prefix, groups, cfg, functools.partial(_observe, layer, stream, kwargs, batch_size),
                        layer=layer, kwargs=kwargs, batch_size=batch_size, timer=timer, windows=n,
-                       seqlen=stream.shape[1], experts=experts, inputs=stream[:n])
+                       seqlen=stream.shape[1], experts=experts, inputs=stream)
         with timer("sensitivity"):
             errors = layer_sensitivity(job, [tuple(u.costs) for u in layer_units],
-                                       functools.partial(_output_error, layer, stream[:n], kwargs, batch_size,
+                                       functools.partial(_output_error, layer, stream, kwargs, batch_size,
                                                          fp_outputs))
         for unit, err in zip(layer_units, errors, strict=True):
             unit.errors = err
