@@ -35,6 +35,7 @@ SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[
 RUNS = {
     "RTN": dict(method="rtn"),
     "GPTQ": {},
+    "GPTQ full range search": dict(range_search="full"),  # issue 16: the reference search, all 80 shrink factors
     "GPTQ act-order": dict(act_order=True),
     "GPTQ min-max": dict(mse=False),
     "GPTQ act-order min-max": dict(act_order=True, mse=False),
@@ -61,9 +62,12 @@ def _ppl(path: Path, calib, cfg: QuantConfig | None, evals: dict) -> dict[str, A
             "metrics": {name: perplexity(model, w, batch_size=8, progress=False)["ppl"] for name, w in evals.items()}}
 
 
-def _table(path: Path, calib, evals: dict, group_size: int, rows: dict[int, list[str]]) -> dict[str, dict]:
+def _table(path: Path, calib, evals: dict, group_size: int, rows: dict[int, list[str]],
+           only: dict[str, set[str]] | None = None) -> dict[str, dict]:
     """``{"FP": {eval: ppl}, "W3 GPTQ": {eval: ppl}, ...}`` for the ``rows`` (bits -> run names): the cells of
-    ``llmq table`` (:func:`llmq.table.run_cells`), each measured in memory."""
+    ``llmq table`` (:func:`llmq.table.run_cells`), each measured in memory. ``only`` limits an evaluation to
+    some rows (``{"WikiText-2": {"FP", "W3 GPTQ"}}``); the others leave that column out."""
+    only = only or {}
     names = {Cell(): "FP"}
     for bits, runs in rows.items():
         for name in runs:
@@ -71,7 +75,8 @@ def _table(path: Path, calib, evals: dict, group_size: int, rows: dict[int, list
             names[Cell(keys.pop("method", "gptq"), bits, group_size, tuple(sorted(keys.items())))] = f"W{bits} {name}"
 
     def measure(cell: Cell) -> dict[str, Any]:
-        return _ppl(path, calib, None if cell.is_fp else QuantConfig(**cell.recipe_keys()), evals)
+        row_evals = {n: w for n, w in evals.items() if n not in only or names[cell] in only[n]}
+        return _ppl(path, calib, None if cell.is_fp else QuantConfig(**cell.recipe_keys()), row_evals)
 
     records = run_cells(list(names), measure, settings={"model": str(path)}, desc=path.name)
     return {names[cell]: r["metrics"] for cell, r in zip(names, records, strict=True)}
@@ -101,9 +106,10 @@ def _c4_data(path: Path, shared: Path, datasets: tuple[str, ...]):
     return calib, {name: sources[name]() for name in datasets}
 
 
-def _c4_protocol(path: Path, shared: Path, rows: dict[int, list[str]], datasets: tuple[str, ...]) -> dict[str, dict]:
+def _c4_protocol(path: Path, shared: Path, rows: dict[int, list[str]], datasets: tuple[str, ...],
+                 only: dict[str, set[str]] | None = None) -> dict[str, dict]:
     calib, evals = _c4_data(path, shared, datasets)
-    return _table(path, calib, evals, 128, rows)
+    return _table(path, calib, evals, 128, rows, only)
 
 
 def tiny_llama_mixed(shared: Path = SHARED, datasets: tuple[str, ...] = ("C4 900-999",),
@@ -149,10 +155,11 @@ def tiny_llama_mixed(shared: Path = SHARED, datasets: tuple[str, ...] = ("C4 900
     return out, {name: str(w) for name, w in chosen.items()}
 
 
-def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None) -> dict[str, dict]:
+def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None,
+               only: dict[str, set[str]] | None = None) -> dict[str, dict]:
     return _c4_protocol(shared / "assets" / "llmq-tiny-llama", shared,
                         rows or {4: ["RTN", "GPTQ", "Tune"], 3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ", "Tune"]},
-                        ("WikiText-2", "C4 900-999"))
+                        ("WikiText-2", "C4 900-999"), only)
 
 
 def tiny_moe(shared: Path = SHARED, rows: dict[int, list[str]] | None = None,
@@ -164,9 +171,10 @@ def tiny_moe(shared: Path = SHARED, rows: dict[int, list[str]] | None = None,
 
 
 def markdown(title: str, table: dict[str, dict]) -> str:
-    evals = list(next(iter(table.values())))
+    evals = list(dict.fromkeys(e for v in table.values() for e in v))  # every column, in first-seen order
     lines = [f"**{title}**", "", "| | " + " | ".join(evals) + " |", "|---" * (len(evals) + 1) + "|"]
-    lines += [f"| {row} | " + " | ".join(f"{v[e]:.3f}" for e in evals) + " |" for row, v in table.items()]
+    lines += [f"| {row} | " + " | ".join(f"{v[e]:.3f}" if e in v else "" for e in evals) + " |"
+              for row, v in table.items()]
     return "\n".join(lines)
 
 

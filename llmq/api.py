@@ -28,6 +28,7 @@ from .checkpoint import SpoolWriter, check_output_free, half_dtype, parse_size, 
 from .config import Recipe
 from .data import get_calibration
 from .device import activation_budget, compute_dtype, resolve_device
+from .distributed import SINGLE, Ranks, check_distributed, rank_device, ranks_from_env
 from .errors import CheckpointError, ConfigError
 from .export import PackedWriter, check_format, check_layout, save_packed, write_metadata
 from .killpoints import kill_point
@@ -217,10 +218,11 @@ def _settings(recipe: Recipe, calib: torch.Tensor, ckpt: ShardedCheckpoint) -> s
     return h.hexdigest()
 
 
-def _environment(device: torch.device, dtype: torch.dtype, batch_size: int) -> dict[str, Any]:
-    """What else changes the bytes: a partial run made elsewhere is not resumed but started afresh."""
+def _environment(device: torch.device, dtype: torch.dtype, batch_size: int, ranks: Ranks) -> dict[str, Any]:
+    """What else changes the bytes: a partial run made elsewhere is not resumed but started afresh (the number of
+    ranks too: it changes the order in which the Hessians are summed)."""
     return {"llmq": __version__, "torch": torch.__version__, "device": device.type, "dtype": str(dtype),
-            "batch_size": batch_size}
+            "batch_size": batch_size, "ranks": ranks.world}
 
 
 def _state_files(state: dict[str, Any]) -> list[str]:
@@ -230,7 +232,7 @@ def _state_files(state: dict[str, Any]) -> list[str]:
 
 def _scratch(path: Path) -> bool:
     """Files of the work folder that are not part of the output."""
-    return path.name.startswith("hidden-") or path.name == "activations"
+    return path.name.startswith(("hidden-", "activations"))
 
 
 def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activations: str | Path | None = None,
@@ -243,31 +245,48 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
     and, after each layer, an atomically committed state; the same command run again after a kill
     at any moment continues from the first unfinished layer and writes the same bytes as an
     uninterrupted run.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this; the calibration windows are split across them
+    (:mod:`llmq.distributed`), rank 0 holds the work folder and writes, and the others read the layers and the
+    resume state from the same paths (one machine, or a shared filesystem).
     """
     if not recipe.out:
         raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
     out = Path(recipe.out)
     check_output_free(out, overwrite)
     p = plan(recipe)
+    device = resolve_device(recipe.device)
+    ranks = ranks_from_env(device)
+    check_distributed(recipe.quant, ranks)
+    device = rank_device(device)
     fix_malloc_mmap_threshold()
     ckpt = ShardedCheckpoint(p.folder, disk_namer(p.skeleton, p.spec))
     tokenizer = AutoTokenizer.from_pretrained(p.folder, trust_remote_code=recipe.trust_remote_code)
     calib = _calibration(recipe, tokenizer)
-    device = resolve_device(recipe.device)
     settings = _settings(recipe, calib, ckpt)
+    if not ranks.writes:  # the writing rank's folder and state, read from the same paths
+        shared = ranks.share_json(None)
+        _stream_layers(recipe, p, ckpt, tokenizer, calib, device, Path(shared["folder"]), shared["state"],
+                       offload_activations, batch_size, timer or StageTimes(), ranks, None)
+        ranks.barrier()
+        return out
     with WorkFolder(out) as work:
-        state = work.load(settings, _environment(device, p.dtype, batch_size), overwrite, _state_files)
-        _stream_layers(recipe, p, ckpt, tokenizer, calib, device, work, state, offload_activations, batch_size,
-                       timer or StageTimes())
+        state = work.load(settings, _environment(device, p.dtype, batch_size, ranks), overwrite, _state_files)
+        ranks.share_json({"folder": str(work.path), "state": state})
+        _stream_layers(recipe, p, ckpt, tokenizer, calib, device, work.path, state, offload_activations, batch_size,
+                       timer or StageTimes(), ranks, work)
         work.finish(_scratch)
+    ranks.barrier()
     log.info("wrote %s", out)
     return out
 
 
 def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: Any, calib: torch.Tensor,
-                   device: torch.device, work: WorkFolder, state: dict[str, Any] | None,
-                   offload_activations: str | Path | None, batch_size: int, timer: StageTimes) -> None:
-    model, spec, config, folder = p.skeleton, p.spec, p.config, work.path
+                   device: torch.device, folder: Path, state: dict[str, Any] | None,
+                   offload_activations: str | Path | None, batch_size: int, timer: StageTimes,
+                   ranks: Ranks = SINGLE, work: WorkFolder | None = None) -> None:
+    """The layers of a streaming run; ``work`` is the writing rank's folder (None: a rank that only computes)."""
+    model, spec, config = p.skeleton, p.spec, p.config
     n_layers = len(get_layers(model, spec))
     keys = list(model.state_dict())
     layer_prefix = spec.layers + "."
@@ -277,17 +296,19 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
     tail = [k for k in keys[first:] if not k.startswith(layer_prefix) and k != tied]
 
     out_dtype = half_dtype(p.stored_dtype, spec.fp16_ok)
+    writes = work is not None
     writer = PackedWriter(folder, recipe.format, out_dtype, recipe.quant.bits,
-                          state=state["writer"] if state else None)
+                          state=state["writer"] if state else None) if writes else None
     awq_method = recipe.quant.method in ("awq", "awq+gptq") and not recipe.apply_awq
-    awq_spool = SpoolWriter(folder, "awq.spool", state=state["awq"] if state else None) if awq_method else None
+    awq_spool = (SpoolWriter(folder, "awq.spool", state=state["awq"] if state else None)
+                 if awq_method and writes else None)
     unquantized: list[str] = list(state["unquantized"]) if state else []
     notes: dict[str, Any] = dict(state.get("notes", {})) if state else {}
     start = state["next_layer"] if state else 0
     with timer("load"):
         for name in spec.before:
             materialize(model.get_submodule(name), name + ".", ckpt)
-        if state is None:
+        if state is None and writes:
             for key, tensor in ckpt.load(head).items():
                 writer.add(ckpt.to_disk(key), tensor)
 
@@ -300,21 +321,28 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
         hidden_bytes += awq_search_bytes(recipe.quant, calib.shape[0], calib.shape[1], widest, hidden_size,
                                          p.dtype.itemsize)
     offload_dir = None
+    own = f"-rank{ranks.rank}" if ranks.active else ""  # each rank's windows in files of its own
     if offload_activations is not None:
-        offload_dir = Path(offload_activations) / f"llmq-{work.settings[:16]}"
+        offload_dir = Path(offload_activations) / f"llmq-{_settings(recipe, calib, ckpt)[:16]}{own}"
     elif hidden_bytes > activation_budget(device):
-        offload_dir = folder / "activations"
+        offload_dir = folder / f"activations{own}"
         log.warning("calibration activations (%.1f GB) exceed half the free memory: keeping them in %s",
                     hidden_bytes / 1e9, offload_dir)
+
+    mine = ranks.windows(calib.shape[0])  # the saved activations hold every rank's windows, in order
 
     def resume_hidden(activations: dict[str, torch.Tensor]) -> None:
         with safe_open(str(folder / state["hidden"]), framework="pt") as f:
             for name, buffer in activations.items():
                 saved = f.get_slice(name)
                 for i in range(buffer.shape[0]):
-                    buffer[i] = saved[i : i + 1][0].to(buffer.device)
+                    buffer[i] = saved[mine.start + i : mine.start + i + 1][0].to(buffer.device)
 
     def sink(index: int, layer: nn.Module, results: LayerResults, activations: dict[str, torch.Tensor]) -> None:
+        if ranks.active:
+            activations = {name: ranks.gather_windows(t, calib.shape[0]) for name, t in activations.items()}
+        if not writes:
+            return
         prefix = f"{spec.layers}.{index}."
         for key, tensor in layer.state_dict().items():
             name = prefix + key.removesuffix(".weight")
@@ -342,9 +370,11 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
         quantize_layers(model, calib, recipe.quant, device=device, source=StreamingLayers(model, spec, ckpt),
                         sink=sink, batch_size=batch_size, keep_fp=_keep_fp(recipe), awq_state=awq_state,
                         awq_record=awq_record, start=start, resume_hidden=resume_hidden, offload_dir=offload_dir,
-                        timer=timer, notes=notes, spec=spec)
+                        timer=timer, notes=notes, spec=spec, ranks=ranks)
     if offload_dir is not None:
         shutil.rmtree(offload_dir, ignore_errors=True)
+    if not writes:
+        return
     with timer("write"):
         for key, tensor in ckpt.load(tail).items():
             writer.add(ckpt.to_disk(key), tensor)

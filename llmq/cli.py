@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .config import COMPUTE_DTYPES, METHODS
@@ -44,6 +45,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="with --act-order: fix group parameters up front (natural g_idx)")
     p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
                    help="search each group's clipping range (default: on for gptq, off for rtn)")
+    p.add_argument("--range-search", choices=["coarse_to_fine", "full"],
+                   help="with --mse: every 4th shrink factor then the best's neighbours (default), or all 80")
     p.add_argument("--damp-percent", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
     p.add_argument("--calib", help="c4 | wikitext2 | pileval | a local .txt/.jsonl/.parquet (default c4)")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
@@ -199,7 +202,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import quantize_to_disk
     from .config import Recipe
 
-    keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
+    keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "range_search",
+            "damp_percent",
             "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
             "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens", "arch",
             "tune_iters", "tune_batch", "tune_lr", "tune_lr_qparams", "bits_per_weight", "mixed_widths")
@@ -208,6 +212,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not recipe.out:
         raise LlmqError("no output folder: pass --out DIR (or `out:` in the recipe)")
     quantize_to_disk(recipe, overwrite=args.overwrite, offload_activations=args.offload_activations)
+    if int(os.environ.get("RANK", "0")):  # under torchrun rank 0 reports for the job
+        return 0
     if recipe.quant.bits_per_weight is not None:
         from .info import checkpoint_info
         from .mixed import widths_table

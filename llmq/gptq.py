@@ -149,7 +149,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
             if not cfg.static_groups and col % gs == 0:
                 end = min(col + gs, cols)  # groups never straddle a block, unless they start one
                 src = W1[:, i : end - i1] if end <= i2 else W[:, col:end]
-                scales[:, col // gs], zeros[:, col // gs] = row_qparams(src, cfg.bits, cfg.sym, cfg.mse)
+                scales[:, col // gs], zeros[:, col // gs] = row_qparams(src, cfg.bits, cfg.sym, cfg.mse,
+                                                                        search=cfg.range_search)
                 g_prev = -1
             g = col_group[col]
             if g != g_prev:

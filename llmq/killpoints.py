@@ -1,8 +1,9 @@
 """Named points where a test can kill the process, to prove that a run survives a kill anywhere.
 
 ``LLMQ_KILL_AT=NAME`` sends SIGKILL to the process the first time it reaches ``kill_point(NAME)``;
-``NAME@N`` the N-th time. A timer cannot hit a point such as "half a spooled tensor written" reliably;
-a name can. Unset (always, outside the tests), a point costs one environment lookup.
+``NAME@N`` the N-th time; with ``LLMQ_KILL_RANK=R`` only torch.distributed rank ``R`` (``RANK``) stops.
+A timer cannot hit a point such as "half a spooled tensor written" reliably; a name can. Unset (always,
+outside the tests), a point costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def kill_point(name: str, flush: Callable[[], None] | None = None) -> None:
     if not target:
         return
     want, _, nth = target.partition("@")
-    if want != name:
+    if want != name or os.environ.get("LLMQ_KILL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     _reached[name] += 1
     if _reached[name] == int(nth or 1):

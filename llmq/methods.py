@@ -21,6 +21,7 @@ from .arch import ScaleGroup
 from .arch.experts import LayerExperts
 from .awq import can_fold, fold_scales, search_clip, search_scale
 from .config import QuantConfig
+from .distributed import SINGLE, Ranks
 from .errors import WeightError
 from .gptq import HessianAccumulator, gptq_quantize
 from .quant import QuantizedWeight, rtn_quantize
@@ -60,6 +61,9 @@ class LayerJob:
     targets: torch.Tensor | None = None
     # mixed precision: the settings of linears (by name in the layer) quantized at another width than ``cfg``'s
     widths: dict[str, QuantConfig] = field(default_factory=dict)
+    # torch.distributed: this rank's place; ``observe`` sees only its windows, so statistics are summed across
+    # ranks before they are used, and the solves are shared out (llmq.distributed)
+    ranks: Ranks = SINGLE
 
     def cfg_for(self, linear: str) -> QuantConfig:
         """The settings ``linear`` is quantized with: its own width's in a mixed-precision run, else ``cfg``."""
@@ -78,6 +82,9 @@ class LayerJob:
             return {}
         if self._policies is None:
             counts = self.experts.count(self.observe)
+            if self.ranks.active:  # every rank decides on the tokens of all of them
+                total = self.ranks.sum_(torch.tensor(list(counts.values()), dtype=torch.int64))
+                counts = dict(zip(counts, total.tolist(), strict=True))
             self._policies, starved = {}, []
             for expert, n in counts.items():
                 width = self.layer.get_submodule(self.experts.members[expert][0]).in_features
@@ -169,6 +176,31 @@ class SharedHessians:
         with self.timer("hessian"):
             self.accs[name].add(x)
 
+    def reduce(self, ranks: Ranks, names: list[str]) -> None:
+        """Sum every accumulator across ranks (``names``: the group's observed linears, in order). A rank where a
+        linear saw no token (an expert routed nothing from its windows) takes its sharing from the others'."""
+        if not ranks.active:
+            return
+        owners: dict[str, str] = {}
+        for seen in ranks.gather_json({n: self.owner[n] for n in names if n in self.owner}):
+            for name, owner in seen.items():
+                if owners.setdefault(name, owner) != owner:
+                    raise RuntimeError(f"ranks disagree on which linears share {name}'s input ({owners[name]} or "
+                                       f"{owner})")
+        for name in names:
+            owner = owners.get(name, name)
+            if name not in self.owner:
+                self.owner[name] = owner
+                self.users[owner] = self.users.get(owner, 0) + 1
+            if owner == name and name not in self.accs:
+                self.accs[name] = HessianAccumulator(self.modules[name].in_features, self.modules[name].weight.device)
+        for name in names:
+            if self.owner[name] == name:
+                acc = self.accs[name]
+                with self.timer("hessian"):
+                    ranks.sum_(acc.sum)
+                acc.n_tokens = ranks.sum_int(acc.n_tokens)
+
     def hessian(self, name: str) -> torch.Tensor:
         """``name``'s Hessian; the accumulator is spent on first use and H dropped after its last user."""
         self.last.clear()
@@ -226,7 +258,10 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
             job.prefix + name, H, "calibration Hessian (inputs overflowed?)"))
         with job.timer("observe"):
             job.observe_statistics(group, hessians.add)
-        for name, module in group.items():
+        hessians.reduce(job.ranks, [name for name in group if policy[name] != "rtn"])
+        mine = [name for i, name in enumerate(group) if job.ranks.owner(i) == job.ranks.rank]
+        for name in mine:  # with several ranks, this rank's share of the group; the others' arrive below
+            module = group[name]
             with job.timer("solve"):  # H passed inline: the solver frees it once it has H^-1
                 if policy[name] == "rtn":
                     results[name] = rtn_quantize(module.weight.data, job.cfg_for(name))
@@ -235,6 +270,13 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
                     res = gptq_quantize(module.weight.data, hessians.hessian(name), job.cfg_for(name))
                     log.info("layer %d %-22s loss %.5g damp %.3g", job.index, name, res.loss, res.damp)
                     results[name] = res.weight
+        for i, (name, module) in enumerate(group.items()):
+            if job.ranks.active:
+                cfg = job.cfg_for(name)
+                with job.timer("share"):
+                    results[name] = job.ranks.share_weight(results.get(name), job.ranks.owner(i), module.out_features,
+                                                           module.in_features, cfg.bits, cfg.group_size, cfg.sym,
+                                                           module.weight.device)
             write_back(module, results[name])
     return results
 

@@ -26,6 +26,8 @@ from .arch import ArchSpec, get_layers, layer_linears, resolve_arch
 from .arch.experts import LayerExperts, split_experts
 from .config import QuantConfig, Width
 from .device import exact_float32, resolve_device
+from .distributed import SINGLE, Ranks, check_distributed
+from .killpoints import kill_point
 from .methods import METHOD_FNS, LayerJob, check_finite
 from .mixed import allocate, check_budget, format_allocation, layer_sensitivity, make_units
 from .quant import QuantizedWeight
@@ -328,6 +330,7 @@ def quantize_layers(
     notes: dict[str, Any] | None = None,
     spec: ArchSpec | None = None,
     widths: Widths | None = None,
+    ranks: Ranks = SINGLE,
 ) -> LayerResults:
     """Quantize every decoder layer's linears with ``cfg.method``; returns all quantized weights.
 
@@ -353,7 +356,12 @@ def quantize_layers(
     Mixed precision: ``widths`` gives linears (by full name) another width than ``cfg``'s; with
     ``cfg.bits_per_weight`` and none given (nor noted in ``notes`` by the run being resumed), a first pass
     chooses them (:mod:`llmq.mixed`). They are noted as ``widths/<linear>``.
+
+    torch.distributed (``ranks``, :mod:`llmq.distributed`): every rank passes all of ``input_ids`` and runs its
+    share of the windows; the activations handed to ``sink`` and ``resume_hidden`` are that share.
     """
+    check_distributed(cfg, ranks)
+    input_ids = input_ids[ranks.windows(input_ids.shape[0])]
     spec = spec or resolve_arch(model)
     split_experts(model, spec)
     device = resolve_device(device)
@@ -388,7 +396,7 @@ def quantize_layers(
 
     all_results: LayerResults = {}
     for index in tqdm(range(start, n_layers), desc=f"{cfg.method} W{cfg.bits}", unit="layer",
-                      initial=start, total=n_layers):
+                      initial=start, total=n_layers, disable=None if ranks.writes else True):
         with timer("load"):
             layer = source.load_layer(index).to(device)
         prefix = f"{spec.layers}.{index}."
@@ -411,8 +419,9 @@ def quantize_layers(
                        record=record, awq_state=awq_state, timer=timer, windows=hidden.shape[0],
                        seqlen=hidden.shape[1], experts=experts, note=note, inputs=hidden, targets=teacher,
                        widths={name: cfg.at(widths[prefix + name]) for g in groups for name in g
-                               if prefix + name in widths})
+                               if prefix + name in widths}, ranks=ranks)
         results = method(job)
+        kill_point("layer.solved")
         with timer("propagate"):
             if fp_outputs is not None:
                 hidden.copy_(fp_outputs)  # the AWQ reference feeds the next layer full-precision outputs

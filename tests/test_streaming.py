@@ -181,27 +181,29 @@ QUIET_HEAP = {**os.environ, "MALLOC_ARENA_MAX": "1"}
 
 
 def test_peak_memory_grows_far_less_than_the_extra_layers(tmp_path, report):
-    # float32 layers of 12.6M parameters (50 MB): four more of them add 201 MB to the model
+    # float32 layers of 12.6M parameters (50 MB): eight more of them add 403 MB to the model. Depths 2 and 10
+    # cost what 4 and 8 did and double the difference measured: one run's peak varies by up to ~85 MB (heap
+    # layout by thread timing), which is 40% of four layers. Min-max ranges: the MSE search's time, not its memory.
     shape = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8)
     peaks, sizes = {}, {}
-    for depth in (4, 8):
+    for depth in (2, 10):
         folder = make_model(tmp_path / f"d{depth}", num_hidden_layers=depth, **shape)
         sizes[depth] = (folder / "model.safetensors").stat().st_size
         runs = []
-        for i in range(3):  # the least of three runs: allocator and thread timing add up to ~100 MB to one run's peak
-            r = recipe(folder, tmp_path / f"q{depth}-{i}", group_size=128, nsamples=4)
+        for i in range(3):  # the least of three runs
+            r = recipe(folder, tmp_path / f"q{depth}-{i}", group_size=128, nsamples=4, mse=False)
             out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(r.to_dict())], capture_output=True,
                                  text=True, env=QUIET_HEAP)
             assert out.returncode == 0, out.stderr[-3000:]
             runs.append(json.loads(out.stdout.strip().splitlines()[-1])["added_peak"])
         peaks[depth] = min(runs)
-    extra_layers = sizes[8] - sizes[4]
-    growth = peaks[8] - peaks[4]
-    report(f"streaming peak memory added (MB): depth 4 {peaks[4] / 1e6:.0f}, depth 8 {peaks[8] / 1e6:.0f} "
-           f"(model {sizes[4] / 1e6:.0f} -> {sizes[8] / 1e6:.0f} MB); growth {growth / 1e6:.0f} MB for "
+    extra_layers = sizes[10] - sizes[2]
+    growth = peaks[10] - peaks[2]
+    report(f"streaming peak memory added (MB): depth 2 {peaks[2] / 1e6:.0f}, depth 10 {peaks[10] / 1e6:.0f} "
+           f"(model {sizes[2] / 1e6:.0f} -> {sizes[10] / 1e6:.0f} MB); growth {growth / 1e6:.0f} MB for "
            f"{extra_layers / 1e6:.0f} MB of extra layers")
     assert growth < 0.2 * extra_layers
-    assert peaks[8] < sizes[8]  # less than the model itself, calibration text and tokenizer included
+    assert peaks[10] < sizes[10]  # less than the model itself, calibration text and tokenizer included
 
 
 # Named points (llmq/killpoints.py) spread over a run of the 3-layer model, which writes its head (the

@@ -1,0 +1,201 @@
+"""Data-parallel calibration over torch.distributed ranks (``torchrun --nproc-per-node N -m llmq quantize ...``).
+
+Layer by layer the natural split is the calibration windows: each rank runs the current layer on its contiguous
+share of them, the statistics (Hessian sums and token counts) are summed across ranks, the linears' solves are
+shared out (linear ``i`` of a group on rank ``i % world``) and their results broadcast, and every rank propagates
+its own windows. Rank 0 alone writes the checkpoint and the resume state; the next layer's inputs are gathered to
+it in window order, so a state saved by N ranks resumes with any number of ranks, or with one.
+
+Sums run in rank order on every rank (gather, then add), so a run's bytes do not depend on timing; they differ
+from a one-process run's in the last bits of the Hessians (its batches are summed in another order). With one
+process (no ``WORLD_SIZE``, or 1) nothing here communicates and nothing changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .config import QuantConfig
+from .errors import ConfigError, LlmqError
+from .quant import QuantizedWeight, codes_per_byte
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# what the ranks share out so far: AWQ's searches, block tuning and the mixed-precision pass run in one process
+DISTRIBUTED_METHODS = ("rtn", "gptq")
+SUM_CHUNK = 1 << 24  # elements of a tensor gathered at once to be summed (64 MB of float32 per rank)
+
+
+class RankLostError(LlmqError):
+    """Another rank died or was killed: this one cannot go on."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: ``rank`` of ``world`` (0 of 1 without torch.distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes the checkpoint and the resume state (rank 0)."""
+        return self.rank == 0
+
+    def windows(self, n: int, rank: int | None = None) -> slice:
+        """The contiguous share of ``n`` windows of ``rank`` (default: this one); the first ``n % world`` ranks
+        take one more."""
+        rank = self.rank if rank is None else rank
+        base, extra = divmod(n, self.world)
+        start = rank * base + min(rank, extra)
+        return slice(start, start + base + (rank < extra))
+
+    def owner(self, i: int) -> int:
+        """The rank that solves the ``i``-th linear (or expert) of a group."""
+        return i % self.world
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` replaced in place by its sum over ranks, added in rank order (the same bits on every rank)."""
+        if not self.active:
+            return t
+        flat = t.view(-1)
+        for i in range(0, flat.numel(), SUM_CHUNK):
+            part = flat[i : i + SUM_CHUNK].contiguous()
+            gathered = [torch.empty_like(part) for _ in range(self.world)]
+            _collective(dist.all_gather, gathered, part)
+            total = gathered[0]
+            for other in gathered[1:]:
+                total += other
+            flat[i : i + SUM_CHUNK] = total
+        return t
+
+    def sum_int(self, value: int) -> int:
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        _collective(dist.all_reduce, t)
+        return int(t.item())
+
+    def share_weight(self, qw: QuantizedWeight | None, src: int, out_features: int, in_features: int,
+                     bits: int, group_size: int, sym: bool, device: torch.device | str) -> QuantizedWeight:
+        """The quantized weight rank ``src`` solved, on every rank (``qw`` is only read there)."""
+        if not self.active:
+            assert qw is not None
+            return qw
+        if self.rank != src:
+            n_groups = -(-in_features // group_size) if group_size > 0 else 1
+            qw = QuantizedWeight.__new__(QuantizedWeight)
+            qw.in_features, qw.bits, qw.group_size, qw.sym = in_features, bits, group_size, sym
+            qw.code_bytes = torch.empty(out_features, -(-in_features // codes_per_byte(bits)), dtype=torch.uint8,
+                                        device=device)
+            qw.scales = torch.empty(out_features, n_groups, dtype=torch.float32, device=device)
+            qw.zeros = torch.empty(out_features, n_groups, dtype=torch.uint8, device=device)
+            qw.g_idx = torch.empty(in_features, dtype=torch.int32, device=device)
+        for name in ("code_bytes", "scales", "zeros", "g_idx"):
+            tensor = getattr(qw, name).contiguous()
+            _collective(dist.broadcast, tensor, src)
+            setattr(qw, name, tensor)
+        return qw
+
+    def share_json(self, value: Any) -> Any:
+        """Rank 0's JSON-able ``value`` on every rank (no pickle crosses the wire)."""
+        if not self.active:
+            return value
+        data = json.dumps(value).encode() if self.rank == 0 else b""
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        _collective(dist.broadcast, size, 0)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else torch.empty(
+            int(size.item()), dtype=torch.uint8)
+        _collective(dist.broadcast, buf, 0)
+        return json.loads(bytes(buf.tolist()).decode())
+
+    def gather_json(self, value: Any) -> list[Any]:
+        """Every rank's JSON-able ``value``, in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        data = json.dumps(value).encode()
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        _collective(dist.all_gather, sizes, torch.tensor([len(data)], dtype=torch.int64))
+        widest = int(max(sizes).item())
+        mine = torch.zeros(widest, dtype=torch.uint8)
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+        parts = [torch.empty(widest, dtype=torch.uint8) for _ in range(self.world)]
+        _collective(dist.all_gather, parts, mine)
+        return [json.loads(bytes(p[: int(n.item())].tolist()).decode()) for p, n in zip(parts, sizes, strict=True)]
+
+    def gather_windows(self, t: torch.Tensor, total: int) -> torch.Tensor | None:
+        """Every rank's windows (its rows of ``t``, ``[windows, ...]``) on rank 0, in window order (None
+        elsewhere); ``total`` is the number of windows over all ranks."""
+        if not self.active:
+            return t
+        widest = self.windows(total, 0).stop
+        padded = torch.zeros((widest, *t.shape[1:]), dtype=t.dtype, device=t.device)  # gather takes equal sizes
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 else None
+        _collective(dist.gather, padded, parts, 0)
+        if self.rank != 0:
+            return None
+        return torch.cat([p[: len(range(total)[self.windows(total, r)])] for r, p in enumerate(parts)])
+
+    def barrier(self) -> None:
+        if self.active:
+            _collective(dist.barrier)
+
+
+SINGLE = Ranks()
+
+
+def check_distributed(cfg: QuantConfig, ranks: Ranks) -> None:
+    """Refuse, before any calibration, what several ranks cannot run yet."""
+    if not ranks.active:
+        return
+    if cfg.method not in DISTRIBUTED_METHODS:
+        raise ConfigError(f"--method {cfg.method} does not run under torch.distributed yet (only "
+                          f"{', '.join(DISTRIBUTED_METHODS)}): run it in one process, without torchrun")
+    if cfg.bits_per_weight is not None:
+        raise ConfigError("--bits-per-weight does not run under torch.distributed yet: run it in one process, "
+                          "without torchrun")
+
+
+def _collective(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, a lost peer reported as what it is rather than as a socket error."""
+    try:
+        return fn(*args)
+    except (RuntimeError, dist.DistBackendError) as e:
+        raise RankLostError(
+            f"rank {dist.get_rank()} lost contact with the other ranks ({e}); one died or was killed. The resume "
+            "state rank 0 committed is intact: run the same command again to continue from the last finished layer"
+        ) from e
+
+
+def ranks_from_env(device: torch.device) -> Ranks:
+    """The job torchrun started (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``...), joined with gloo on CPU and NCCL on
+    CUDA; one process without them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ranks = Ranks(dist.get_rank(), dist.get_world_size())
+    log.info("rank %d of %d (%s)", ranks.rank, ranks.world, dist.get_backend())
+    return ranks
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Each rank's own GPU (``LOCAL_RANK``) when the job runs on CUDA."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
