@@ -45,6 +45,7 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    device: str = "cpu"  # where the small tensors of the collectives live (NCCL takes CUDA tensors only)
 
     @property
     def active(self) -> bool:
@@ -85,7 +86,7 @@ class Ranks:
     def sum_int(self, value: int) -> int:
         if not self.active:
             return value
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         _collective(dist.all_reduce, t)
         return int(t.item())
 
@@ -115,26 +116,26 @@ class Ranks:
         if not self.active:
             return value
         data = json.dumps(value).encode() if self.rank == 0 else b""
-        size = torch.tensor([len(data)], dtype=torch.int64)
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
         _collective(dist.broadcast, size, 0)
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else torch.empty(
-            int(size.item()), dtype=torch.uint8)
+        buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device) if self.rank == 0 else
+               torch.empty(int(size.item()), dtype=torch.uint8, device=self.device))
         _collective(dist.broadcast, buf, 0)
-        return json.loads(bytes(buf.tolist()).decode())
+        return json.loads(bytes(buf.cpu().tolist()).decode())
 
     def gather_json(self, value: Any) -> list[Any]:
         """Every rank's JSON-able ``value``, in rank order, on every rank."""
         if not self.active:
             return [value]
         data = json.dumps(value).encode()
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        _collective(dist.all_gather, sizes, torch.tensor([len(data)], dtype=torch.int64))
-        widest = int(max(sizes).item())
-        mine = torch.zeros(widest, dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
+        _collective(dist.all_gather, sizes, torch.tensor([len(data)], dtype=torch.int64, device=self.device))
+        lengths = [int(n.item()) for n in sizes]
+        mine = torch.zeros(max(lengths), dtype=torch.uint8)
         mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
-        parts = [torch.empty(widest, dtype=torch.uint8) for _ in range(self.world)]
-        _collective(dist.all_gather, parts, mine)
-        return [json.loads(bytes(p[: int(n.item())].tolist()).decode()) for p, n in zip(parts, sizes, strict=True)]
+        parts = [torch.empty(max(lengths), dtype=torch.uint8, device=self.device) for _ in range(self.world)]
+        _collective(dist.all_gather, parts, mine.to(self.device))
+        return [json.loads(bytes(p[:n].cpu().tolist()).decode()) for p, n in zip(parts, lengths, strict=True)]
 
     def gather_windows(self, t: torch.Tensor, total: int) -> torch.Tensor | None:
         """Every rank's windows (its rows of ``t``, ``[windows, ...]``) on rank 0, in window order (None
@@ -189,7 +190,8 @@ def ranks_from_env(device: torch.device) -> Ranks:
         return SINGLE
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    ranks = Ranks(dist.get_rank(), dist.get_world_size())
+    small = str(rank_device(device)) if dist.get_backend() == "nccl" else "cpu"
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), small)
     log.info("rank %d of %d (%s)", ranks.rank, ranks.world, dist.get_backend())
     return ranks
 

@@ -83,7 +83,8 @@ class LayerJob:
         if self._policies is None:
             counts = self.experts.count(self.observe)
             if self.ranks.active:  # every rank decides on the tokens of all of them
-                total = self.ranks.sum_(torch.tensor(list(counts.values()), dtype=torch.int64))
+                total = self.ranks.sum_(torch.tensor(list(counts.values()), dtype=torch.int64,
+                                                     device=self.ranks.device))
                 counts = dict(zip(counts, total.tolist(), strict=True))
             self._policies, starved = {}, []
             for expert, n in counts.items():

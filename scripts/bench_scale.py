@@ -4,6 +4,7 @@
     python scripts/bench_scale.py --layers 2      # same width, 2 layers, for a quick run
     python scripts/bench_scale.py --shape qwen3-30b-a3b --layers 2   # MoE: 128 experts, 1.2 GB of bf16 per layer
     python scripts/bench_scale.py --layers 2 --method gptq,awq   # one line per method, each in its own process
+    python scripts/bench_scale.py --layers 2 --nproc 2          # the same job on 2 torch.distributed ranks (gloo)
 
 The first run writes a random-weight bf16 checkpoint (hidden 4096, intermediate 11008, 32 heads,
 vocab 32000, ``--layers`` decoder layers; ``--shape qwen3-30b-a3b``: hidden 2048, 128 experts of width
@@ -257,6 +258,11 @@ def main() -> None:
                         "own process (so each peak RSS is its own), one JSON line each")
     p.add_argument("--no-mse", dest="mse", action="store_false", default=None,
                    help="min-max group ranges instead of the MSE range search (llmq's GPTQ default)")
+    p.add_argument("--range-search", choices=["coarse_to_fine", "full"],
+                   help="the MSE range search (llmq's default coarse_to_fine; full: all 80 shrink factors)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="run llmq's job under torchrun on this many ranks (gloo on the CPU, one thread each unless "
+                        "OMP_NUM_THREADS says otherwise); rank 0 prints the line")
     p.add_argument("--peer", choices=PEERS, help="also run this tool's GPTQ on the same checkpoint and calibration")
     p.add_argument("--peer-python", default=sys.executable, help="the interpreter where --peer is installed")
     p.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
@@ -274,6 +280,16 @@ def main() -> None:
     if not model_dir.is_dir():  # generated in a child, so its memory does not count in this run's peak
         subprocess.run([sys.executable, __file__, "--generate-only", "--layers", str(args.layers),
                         "--shape", args.shape, "--cache-dir", str(cache)], check=True)
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks: each runs this script without --nproc
+        if args.peer:
+            sys.exit("--peer runs one process: use it without --nproc")
+        argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc") and
+                sys.argv[i] != "--nproc"]
+        env = {"OMP_NUM_THREADS": "1", **os.environ}
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                        __file__, *argv], check=True, env=env)
+        return
 
     methods = args.method.split(",")
     if len(methods) > 1:
@@ -298,8 +314,10 @@ def main() -> None:
     out = cache / f"out-{args.shape}-{args.layers}L-{method}-w{args.bits}g{args.group_size}"
     recipe = Recipe.from_dict(dict(model=str(model_dir), out=str(out), method=method, bits=args.bits,
                                    group_size=args.group_size, sym=False, calib=str(calib), nsamples=args.nsamples,
-                                   seqlen=args.seqlen, device=args.device, mse=args.mse))
-    shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)  # a killed run's work: time every layer
+                                   seqlen=args.seqlen, device=args.device, mse=args.mse,
+                                   **({"range_search": args.range_search} if args.range_search else {})))
+    if not int(os.environ.get("RANK", "0")):  # a killed run's work: time every layer (rank 0's folder, only it)
+        shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
     timer = StageTimes()
     memory = StageMemory(timer)
     start = time.perf_counter()
@@ -315,12 +333,15 @@ def main() -> None:
         "experts": SHAPES[args.shape].get("num_experts", 0), "method": method,
         "bits": args.bits, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
         "hessian_mb": llmq.methods.HESSIAN_BYTES >> 20, "mse": recipe.quant.mse, "device": args.device,
-        "threads": torch.get_num_threads(),
+        "range_search": recipe.quant.range_search, "threads": torch.get_num_threads(),
+        "ranks": int(os.environ.get("WORLD_SIZE", "1")),
         "wall_s": round(wall, 1), "s_per_layer": round(wall / args.layers, 1), "stage_s": stages,
         "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_by_stage": stage_peaks,
         "rss_mb_low_high_by_layer": memory.spans[1:], "rss_mb_low_high_head": memory.spans[:1],
         "input_gb": round(dir_bytes(model_dir) / 1e9, 2), "output_gb": round(dir_bytes(out) / 1e9, 3),
     }
+    if int(os.environ.get("RANK", "0")):  # rank 0 wrote the output and reports for the job
+        return
     if not args.keep:
         shutil.rmtree(out)
     print(json.dumps(result), flush=True)

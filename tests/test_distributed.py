@@ -96,3 +96,21 @@ def test_a_rank_killed_mid_run_fails_the_job_and_the_rerun_resumes_to_the_same_b
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr and "at layer 2" in resumed.stderr
     assert files(out) == files(outs["two"])
+
+
+@pytest.mark.slow
+def test_two_ranks_count_every_experts_tokens_over_all_windows(tmp_path):
+    """llmq-tiny-moe: the layer-0 routed-token counts (and so each expert's policy) the two ranks agree on are one
+    process's, whose windows reach layer 0 unchanged; every expert of every layer is quantized."""
+    args = ["quantize", str(shared_path("assets", "llmq-tiny-moe")), "--bits", "4", "--calib", str(shared_path(*C4)),
+            "--nsamples", "16", "--seqlen", "128"]
+    experts = {}
+    for nproc in (1, 2):
+        proc = run([*args, "--out", str(tmp_path / str(nproc))], nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        meta = json.loads((tmp_path / str(nproc) / "quantize_config.json").read_text())["meta"]["llmq"]
+        experts[nproc] = meta["experts"]
+        assert not meta["unquantized"]
+    layer0 = {n: v for n, v in experts[1].items() if n.startswith("model.layers.0.")}
+    assert layer0 and all(experts[2][n] == v for n, v in layer0.items())
+    assert experts[2].keys() == experts[1].keys()
