@@ -112,12 +112,12 @@ def _c4_protocol(path: Path, shared: Path, rows: dict[int, list[str]], datasets:
     return _table(path, calib, evals, 128, rows, only)
 
 
-def tiny_llama_mixed(shared: Path = SHARED, datasets: tuple[str, ...] = ("C4 900-999",),
-                     ) -> tuple[dict[str, dict], dict[str, str]]:
-    """Mixed precision (GPTQ) on llmq-tiny-llama at the effective bits per weight of uniform W3 g64: uniform
-    W3 g64; uniform W3 g128 with the budget left over spent on the first layers' groups at W4 g128, in order (a
-    naive baseline); the automatic allocation. Each row also gives its effective bits per weight. Returns the
-    table and the automatic allocation (linear -> width)."""
+def tiny_llama_mixed(shared: Path = SHARED, datasets: tuple[str, ...] = ("C4 900-999",), bits: int = 3,
+                     naive_row: bool = True) -> tuple[dict[str, dict], dict[str, str]]:
+    """Mixed precision (GPTQ) on llmq-tiny-llama at the effective bits per weight of uniform W{bits} g64: uniform
+    W{bits} g64; uniform W{bits} g128 with the budget left over spent on the first layers' groups at W{bits+1} g128,
+    in order (a naive baseline, unless ``naive_row`` is false); the automatic allocation. Each row also gives its
+    effective bits per weight. Returns the table and the automatic allocation (linear -> width)."""
     path = shared / "assets" / "llmq-tiny-llama"
     calib, evals = _c4_data(path, shared, datasets)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -125,23 +125,24 @@ def tiny_llama_mixed(shared: Path = SHARED, datasets: tuple[str, ...] = ("C4 900
     units = make_units([{f"{spec.layers}.{i}.{n}": (m.out_features, m.in_features)
                          for n, m in layer_linears(layer, spec, model.config, i).items() if n in group}
                         for i, layer in enumerate(get_layers(model, spec)) for group in spec.groups(model.config, i)],
-                       (Width(3, 64), *(Width(b, 128) for b in (2, 3, 4, 8))))
+                       (Width(bits, 64), *(Width(b, 128) for b in (2, 3, 4, 8))))
     weights = sum(u.weights for u in units)
 
     def bpw(choice: list[Width]) -> float:
         return sum(u.costs[w] for u, w in zip(units, choice, strict=True)) / weights
 
-    budget = bpw([Width(3, 64)] * len(units))
-    naive = [Width(3, 128)] * len(units)
+    budget = bpw([Width(bits, 64)] * len(units))
+    naive = [Width(bits, 128)] * len(units)
     for i in range(len(units)):
-        if bpw([*naive[:i], Width(4, 128), *naive[i + 1:]]) <= budget:
-            naive[i] = Width(4, 128)
+        if bpw([*naive[:i], Width(bits + 1, 128), *naive[i + 1:]]) <= budget:
+            naive[i] = Width(bits + 1, 128)
     widths = {name: w for u, w in zip(units, naive, strict=True) for name in u.linears}
-    cfg = QuantConfig(bits=3, group_size=128)
-    auto = QuantConfig(bits=3, group_size=128, bits_per_weight=budget)
+    cfg = QuantConfig(bits=bits, group_size=128)
+    auto = QuantConfig(bits=bits, group_size=128, bits_per_weight=budget)
     notes: dict = {}
-    rows = {"W3 g64": (QuantConfig(bits=3, group_size=64), None, {}),
-            "W3 g128, first groups W4 g128": (cfg, widths, {}),
+    naive_name = f"W{bits} g128, first groups W{bits + 1} g128"
+    rows = {f"W{bits} g64": (QuantConfig(bits=bits, group_size=64), None, {}),
+            **({naive_name: (cfg, widths, {})} if naive_row else {}),
             f"auto at {budget:.4f} bits": (auto, None, notes)}
     out = {}
     for name, (row_cfg, row_widths, row_notes) in rows.items():
@@ -150,8 +151,9 @@ def tiny_llama_mixed(shared: Path = SHARED, datasets: tuple[str, ...] = ("C4 900
         out[name] = {ev: perplexity(m, w, batch_size=8, progress=False)["ppl"] for ev, w in evals.items()}
     chosen = noted_widths(notes)
     out[f"auto at {budget:.4f} bits"]["bits per weight"] = bpw([chosen[u.linears[0]] for u in units])
-    out["W3 g64"]["bits per weight"] = budget
-    out["W3 g128, first groups W4 g128"]["bits per weight"] = bpw(naive)
+    out[f"W{bits} g64"]["bits per weight"] = budget
+    if naive_row:
+        out[naive_name]["bits per weight"] = bpw(naive)
     return out, {name: str(w) for name, w in chosen.items()}
 
 
@@ -191,8 +193,10 @@ def main() -> None:
     if args.only in (None, "tiny-moe"):
         tables["llmq-tiny-moe, asym g128, seqlen 256"] = tiny_moe(args.shared)
     if args.only in (None, "mixed"):
-        tables["llmq-tiny-llama mixed precision, GPTQ, seqlen 256"], allocation = tiny_llama_mixed(args.shared)
-        print(widths_table(allocation) + "\n")
+        for bits in (3, 2):
+            title = f"llmq-tiny-llama mixed precision at W{bits} g64's bits, GPTQ, seqlen 256"
+            tables[title], allocation = tiny_llama_mixed(args.shared, bits=bits)
+            print(widths_table(allocation) + "\n")
     for title, table in tables.items():
         print(markdown(title, table) + "\n")
     print(json.dumps(tables))
