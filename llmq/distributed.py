@@ -1,10 +1,11 @@
 """Data-parallel calibration over torch.distributed ranks (``torchrun --nproc-per-node N -m llmq quantize ...``).
 
 Layer by layer the natural split is the calibration windows: each rank runs the current layer on its contiguous
-share of them, the statistics (Hessian sums and token counts) are summed across ranks, the linears' solves are
-shared out (linear ``i`` of a group on rank ``i % world``) and their results broadcast, and every rank propagates
-its own windows. Rank 0 alone writes the checkpoint and the resume state; the next layer's inputs are gathered to
-it in window order, so a state saved by N ranks resumes with any number of ranks, or with one.
+share of them, the statistics (Hessian sums and token counts) are summed across ranks, each linear's solve is
+split by output rows (GPTQ solves rows independently, each with the whole ``H^-1``) and the rows gathered, and
+every rank propagates its own windows. Rank 0 alone writes the checkpoint and the resume state; the next layer's
+inputs are gathered to it in window order, so a saved state has one process's layout (the number of ranks is
+part of the resume environment all the same: it changes the Hessians' last bits).
 
 Sums run in rank order on every rank (gather, then add), so a run's bytes do not depend on timing; they differ
 from a one-process run's in the last bits of the Hessians (its batches are summed in another order). With one
@@ -13,6 +14,7 @@ process (no ``WORLD_SIZE``, or 1) nothing here communicates and nothing changes.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -25,7 +27,7 @@ import torch.distributed as dist
 
 from .config import QuantConfig
 from .errors import ConfigError, LlmqError
-from .quant import QuantizedWeight, codes_per_byte
+from .quant import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,25 @@ class Ranks:
         start = rank * base + min(rank, extra)
         return slice(start, start + base + (rank < extra))
 
-    def owner(self, i: int) -> int:
-        """The rank that solves the ``i``-th linear (or expert) of a group."""
-        return i % self.world
+    def rows(self, n: int) -> slice:
+        """This rank's share of a weight's ``n`` output rows: GPTQ solves rows independently (each with the
+        whole ``H^-1``), so every linear's solve is split evenly across ranks."""
+        return self.windows(n)
+
+    def gather_rows(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        """The ``[n, ...]`` tensor whose :meth:`rows` share each rank holds as ``part``, on every rank."""
+        if not self.active:
+            return part
+        widest = self.rows_of(n, 0)
+        padded = torch.zeros((widest, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        padded[: part.shape[0]] = part
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        _collective(dist.all_gather, parts, padded)
+        return torch.cat([p[: self.rows_of(n, r)] for r, p in enumerate(parts)])
+
+    def rows_of(self, n: int, rank: int) -> int:
+        share = self.windows(n, rank)
+        return share.stop - share.start
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` replaced in place by its sum over ranks, added in rank order (the same bits on every rank)."""
@@ -89,27 +107,6 @@ class Ranks:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         _collective(dist.all_reduce, t)
         return int(t.item())
-
-    def share_weight(self, qw: QuantizedWeight | None, src: int, out_features: int, in_features: int,
-                     bits: int, group_size: int, sym: bool, device: torch.device | str) -> QuantizedWeight:
-        """The quantized weight rank ``src`` solved, on every rank (``qw`` is only read there)."""
-        if not self.active:
-            assert qw is not None
-            return qw
-        if self.rank != src:
-            n_groups = -(-in_features // group_size) if group_size > 0 else 1
-            qw = QuantizedWeight.__new__(QuantizedWeight)
-            qw.in_features, qw.bits, qw.group_size, qw.sym = in_features, bits, group_size, sym
-            qw.code_bytes = torch.empty(out_features, -(-in_features // codes_per_byte(bits)), dtype=torch.uint8,
-                                        device=device)
-            qw.scales = torch.empty(out_features, n_groups, dtype=torch.float32, device=device)
-            qw.zeros = torch.empty(out_features, n_groups, dtype=torch.uint8, device=device)
-            qw.g_idx = torch.empty(in_features, dtype=torch.int32, device=device)
-        for name in ("code_bytes", "scales", "zeros", "g_idx"):
-            tensor = getattr(qw, name).contiguous()
-            _collective(dist.broadcast, tensor, src)
-            setattr(qw, name, tensor)
-        return qw
 
     def share_json(self, value: Any) -> Any:
         """Rank 0's JSON-able ``value`` on every rank (no pickle crosses the wire)."""
@@ -136,6 +133,15 @@ class Ranks:
         parts = [torch.empty(max(lengths), dtype=torch.uint8, device=self.device) for _ in range(self.world)]
         _collective(dist.all_gather, parts, mine.to(self.device))
         return [json.loads(bytes(p[:n].cpu().tolist()).decode()) for p, n in zip(parts, lengths, strict=True)]
+
+    def gather_weight(self, part: QuantizedWeight, n: int) -> QuantizedWeight:
+        """The whole quantized weight from each rank's :meth:`rows` of it (``g_idx`` is the same on all)."""
+        if not self.active:
+            return part
+        whole = copy.copy(part)
+        for name in ("code_bytes", "scales", "zeros"):
+            setattr(whole, name, self.gather_rows(getattr(part, name), n))
+        return whole
 
     def gather_windows(self, t: torch.Tensor, total: int) -> torch.Tensor | None:
         """Every rank's windows (its rows of ``t``, ``[windows, ...]``) on rank 0, in window order (None

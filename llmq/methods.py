@@ -260,24 +260,19 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
         with job.timer("observe"):
             job.observe_statistics(group, hessians.add)
         hessians.reduce(job.ranks, [name for name in group if policy[name] != "rtn"])
-        mine = [name for i, name in enumerate(group) if job.ranks.owner(i) == job.ranks.rank]
-        for name in mine:  # with several ranks, this rank's share of the group; the others' arrive below
-            module = group[name]
+        for name, module in group.items():
             with job.timer("solve"):  # H passed inline: the solver frees it once it has H^-1
                 if policy[name] == "rtn":
                     results[name] = rtn_quantize(module.weight.data, job.cfg_for(name))
                     log.info("layer %d %-22s RTN (no calibration tokens)", job.index, name)
-                else:
-                    res = gptq_quantize(module.weight.data, hessians.hessian(name), job.cfg_for(name))
+                else:  # with several ranks, each solves its share of the rows, and they are gathered
+                    rows = job.ranks.rows(module.out_features)
+                    res = gptq_quantize(module.weight.data[rows], hessians.hessian(name), job.cfg_for(name))
                     log.info("layer %d %-22s loss %.5g damp %.3g", job.index, name, res.loss, res.damp)
                     results[name] = res.weight
-        for i, (name, module) in enumerate(group.items()):
-            if job.ranks.active:
-                cfg = job.cfg_for(name)
+            if job.ranks.active and policy[name] != "rtn":
                 with job.timer("share"):
-                    results[name] = job.ranks.share_weight(results.get(name), job.ranks.owner(i), module.out_features,
-                                                           module.in_features, cfg.bits, cfg.group_size, cfg.sym,
-                                                           module.weight.device)
+                    results[name] = job.ranks.gather_weight(results[name], module.out_features)
             write_back(module, results[name])
     return results
 
