@@ -266,15 +266,15 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
     settings = _settings(recipe, calib, ckpt)
     if not ranks.writes:  # the writing rank's folder and state, read from the same paths
         shared = ranks.share_json(None)
-        _stream_layers(recipe, p, ckpt, tokenizer, calib, device, Path(shared["folder"]), shared["state"],
+        _stream_layers(recipe, p, ckpt, tokenizer, calib, device, Path(shared["folder"]), shared["state"], settings,
                        offload_activations, batch_size, timer or StageTimes(), ranks, None)
         ranks.barrier()
         return out
     with WorkFolder(out) as work:
         state = work.load(settings, _environment(device, p.dtype, batch_size, ranks), overwrite, _state_files)
         ranks.share_json({"folder": str(work.path), "state": state})
-        _stream_layers(recipe, p, ckpt, tokenizer, calib, device, work.path, state, offload_activations, batch_size,
-                       timer or StageTimes(), ranks, work)
+        _stream_layers(recipe, p, ckpt, tokenizer, calib, device, work.path, state, settings, offload_activations,
+                       batch_size, timer or StageTimes(), ranks, work)
         work.finish(_scratch)
     ranks.barrier()
     log.info("wrote %s", out)
@@ -282,7 +282,7 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
 
 
 def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: Any, calib: torch.Tensor,
-                   device: torch.device, folder: Path, state: dict[str, Any] | None,
+                   device: torch.device, folder: Path, state: dict[str, Any] | None, settings: str,
                    offload_activations: str | Path | None, batch_size: int, timer: StageTimes,
                    ranks: Ranks = SINGLE, work: WorkFolder | None = None) -> None:
     """The layers of a streaming run; ``work`` is the writing rank's folder (None: a rank that only computes)."""
@@ -323,7 +323,7 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
     offload_dir = None
     own = f"-rank{ranks.rank}" if ranks.active else ""  # each rank's windows in files of its own
     if offload_activations is not None:
-        offload_dir = Path(offload_activations) / f"llmq-{_settings(recipe, calib, ckpt)[:16]}{own}"
+        offload_dir = Path(offload_activations) / f"llmq-{settings[:16]}{own}"
     elif hidden_bytes > activation_budget(device):
         offload_dir = folder / f"activations{own}"
         log.warning("calibration activations (%.1f GB) exceed half the free memory: keeping them in %s",

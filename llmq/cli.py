@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from .config import COMPUTE_DTYPES, METHODS
+from .config import COMPUTE_DTYPES, METHODS, RANGE_SEARCHES
 from .errors import LlmqError
 from .kernels import KERNEL_CHOICES
 
@@ -45,7 +45,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="with --act-order: fix group parameters up front (natural g_idx)")
     p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
                    help="search each group's clipping range (default: on for gptq, off for rtn)")
-    p.add_argument("--range-search", choices=["coarse_to_fine", "full"],
+    p.add_argument("--range-search", choices=RANGE_SEARCHES,
                    help="with --mse: every 4th shrink factor then the best's neighbours (default), or all 80")
     p.add_argument("--damp-percent", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
     p.add_argument("--calib", help="c4 | wikitext2 | pileval | a local .txt/.jsonl/.parquet (default c4)")

@@ -76,7 +76,7 @@ class QuantConfig:
     mse: bool | None = None
     # How the range search walks the 80 shrink factors: "full" tries all (the reference); "coarse_to_fine" every
     # 4th, then the 6 around each row's best (26 evaluations): the reference's choice on 99% of llmq-tiny-llama's
-    # W3 rows, its summed |w - q|^2.4 within 0.01%, and perplexity no worse on the shared models (tests/test_gptq.py).
+    # W3 rows, its summed |w - q|^2.4 within 0.01%, and perplexity no worse on the shared models (tests/test_quant.py).
     range_search: str = "coarse_to_fine"
     act_order: bool = False
     # With act-order, static groups fix each group's parameters before solving so g_idx stays

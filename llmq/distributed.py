@@ -75,9 +75,7 @@ class Ranks:
         """The ``[n, ...]`` tensor whose :meth:`rows` share each rank holds as ``part``, on every rank."""
         if not self.active:
             return part
-        widest = self.rows_of(n, 0)
-        padded = torch.zeros((widest, *part.shape[1:]), dtype=part.dtype, device=part.device)
-        padded[: part.shape[0]] = part
+        padded = _padded(part, self.rows_of(n, 0))
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         _collective(dist.all_gather, parts, padded)
         return torch.cat([p[: self.rows_of(n, r)] for r, p in enumerate(parts)])
@@ -148,14 +146,12 @@ class Ranks:
         elsewhere); ``total`` is the number of windows over all ranks."""
         if not self.active:
             return t
-        widest = self.windows(total, 0).stop
-        padded = torch.zeros((widest, *t.shape[1:]), dtype=t.dtype, device=t.device)  # gather takes equal sizes
-        padded[: t.shape[0]] = t
+        padded = _padded(t, self.rows_of(total, 0))
         parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 else None
         _collective(dist.gather, padded, parts, 0)
         if self.rank != 0:
             return None
-        return torch.cat([p[: len(range(total)[self.windows(total, r)])] for r, p in enumerate(parts)])
+        return torch.cat([p[: self.rows_of(total, r)] for r, p in enumerate(parts)])
 
     def barrier(self) -> None:
         if self.active:
@@ -163,6 +159,14 @@ class Ranks:
 
 
 SINGLE = Ranks()
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` ``[<= rows, ...]`` zero-padded to ``rows`` rows: the gathers take equal sizes from every rank (rank 0's
+    share is the largest)."""
+    padded = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    return padded
 
 
 def check_distributed(cfg: QuantConfig, ranks: Ranks) -> None:

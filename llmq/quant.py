@@ -127,7 +127,8 @@ def row_qparams(
     the one that minimises ``sum |w - Q(w)|^norm`` (the reference GPTQ code's ``mse`` option). ``search="full"``
     tries every shrink factor, as the reference does; ``"coarse_to_fine"`` tries every :data:`COARSE_STEP`-th,
     then the ones between each row's best and its coarse neighbours: 26 of 80 evaluations, the reference's
-    choice on most rows and a perplexity no worse on the shared models (tests/test_quant.py, test_gptq.py).
+    choice on most rows and a perplexity no worse on the shared models (tests/test_quant.py,
+    tests/test_perplexity_tables.py).
     """
     maxq = 2**bits - 1
     w = w.float()
@@ -140,38 +141,32 @@ def row_qparams(
     if search not in RANGE_SEARCHES:
         raise ValueError(f"range search {search!r} is unknown: choose one of {', '.join(RANGE_SEARCHES)}")
     n = int(maxshrink * grid)
+    # 1 - i/grid in float32, as the reference computes each factor (a Python float, then float32)
+    shrink = torch.tensor([1 - i / grid for i in range(n)], dtype=torch.float32, device=w.device)
     step = COARSE_STEP if search == "coarse_to_fine" else 1
     idx = torch.arange(0, n, step, device=w.device)[:, None].expand(-1, w.shape[0])  # [candidates, rows]
-    err = _range_errors(w, xmin, xmax, idx, grid, maxq, sym, norm)
+    err = _range_errors(w, xmin, xmax, shrink[idx], maxq, sym, norm)
     if step > 1:  # the shrink factors on both sides of each row's coarse best, up to its coarse neighbours
         best = idx.gather(0, err.argmin(dim=0, keepdim=True))  # [1, rows]
         offsets = torch.tensor([d for d in range(1 - step, step) if d], device=w.device)[:, None]
         fine = (best + offsets).clamp_(0, n - 1)
-        idx, err = torch.cat([idx, fine]), torch.cat([err, _range_errors(w, xmin, xmax, fine, grid, maxq, sym, norm)])
+        idx, err = torch.cat([idx, fine]), torch.cat([err, _range_errors(w, xmin, xmax, shrink[fine], maxq, sym, norm)])
     # the least error, and of equal errors the least shrink (the reference loop's strict <)
     tied = torch.where(err == err.min(dim=0, keepdim=True).values, idx, n)
-    chosen = tied.min(dim=0, keepdim=True).values
-    s, z = _minmax_qparams(_shrink(chosen, grid) * xmin, _shrink(chosen, grid) * xmax, maxq, sym)
-    return s[0], z[0]
+    chosen = shrink[tied.min(dim=0).values]
+    return _minmax_qparams(chosen * xmin, chosen * xmax, maxq, sym)
 
 
-def _shrink(idx: torch.Tensor, grid: int) -> torch.Tensor:
-    """``1 - i/grid`` in float32, as the reference computes each factor (a Python float, then float32)."""
-    table = torch.tensor([1 - i / grid for i in range(int(idx.max()) + 1 if idx.numel() else 0)],
-                         dtype=torch.float32, device=idx.device)
-    return table[idx]
-
-
-def _range_errors(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, idx: torch.Tensor, grid: int, maxq: int,
+def _range_errors(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, shrink: torch.Tensor, maxq: int,
                   sym: bool, norm: float) -> torch.Tensor:
-    """``sum |w - Q(w)|^norm`` per row ``[candidates, rows]`` with each row's range shrunk by ``1 - idx/grid``.
+    """``sum |w - Q(w)|^norm`` per row ``[candidates, rows]`` with each row's range shrunk by ``shrink``
+    ``[candidates, rows]``.
 
     All candidates at once, in chunks of ~256K elements (candidates x rows): the same arithmetic per element as one
     candidate at a time (tests compare with that loop), without rounds of small kernels. The chunks stay
     cache-sized and under the 4 MB mmap threshold the streaming run sets: a whole 11008-row group per candidate
     (5.6 MB) got fresh pages from the kernel each time and doubled the solve's time at 7B width.
     """
-    shrink = _shrink(idx, grid)
     s_all, z_all = _minmax_qparams(shrink * xmin, shrink * xmax, maxq, sym)  # [candidates, rows]
     err = torch.empty_like(s_all)
     rows, cols = w.shape

@@ -237,6 +237,16 @@ def run_peer(args: argparse.Namespace, calib: torch.Tensor) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _argv_without(option: str) -> list[str]:
+    """This command line without ``option`` and its value (``--option V`` or ``--option=V``)."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if not skip and a != option and not a.startswith(option + "="):
+            argv.append(a)
+        skip = a == option
+    return argv
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 is Llama-2-7B, 48 Qwen3-30B-A3B)")
@@ -258,6 +268,7 @@ def main() -> None:
                         "own process (so each peak RSS is its own), one JSON line each")
     p.add_argument("--no-mse", dest="mse", action="store_false", default=None,
                    help="min-max group ranges instead of the MSE range search (llmq's GPTQ default)")
+    # the choices of llmq.config.RANGE_SEARCHES, written out: the peer's interpreter may lack llmq
     p.add_argument("--range-search", choices=["coarse_to_fine", "full"],
                    help="the MSE range search (llmq's default coarse_to_fine; full: all 80 shrink factors)")
     p.add_argument("--nproc", type=int, default=1,
@@ -284,8 +295,7 @@ def main() -> None:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks: each runs this script without --nproc
         if args.peer:
             sys.exit("--peer runs one process: use it without --nproc")
-        argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc") and
-                sys.argv[i] != "--nproc"]
+        argv = _argv_without("--nproc")
         env = {"OMP_NUM_THREADS": "1", **os.environ}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                         __file__, *argv], check=True, env=env)
@@ -293,11 +303,7 @@ def main() -> None:
 
     methods = args.method.split(",")
     if len(methods) > 1:
-        argv, skip = [], False
-        for a in sys.argv[1:]:  # this command line without its --method
-            if not skip and a != "--method" and not a.startswith("--method="):
-                argv.append(a)
-            skip = a == "--method"
+        argv = _argv_without("--method")
         for method in methods:
             subprocess.run([sys.executable, __file__, *argv, f"--method={method}"], check=True)
         return
