@@ -10,7 +10,7 @@ The grids and normalisations follow the reference implementation as packaged in 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -120,7 +120,70 @@ def mean_abs(x: torch.Tensor, tokens: int = 4096) -> torch.Tensor:
     return total / max(1, x.numel() // x.shape[-1])
 
 
+def _grid_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """One grid point's ``s = mean|x|^alpha`` (duo: ``/ w_mean^(1-alpha)``), normalised by ``sqrt(max * min)``."""
+    if w_mean is not None:
+        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    else:
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def grid_scales(x: torch.Tensor, linears: list[nn.Linear], cfg: QuantConfig, index: int, n_grid: int = 20,
+                duo: bool = False, batch_tokens: int = 4096) -> torch.Tensor:
+    """The scales of grid point ``index`` (``alpha = index / n_grid``) for inputs ``x``, float32 on x's device."""
+    w_mean = _weight_mean(linears, cfg.group_size) if duo else None
+    return _grid_scales(mean_abs(x, batch_tokens), w_mean, index / n_grid)
+
+
 @torch.no_grad()
+def scale_losses(
+    x: torch.Tensor,
+    linears: list[nn.Linear],
+    inspect: Callable[[torch.Tensor], torch.Tensor],
+    cfg: QuantConfig,
+    n_grid: int = 20,
+    duo: bool = False,
+    quantize_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    batch_tokens: int = 4096,
+    candidates: Iterable[int] | None = None,
+) -> dict[int, float]:
+    """The output MSE of each grid point in ``candidates`` (default: all ``n_grid``): :func:`search_scale`'s
+    losses, for callers that share the grid out (each point's loss is computed alone, so any split of the
+    grid gives the same numbers)."""
+    x_mean = mean_abs(x, batch_tokens)
+    w_mean = _weight_mean(linears, cfg.group_size) if duo else None
+    originals = [fc.weight.detach().clone() for fc in linears]
+    chunks = _row_chunks(x, batch_tokens)
+    fp_out = [_first(inspect(x[rows])).float() for rows in chunks]
+    n_out = sum(o.numel() for o in fp_out)
+    losses = {}
+    try:
+        for i in range(n_grid) if candidates is None else candidates:
+            s = _grid_scales(x_mean, w_mean, i / n_grid)
+            for fc, w in zip(linears, originals, strict=True):
+                sv = s.to(w.device)[None, :]
+                ws = w.float() * sv
+                wq = quantize_fn(ws, s) if quantize_fn is not None else rtn_quantize(ws, cfg).dequantize()
+                del ws
+                fc.weight.data = wq.div_(sv).to(w.dtype)
+                del wq
+            losses[i] = sum((ref - _first(inspect(x[rows])).float()).pow_(2).sum().item()
+                            for rows, ref in zip(chunks, fp_out, strict=True)) / n_out
+    finally:
+        for fc, w in zip(linears, originals, strict=True):
+            fc.weight.data = w
+    return losses
+
+
+def best_grid_point(losses: dict[int, float]) -> int | None:
+    """The grid point of least finite loss, the lowest on a tie (what a loop keeping strict improvements picks);
+    None when no loss is finite."""
+    finite = [(loss, i) for i, loss in losses.items() if math.isfinite(loss)]
+    return min(finite)[1] if finite else None
+
+
 def search_scale(
     x: torch.Tensor,
     linears: list[nn.Linear],
@@ -144,39 +207,11 @@ def search_scale(
     for RTN can be bad for GPTQ, which compensates errors. Memory beyond ``x``: the float32 reference
     output and one slice's candidate output.
     """
-    x_mean = mean_abs(x, batch_tokens)
-    w_mean = _weight_mean(linears, cfg.group_size) if duo else None
-    originals = [fc.weight.detach().clone() for fc in linears]
-    chunks = _row_chunks(x, batch_tokens)
-    fp_out = [_first(inspect(x[rows])).float() for rows in chunks]
-    n_out = sum(o.numel() for o in fp_out)
-    best_loss, best_scales = math.inf, None
-    try:
-        for i in range(n_grid):
-            alpha = i / n_grid
-            if w_mean is not None:
-                s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
-            else:
-                s = x_mean.pow(alpha).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
-            for fc, w in zip(linears, originals, strict=True):
-                sv = s.to(w.device)[None, :]
-                ws = w.float() * sv
-                wq = quantize_fn(ws, s) if quantize_fn is not None else rtn_quantize(ws, cfg).dequantize()
-                del ws
-                fc.weight.data = wq.div_(sv).to(w.dtype)
-                del wq
-            loss = sum((ref - _first(inspect(x[rows])).float()).pow_(2).sum().item()
-                       for rows, ref in zip(chunks, fp_out, strict=True)) / n_out
-            if loss < best_loss:
-                best_loss, best_scales = loss, s.clone()
-    finally:
-        for fc, w in zip(linears, originals, strict=True):
-            fc.weight.data = w
-    if best_scales is None:
+    losses = scale_losses(x, linears, inspect, cfg, n_grid, duo, quantize_fn, batch_tokens)
+    best = best_grid_point(losses)
+    if best is None:
         raise ValueError("AWQ scale search found no finite loss (non-finite activations or weights?)")
-    return best_scales.cpu(), best_loss
+    return grid_scales(x, linears, cfg, best, n_grid, duo, batch_tokens).cpu(), losses[best]
 
 
 @torch.no_grad()

@@ -3,9 +3,12 @@
 Layer by layer the natural split is the calibration windows: each rank runs the current layer on its contiguous
 share of them, the statistics (Hessian sums and token counts) are summed across ranks, each linear's solve is
 split by output rows (GPTQ solves rows independently, each with the whole ``H^-1``) and the rows gathered, and
-every rank propagates its own windows. Rank 0 alone writes the checkpoint and the resume state; the next layer's
-inputs are gathered to it in window order, so a saved state has one process's layout (the number of ranks is
-part of the resume environment all the same: it changes the Hessians' last bits).
+every rank propagates its own windows. AWQ's scale search runs on the same search windows on every rank (their
+inputs gathered), each rank trying its share of the grid, and the losses are gathered, so every rank picks what
+one process would; its clip search is split by output rows like GPTQ's solve. Rank 0 alone writes the checkpoint
+and the resume state; the next layer's inputs are gathered to it in window order, so a saved state has one
+process's layout (the number of ranks is part of the resume environment all the same: it changes the Hessians'
+last bits).
 
 Sums run in rank order on every rank (gather, then add), so a run's bytes do not depend on timing; they differ
 from a one-process run's in the last bits of the Hessians (its batches are summed in another order). With one
@@ -32,8 +35,8 @@ from .quant import QuantizedWeight
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# what the ranks share out so far: AWQ's searches, block tuning and the mixed-precision pass run in one process
-DISTRIBUTED_METHODS = ("rtn", "gptq")
+# what the ranks share out so far: block tuning and the mixed-precision pass run in one process
+DISTRIBUTED_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 SUM_CHUNK = 1 << 24  # elements of a tensor gathered at once to be summed (64 MB of float32 per rank)
 
 
@@ -79,6 +82,29 @@ class Ranks:
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         _collective(dist.all_gather, parts, padded)
         return torch.cat([p[: self.rows_of(n, r)] for r, p in enumerate(parts)])
+
+    def place(self, local: int) -> tuple[int, int]:
+        """``(start, total)``: where this rank's ``local`` windows start among all ranks' and how many there are."""
+        counts = [local] if not self.active else self.gather_json(local)
+        return sum(counts[: self.rank]), sum(counts)
+
+    def cat(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """Every rank's ``t`` concatenated along dim 0 in rank order, on every rank; a rank with nothing passes
+        None (or 0 rows). None when every rank passed None."""
+        if not self.active:
+            return t
+        shapes = self.gather_json(None if t is None else [list(t.shape), str(t.dtype).removeprefix("torch.")])
+        known = [s for s in shapes if s is not None]
+        if not known:
+            return None
+        shape, dtype = known[0]
+        rows = [0 if s is None else s[0][0] for s in shapes]
+        if t is None:
+            t = torch.empty((0, *shape[1:]), dtype=getattr(torch, dtype), device=self.device)
+        padded = _padded(t, max(rows))
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        _collective(dist.all_gather, parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, rows, strict=True)])
 
     def rows_of(self, n: int, rank: int) -> int:
         share = self.windows(n, rank)

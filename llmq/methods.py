@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .arch import ScaleGroup
 from .arch.experts import LayerExperts
-from .awq import can_fold, fold_scales, search_clip, search_scale
+from .awq import best_grid_point, can_fold, fold_scales, grid_scales, scale_losses, search_clip
 from .config import QuantConfig
 from .distributed import SINGLE, Ranks
 from .errors import WeightError
@@ -314,20 +314,38 @@ def _gptq_rounding(x: torch.Tensor, cfg: QuantConfig) -> Callable[[torch.Tensor,
 
 def _gather_inputs(job: LayerJob, name: str, windows: int) -> torch.Tensor | None:
     """Module ``name``'s inputs on the first ``windows`` calibration windows (None when it saw no token there):
-    ``[windows, seqlen, in]``, or ``[tokens, in]`` for an expert, which sees only its routed tokens."""
+    ``[windows, seqlen, in]``, or ``[tokens, in]`` for an expert, which sees only its routed tokens. With several
+    ranks, those of all ranks' windows among the first ``windows``, on every rank."""
+    start, _ = job.ranks.place(job.windows)
     batches: list[torch.Tensor] = []
-    job.observe_statistics({name: job.layer.get_submodule(name)}, lambda _, x: batches.append(x.clone()), windows)
-    return torch.cat(batches) if batches else None
+    job.observe_statistics({name: job.layer.get_submodule(name)}, lambda _, x: batches.append(x.clone()),
+                           max(0, windows - start))
+    return job.ranks.cat(torch.cat(batches) if batches else None)
+
+
+def _stream_starts(job: LayerJob, names: list[str]) -> dict[str, int]:
+    """Where this rank's stream of each linear's input tokens starts in the stream over all ranks' windows: at its
+    first window's first token, except for an expert's routed tokens, counted in one more pass."""
+    start, _ = job.ranks.place(job.windows)
+    routed = [n for n in names if job.policy_of(n) == "routed"] if job.ranks.active else []
+    seen = dict.fromkeys(routed, 0)
+
+    def count(name: str, x: torch.Tensor) -> None:
+        seen[name] += x.reshape(-1, x.shape[-1]).shape[0]
+    if routed:
+        job.observe_statistics({n: job.layer.get_submodule(n) for n in routed}, count)
+    before = job.ranks.gather_json(seen)[: job.ranks.rank]
+    return {n: sum(b[n] for b in before) if n in seen else start * job.seqlen for n in names}
 
 
 def _sample_inputs(job: LayerJob, names: list[str], n_tokens: int) -> dict[str, torch.Tensor]:
     """Each named linear's inputs at ``n_tokens`` tokens evenly spaced over all calibration tokens
-    (``x.reshape(-1, in)[::stride][:n_tokens]`` of all of them), keeping only those tokens; an expert's
-    stream is its routed tokens, and a linear that saw none is left out."""
-    total = job.windows * job.seqlen
+    (``x.reshape(-1, in)[::stride][:n_tokens]`` of all of them, over all ranks' windows), keeping only those
+    tokens; an expert's stream is its routed tokens, and a linear that saw none is left out."""
+    total = job.ranks.place(job.windows)[1] * job.seqlen
     keep = torch.arange(0, total, max(1, total // n_tokens))[:n_tokens]
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    seen = dict.fromkeys(names, 0)
+    seen = _stream_starts(job, names)
 
     def take(name: str, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1])
@@ -336,7 +354,23 @@ def _sample_inputs(job: LayerJob, names: list[str], n_tokens: int) -> dict[str, 
         idx = keep[(keep >= start) & (keep < seen[name])] - start
         samples[name].append(flat[idx.to(flat.device)].clone())
     job.observe_statistics({name: job.layer.get_submodule(name) for name in names}, take)
-    return {name: torch.cat(xs) for name, xs in samples.items() if sum(x.shape[0] for x in xs)}
+    gathered = {name: job.ranks.cat(torch.cat(xs) if xs else None) for name, xs in samples.items()}
+    return {name: x for name, x in gathered.items() if x is not None and x.shape[0]}
+
+
+def _search_scale(job: LayerJob, x: torch.Tensor, linears: list[nn.Linear], compared: Callable, cfg: QuantConfig,
+                  quantize_fn: Callable | None) -> tuple[torch.Tensor, float]:
+    """:func:`search_scale`, each rank trying its share of the grid on the same inputs; every rank picks the
+    point one process would."""
+    n_grid, ranks, batch_tokens = cfg.awq_grid, job.ranks, job.batch_size * job.seqlen
+    mine = scale_losses(x, linears, compared, cfg, n_grid, cfg.awq_duo, quantize_fn, batch_tokens,
+                        candidates=range(ranks.rank, n_grid, ranks.world))
+    losses = {int(i): float(loss) for part in ranks.gather_json({str(i): v for i, v in mine.items()})
+              for i, loss in part.items()}
+    best = best_grid_point(losses)
+    if best is None:
+        raise ValueError("AWQ scale search found no finite loss (non-finite activations or weights?)")
+    return grid_scales(x, linears, cfg, best, n_grid, cfg.awq_duo, batch_tokens).cpu(), losses[best]
 
 
 def apply_awq(job: LayerJob, gptq_rounding: bool = False) -> None:
@@ -393,10 +427,8 @@ def _fold_scales(job: LayerJob, gptq_rounding: bool) -> None:
                 continue
             compared = _compared(layer, sg.inspect, job.kwargs) if sg.inspect else linears[0]
             cfg = job.cfg_for(sg.linears[0])  # the linears one scale feeds read the same input: one width
-            with torch.no_grad():
-                scales, loss = search_scale(x, linears, compared, cfg, n_grid=cfg.awq_grid, duo=cfg.awq_duo,
-                                            quantize_fn=_gptq_rounding(x, cfg) if gptq_rounding else None,
-                                            batch_tokens=job.batch_size * job.seqlen)
+            scales, loss = _search_scale(job, x, linears, compared, cfg, _gptq_rounding(x, cfg) if gptq_rounding
+                                         else None)
             del x
             log.info("layer %d %s -> %s: scale loss %.5g", job.index, sg.prev, _short(sg.linears), loss)
         fold_scales(prev, linears, scales, also, rows, sg.norm_offset)
@@ -433,11 +465,14 @@ def _clip_weights(job: LayerJob) -> None:
                 continue
             max_val = state[key].to(module.weight.device)
         else:
+            rows = job.ranks.rows(module.out_features)  # rows are clipped independently: shared out across ranks
             with torch.no_grad():
-                w = search_clip(module.weight.data.float(), inputs[name], job.cfg_for(name), n_tokens=CLIP_TOKENS)
+                w = search_clip(module.weight.data[rows].float(), inputs[name], job.cfg_for(name),
+                                n_tokens=CLIP_TOKENS)
             # clamping at the clipped weight's own group maxima reproduces the clip exactly
             gs = job.cfg_for(name).group_size
             max_val = w.reshape(w.shape[0], -1, gs if gs > 0 else w.shape[1]).abs().amax(dim=2)  # [out, groups]
+            max_val = job.ranks.gather_rows(max_val, module.out_features)
         w = module.weight.data.float().reshape(module.out_features, max_val.shape[1], -1)  # [out, groups, gs]
         w = torch.clamp(w, -max_val[..., None], max_val[..., None])
         module.weight.data = w.reshape(module.out_features, -1).to(module.weight.dtype)

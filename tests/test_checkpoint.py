@@ -78,8 +78,8 @@ def test_a_block_tuned_checkpoint_reloads_to_the_in_memory_model(tiny_llama, tmp
         assert torch.equal(m.dequantized_weight(torch.float32), results[name].dequantize()), name
 
 
-@pytest.mark.parametrize("method", [dict(method="gptq", act_order=True), dict(method="tune", tune_iters=10)],
-                         ids=["gptq", "tune"])
+@pytest.mark.parametrize("method", [dict(method="gptq", act_order=True), dict(method="awq"),
+                                    dict(method="tune", tune_iters=10)], ids=["gptq", "awq", "tune"])
 def test_same_recipe_and_seed_give_identical_bytes(tmp_path, method):
     recipe = dict(model=str(shared_path("assets", "stories260K")), **method, bits=3, group_size=32,
                   nsamples=8, seqlen=64, max_shard_size="100KB",

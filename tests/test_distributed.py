@@ -15,9 +15,9 @@ from llmq.errors import ConfigError
 C4 = ("assets", "c4-sample", "c4_train_00000_first1000.jsonl")
 
 
-def quantize_args(out: Path, method: str = "gptq") -> list[str]:
+def quantize_args(out: Path, method: str = "gptq", nsamples: int = 128) -> list[str]:
     return ["quantize", str(shared_path("assets", "llmq-tiny-llama")), "--method", method, "--bits", "3",
-            "--group-size", "128", "--calib", str(shared_path(*C4)), "--nsamples", "128", "--seqlen", "256",
+            "--group-size", "128", "--calib", str(shared_path(*C4)), "--nsamples", str(nsamples), "--seqlen", "256",
             "--out", str(out)]
 
 
@@ -54,7 +54,7 @@ def test_what_two_ranks_cannot_run_yet_is_refused_before_calibration():
     from llmq.config import QuantConfig
     from llmq.distributed import check_distributed
 
-    for cfg in (QuantConfig(method="awq"), QuantConfig(method="tune"), QuantConfig(bits_per_weight=3.5)):
+    for cfg in (QuantConfig(method="tune"), QuantConfig(bits_per_weight=3.5)):
         with pytest.raises(ConfigError, match="torch.distributed"):
             check_distributed(cfg, Ranks(0, 2))
         check_distributed(cfg, Ranks())  # one process: anything
@@ -81,6 +81,19 @@ def test_two_gloo_ranks_give_the_same_bytes_every_run_and_the_one_process_perple
     report(f"llmq-tiny-llama GPTQ W3 g128, C4 900-999: one process {one:.3f}, two gloo ranks {two:.3f} "
            f"({(two / one - 1) * 100:+.3f}%)")
     assert abs(two / one - 1) < 0.002
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_of_awq_give_the_one_process_bytes(tmp_path):
+    """AWQ W3 g128: every rank searches the scales on all search windows (their inputs gathered, here spanning
+    both ranks' shares), each trying half the grid, and clips its half of each weight's rows; RTN needs no
+    Hessian, so nothing is summed in another order and the checkpoint is one process's, byte for byte (whose
+    own reruns are the same bytes: test_checkpoint's test_same_recipe_and_seed_give_identical_bytes)."""
+    outs = {nproc: tmp_path / str(nproc) for nproc in (1, 2)}
+    for nproc, out in outs.items():
+        proc = run(quantize_args(out, "awq", nsamples=32), nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert files(outs[2]) == files(outs[1])
 
 
 @pytest.mark.slow
