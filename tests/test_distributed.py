@@ -112,11 +112,14 @@ def test_a_rank_killed_mid_run_fails_the_job_and_the_rerun_resumes_to_the_same_b
 
 
 @pytest.mark.slow
-def test_two_ranks_count_every_experts_tokens_over_all_windows(tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_two_ranks_count_every_experts_tokens_over_all_windows(tmp_path, method):
     """llmq-tiny-moe: the layer-0 routed-token counts (and so each expert's policy) the two ranks agree on are one
-    process's, whose windows reach layer 0 unchanged; every expert of every layer is quantized."""
-    args = ["quantize", str(shared_path("assets", "llmq-tiny-moe")), "--bits", "4", "--calib", str(shared_path(*C4)),
-            "--nsamples", "16", "--seqlen", "128"]
+    process's, whose windows reach layer 0 unchanged; every expert of every layer is quantized. AWQ, which sums no
+    Hessian, gives one process's bytes: each expert's clip samples are taken at its routed-token stream's positions
+    over all ranks."""
+    args = ["quantize", str(shared_path("assets", "llmq-tiny-moe")), "--method", method, "--bits", "4", "--calib",
+            str(shared_path(*C4)), "--nsamples", "16", "--seqlen", "128"]
     experts = {}
     for nproc in (1, 2):
         proc = run([*args, "--out", str(tmp_path / str(nproc))], nproc=nproc)
@@ -127,3 +130,5 @@ def test_two_ranks_count_every_experts_tokens_over_all_windows(tmp_path):
     layer0 = {n: v for n, v in experts[1].items() if n.startswith("model.layers.0.")}
     assert layer0 and all(experts[2][n] == v for n, v in layer0.items())
     assert experts[2].keys() == experts[1].keys()
+    if method == "awq":
+        assert files(tmp_path / "2") == files(tmp_path / "1")
