@@ -146,13 +146,14 @@ def test_bad_inputs_are_refused_with_the_fix(small, tmp_path):
         quantize_to_disk(recipe(tmp_path / "q", tmp_path / "c"))
 
 
-# Peak anonymous memory of one quantization (calibration included) above the baseline after imports,
-# sampled every 2 ms from a thread. Anonymous only: VmHWM also counts file-backed pages (shared libraries,
-# mapped shards), which varied by ~100 MB from run to run under a full suite; what the test is about, memory
-# held as layers go by, is anonymous and lasts far longer than a sample's interval.
+# Anonymous memory of one quantization above the baseline after imports, sampled every 2 ms from a thread, and its
+# peak in each layer (from one layer's "layer.solved" point to the next). Anonymous only: VmHWM also counts
+# file-backed pages (shared libraries, mapped shards), which varied by ~100 MB from run to run under a full suite.
+# Per layer, within one process: two processes' peaks differ by up to ~90 MB from their first layer on (heap
+# state), which says nothing about memory held as layers go by; one process's later layers against its first do.
 MEASURE = r"""
 import json, sys, threading
-import torch, transformers
+import llmq.pipeline
 from llmq.api import quantize_to_disk
 from llmq.config import Recipe
 
@@ -163,47 +164,52 @@ def anon():
                 return int(line.split()[1]) * 1024
 
 recipe = Recipe.from_dict(json.loads(sys.argv[1]))
-before, peak, done = anon(), [0], threading.Event()
+before, layer_peaks, done = anon(), [0], threading.Event()
 def sample():
     while not done.wait(0.002):
-        peak[0] = max(peak[0], anon())
+        layer_peaks[-1] = max(layer_peaks[-1], anon() - before)
+solved = llmq.pipeline.kill_point
+def layer_solved(name, *args):
+    if name == "layer.solved":
+        layer_peaks.append(anon() - before)  # the next layer's peak starts from here
+    solved(name, *args)
+llmq.pipeline.kill_point = layer_solved
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
 quantize_to_disk(recipe)
 done.set()
 sampler.join()
-print(json.dumps({"added_peak": max(peak[0], anon()) - before}))
+print(json.dumps({"layer_peaks": layer_peaks[:-1], "whole_run": max(layer_peaks)}))
 """
 
 
-# One malloc arena in the measured process: each thread's arena holds its own free memory, by thread timing
-QUIET_HEAP = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+# The measured process's heap holds no freed memory to speak of: one malloc arena (each thread's arena keeps its own
+# free memory, by thread timing), and a fixed mmap threshold, so every block over 1 MB is mapped and unmapped
+# on free (glibc's default threshold rises to 32 MB after the first frees, and such blocks then stay in the heap:
+# the layer peaks crept by up to 65 MB over 10 layers with it, and stay within 10 MB with this).
+QUIET_HEAP = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 def test_peak_memory_grows_far_less_than_the_extra_layers(tmp_path, report):
-    # float32 layers of 12.6M parameters (50 MB): eight more of them add 403 MB to the model. Depths 2 and 10
-    # cost what 4 and 8 did and double the difference measured: one run's peak varies by up to ~85 MB (heap
-    # layout by thread timing), which is 40% of four layers. Min-max ranges: the MSE search's time, not its memory.
+    # float32 layers of 12.6M parameters (50 MB) on 10 layers: from the first two layers' peak to the last two's,
+    # eight layers (403 MB) have gone by. Min-max ranges: the MSE search's time, not its memory.
     shape = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8)
-    peaks, sizes = {}, {}
-    for depth in (2, 10):
-        folder = make_model(tmp_path / f"d{depth}", num_hidden_layers=depth, **shape)
-        sizes[depth] = (folder / "model.safetensors").stat().st_size
-        runs = []
-        for i in range(3):  # the least of three runs
-            r = recipe(folder, tmp_path / f"q{depth}-{i}", group_size=128, nsamples=4, mse=False)
-            out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(r.to_dict())], capture_output=True,
-                                 text=True, env=QUIET_HEAP)
-            assert out.returncode == 0, out.stderr[-3000:]
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1])["added_peak"])
-        peaks[depth] = min(runs)
-    extra_layers = sizes[10] - sizes[2]
-    growth = peaks[10] - peaks[2]
-    report(f"streaming peak memory added (MB): depth 2 {peaks[2] / 1e6:.0f}, depth 10 {peaks[10] / 1e6:.0f} "
-           f"(model {sizes[2] / 1e6:.0f} -> {sizes[10] / 1e6:.0f} MB); growth {growth / 1e6:.0f} MB for "
-           f"{extra_layers / 1e6:.0f} MB of extra layers")
-    assert growth < 0.2 * extra_layers
-    assert peaks[10] < sizes[10]  # less than the model itself, calibration text and tokenizer included
+    folder = make_model(tmp_path / "fp", num_hidden_layers=10, **shape)
+    size = (folder / "model.safetensors").stat().st_size
+    r = recipe(folder, tmp_path / "q", group_size=128, nsamples=4, mse=False)
+    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(r.to_dict())], capture_output=True, text=True,
+                         env=QUIET_HEAP)
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    peaks = measured["layer_peaks"]
+    assert len(peaks) == 10
+    layer = size / 10  # the embedding (vocab 512) is 2 MB of it
+    growth = max(peaks[-2:]) - max(peaks[:2])
+    report(f"streaming peak memory added per layer (MB): {' '.join(f'{p / 1e6:.0f}' for p in peaks)}; growth from "
+           f"layers 0-1 to 8-9 {growth / 1e6:.0f} MB for 8 layers of {layer / 1e6:.0f} MB; whole run "
+           f"{measured['whole_run'] / 1e6:.0f} MB, model {size / 1e6:.0f} MB")
+    assert growth < 0.2 * 8 * layer
+    assert measured["whole_run"] < size  # less than the model itself, calibration text and tokenizer included
 
 
 # Named points (llmq/killpoints.py) spread over a run of the 3-layer model, which writes its head (the
