@@ -91,7 +91,7 @@ def test_two_gloo_ranks_of_awq_give_the_one_process_bytes(tmp_path):
     own reruns are the same bytes: test_checkpoint's test_same_recipe_and_seed_give_identical_bytes)."""
     outs = {nproc: tmp_path / str(nproc) for nproc in (1, 2)}
     for nproc, out in outs.items():
-        proc = run(quantize_args(out, "awq", nsamples=32), nproc=nproc)
+        proc = run(quantize_args(out, "awq", nsamples=16), nproc=nproc)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert files(outs[2]) == files(outs[1])
 
