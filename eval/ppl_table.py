@@ -25,7 +25,7 @@ from llmq.arch import get_layers, layer_linears, resolve_arch
 from llmq.config import QuantConfig, Width
 from llmq.data import calibration_windows, eval_windows
 from llmq.eval import perplexity
-from llmq.mixed import make_units, widths_table
+from llmq.mixed import linear_shapes, make_units, widths_table
 from llmq.pack import gptq_storage_bits
 from llmq.pipeline import noted_widths, quantize_layers
 from llmq.table import Cell, run_cells
@@ -122,8 +122,8 @@ def tiny_llama_mixed(shared: Path = SHARED, datasets: tuple[str, ...] = ("C4 900
     calib, evals = _c4_data(path, shared, datasets)
     model = AutoModelForCausalLM.from_pretrained(path)
     spec = resolve_arch(model)
-    units = make_units([{f"{spec.layers}.{i}.{n}": (m.out_features, m.in_features)
-                         for n, m in layer_linears(layer, spec, model.config, i).items() if n in group}
+    units = make_units([linear_shapes({n: m for n, m in layer_linears(layer, spec, model.config, i).items()
+                                       if n in group}, f"{spec.layers}.{i}.")
                         for i, layer in enumerate(get_layers(model, spec)) for group in spec.groups(model.config, i)],
                        (Width(bits, 64), *(Width(b, 128) for b in (2, 3, 4, 8))))
     weights = sum(u.weights for u in units)

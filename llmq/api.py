@@ -34,7 +34,7 @@ from .export import PackedWriter, check_format, check_layout, save_packed, write
 from .killpoints import kill_point
 from .loader import from_pretrained
 from .memory import fix_malloc_mmap_threshold
-from .methods import METHOD_FNS, awq_search_bytes
+from .methods import awq_search_bytes, needs_teacher
 from .mixed import check_budget, make_units
 from .pack import can_pack
 from .pipeline import LayerResults, quantize_layers
@@ -314,7 +314,7 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
 
     hidden_size = config.get_text_config().hidden_size
     hidden_bytes = calib.numel() * hidden_size * p.dtype.itemsize * (
-        1 + (recipe.quant.next_inputs == "fp") + getattr(METHOD_FNS[recipe.quant.method], "needs_teacher", False))
+        1 + (recipe.quant.next_inputs == "fp") + needs_teacher(recipe.quant.method))
     if awq_method:  # the scale search's own buffers count against the same budget
         widest = max(m.in_features for i, layer in enumerate(get_layers(model, spec))
                      for m in layer_linears(layer, spec, config, i).values())

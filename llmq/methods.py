@@ -537,3 +537,8 @@ METHOD_FNS: dict[str, Callable[[LayerJob], dict[str, QuantizedWeight]]] = {
     "awq+gptq": awq_gptq_layer,
     "tune": tune_layer,
 }
+
+
+def needs_teacher(method: str) -> bool:
+    """Whether ``method`` tunes against the FP layer's outputs (the pipeline then carries a second stream)."""
+    return getattr(METHOD_FNS[method], "needs_teacher", False)

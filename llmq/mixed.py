@@ -24,6 +24,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch.nn as nn
+
 from .config import QuantConfig, Width
 from .errors import ConfigError
 from .methods import METHOD_FNS, LayerJob
@@ -65,6 +67,11 @@ def check_budget(units: list[Unit], cfg: QuantConfig) -> float:
                           f"({least / weights:.3f} bits per weight, scales and zeros counted): raise it, or add "
                           "narrower widths to mixed_widths")
     return cfg.bits_per_weight * weights
+
+
+def linear_shapes(linears: dict[str, nn.Linear], prefix: str = "") -> Shapes:
+    """A group's ``{prefix + name: (out, in)}``: what :func:`make_units` takes."""
+    return {prefix + name: (m.out_features, m.in_features) for name, m in linears.items()}
 
 
 def make_units(groups: list[Shapes], widths: tuple[Width, ...]) -> list[Unit]:

@@ -28,8 +28,8 @@ from .config import QuantConfig, Width
 from .device import exact_float32, resolve_device
 from .distributed import SINGLE, Ranks, check_distributed
 from .killpoints import kill_point
-from .methods import METHOD_FNS, LayerJob, check_finite
-from .mixed import allocate, check_budget, format_allocation, layer_sensitivity, make_units
+from .methods import METHOD_FNS, LayerJob, check_finite, needs_teacher
+from .mixed import allocate, check_budget, format_allocation, layer_sensitivity, linear_shapes, make_units
 from .quant import QuantizedWeight
 from .timing import StageTimes
 
@@ -276,8 +276,7 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
             layer = source.load_layer(index).to(device)
         prefix = f"{spec.layers}.{index}."
         groups = _layer_groups(layer, spec, model.config, index, keep_fp)
-        layer_units = make_units([{prefix + name: (m.out_features, m.in_features) for name, m in g.items()}
-                                  for g in groups], cfg.widths)
+        layer_units = make_units([linear_shapes(g, prefix) for g in groups], cfg.widths)
         kwargs = layer_kwargs[index]
         with timer("propagate"):
             _propagate(layer, stream, kwargs, batch_size, out=fp_outputs)
@@ -373,7 +372,7 @@ def quantize_layers(
     with timer("capture"):
         hidden, layer_kwargs = capture_layer_inputs(model, spec, input_ids, device, offload_dir)
         activations = {"hidden": hidden}
-        if getattr(method, "needs_teacher", False):
+        if needs_teacher(cfg.method):
             activations["teacher"] = allocate_activations(tuple(hidden.shape), hidden.dtype, hidden.device,
                                                           offload_dir, "teacher")
             activations["teacher"].copy_(hidden)
