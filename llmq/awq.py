@@ -130,15 +130,15 @@ def _grid_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
-def grid_scales(x: torch.Tensor, linears: list[nn.Linear], cfg: QuantConfig, index: int, n_grid: int = 20,
-                duo: bool = False, batch_tokens: int = 4096) -> torch.Tensor:
-    """The scales of grid point ``index`` (``alpha = index / n_grid``) for inputs ``x``, float32 on x's device."""
-    w_mean = _weight_mean(linears, cfg.group_size) if duo else None
-    return _grid_scales(mean_abs(x, batch_tokens), w_mean, index / n_grid)
+def _best_grid_point(losses: dict[int, float]) -> int | None:
+    """The grid point of least finite loss, the lowest on a tie (what a loop keeping strict improvements picks);
+    None when no loss is finite."""
+    finite = [(loss, i) for i, loss in losses.items() if math.isfinite(loss)]
+    return min(finite)[1] if finite else None
 
 
 @torch.no_grad()
-def scale_losses(
+def search_scale(
     x: torch.Tensor,
     linears: list[nn.Linear],
     inspect: Callable[[torch.Tensor], torch.Tensor],
@@ -148,10 +148,25 @@ def scale_losses(
     quantize_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     batch_tokens: int = 4096,
     candidates: Iterable[int] | None = None,
-) -> dict[int, float]:
-    """The output MSE of each grid point in ``candidates`` (default: all ``n_grid``): :func:`search_scale`'s
-    losses, for callers that share the grid out (each point's loss is computed alone, so any split of the
-    grid gives the same numbers)."""
+    gather: Callable[[dict[int, float]], dict[int, float]] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """AWQ's grid search (Lin et al. 2024, Sec. 3.2): ``s = mean|x|^alpha``, alpha in ``0, 1/n, ..., (n-1)/n``.
+
+    ``x`` is the linears' input (``[tokens, in]`` or ``[batch, seq, in]``), ``inspect`` maps a slice of it
+    (whole rows, about ``batch_tokens`` tokens) to the compared output (the one linear, or a closure over
+    an attention/MLP block; a tuple output compares its first element). For each candidate every linear
+    temporarily holds ``Q(W diag(s)) diag(s)^-1`` (RTN under ``cfg``), so ``prev`` is untouched; the MSE
+    against the full-precision output picks the best. With ``duo``, ``s = mean|x|^alpha / w_mean^(1-alpha)``.
+    Scales are normalised by ``sqrt(max * min)``, as AutoAWQ. Original weights are restored. Returns
+    ``(scales [in] float32, best loss)``; alpha=0 is plain RTN. ``quantize_fn(W diag(s), s)`` replaces RTN
+    by the rounding that will really follow (e.g. GPTQ), so the scales are chosen for it: candidates good
+    for RTN can be bad for GPTQ, which compensates errors. Memory beyond ``x``: the float32 reference
+    output and one slice's candidate output.
+
+    Sharing the grid out: each caller evaluates its ``candidates`` (default: every point) and ``gather`` maps its
+    losses to every caller's; each point's loss is computed alone, so all callers pick the point one caller
+    evaluating the whole grid would.
+    """
     x_mean = mean_abs(x, batch_tokens)
     w_mean = _weight_mean(linears, cfg.group_size) if duo else None
     originals = [fc.weight.detach().clone() for fc in linears]
@@ -174,44 +189,12 @@ def scale_losses(
     finally:
         for fc, w in zip(linears, originals, strict=True):
             fc.weight.data = w
-    return losses
-
-
-def best_grid_point(losses: dict[int, float]) -> int | None:
-    """The grid point of least finite loss, the lowest on a tie (what a loop keeping strict improvements picks);
-    None when no loss is finite."""
-    finite = [(loss, i) for i, loss in losses.items() if math.isfinite(loss)]
-    return min(finite)[1] if finite else None
-
-
-def search_scale(
-    x: torch.Tensor,
-    linears: list[nn.Linear],
-    inspect: Callable[[torch.Tensor], torch.Tensor],
-    cfg: QuantConfig,
-    n_grid: int = 20,
-    duo: bool = False,
-    quantize_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    batch_tokens: int = 4096,
-) -> tuple[torch.Tensor, float]:
-    """AWQ's grid search (Lin et al. 2024, Sec. 3.2): ``s = mean|x|^alpha``, alpha in ``0, 1/n, ..., (n-1)/n``.
-
-    ``x`` is the linears' input (``[tokens, in]`` or ``[batch, seq, in]``), ``inspect`` maps a slice of it
-    (whole rows, about ``batch_tokens`` tokens) to the compared output (the one linear, or a closure over
-    an attention/MLP block; a tuple output compares its first element). For each candidate every linear
-    temporarily holds ``Q(W diag(s)) diag(s)^-1`` (RTN under ``cfg``), so ``prev`` is untouched; the MSE
-    against the full-precision output picks the best. With ``duo``, ``s = mean|x|^alpha / w_mean^(1-alpha)``.
-    Scales are normalised by ``sqrt(max * min)``, as AutoAWQ. Original weights are restored. Returns
-    ``(scales [in] float32, best loss)``; alpha=0 is plain RTN. ``quantize_fn(W diag(s), s)`` replaces RTN
-    by the rounding that will really follow (e.g. GPTQ), so the scales are chosen for it: candidates good
-    for RTN can be bad for GPTQ, which compensates errors. Memory beyond ``x``: the float32 reference
-    output and one slice's candidate output.
-    """
-    losses = scale_losses(x, linears, inspect, cfg, n_grid, duo, quantize_fn, batch_tokens)
-    best = best_grid_point(losses)
+    if gather is not None:
+        losses = gather(losses)
+    best = _best_grid_point(losses)
     if best is None:
         raise ValueError("AWQ scale search found no finite loss (non-finite activations or weights?)")
-    return grid_scales(x, linears, cfg, best, n_grid, duo, batch_tokens).cpu(), losses[best]
+    return _grid_scales(x_mean, w_mean, best / n_grid).cpu(), losses[best]
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .arch import ScaleGroup
 from .arch.experts import LayerExperts
-from .awq import best_grid_point, can_fold, fold_scales, grid_scales, scale_losses, search_clip
+from .awq import can_fold, fold_scales, search_clip, search_scale
 from .config import QuantConfig
 from .distributed import SINGLE, Ranks
 from .errors import WeightError
@@ -323,10 +323,9 @@ def _gather_inputs(job: LayerJob, name: str, windows: int) -> torch.Tensor | Non
     return job.ranks.cat(torch.cat(batches) if batches else None)
 
 
-def _stream_starts(job: LayerJob, names: list[str]) -> dict[str, int]:
+def _stream_starts(job: LayerJob, names: list[str], first_window: int) -> dict[str, int]:
     """Where this rank's stream of each linear's input tokens starts in the stream over all ranks' windows: at its
     first window's first token, except for an expert's routed tokens, counted in one more pass."""
-    start, _ = job.ranks.place(job.windows)
     routed = [n for n in names if job.policy_of(n) == "routed"] if job.ranks.active else []
     seen = dict.fromkeys(routed, 0)
 
@@ -335,17 +334,18 @@ def _stream_starts(job: LayerJob, names: list[str]) -> dict[str, int]:
     if routed:
         job.observe_statistics({n: job.layer.get_submodule(n) for n in routed}, count)
     before = job.ranks.gather_json(seen)[: job.ranks.rank]
-    return {n: sum(b[n] for b in before) if n in seen else start * job.seqlen for n in names}
+    return {n: sum(b[n] for b in before) if n in seen else first_window * job.seqlen for n in names}
 
 
 def _sample_inputs(job: LayerJob, names: list[str], n_tokens: int) -> dict[str, torch.Tensor]:
     """Each named linear's inputs at ``n_tokens`` tokens evenly spaced over all calibration tokens
     (``x.reshape(-1, in)[::stride][:n_tokens]`` of all of them, over all ranks' windows), keeping only those
     tokens; an expert's stream is its routed tokens, and a linear that saw none is left out."""
-    total = job.ranks.place(job.windows)[1] * job.seqlen
+    first_window, windows = job.ranks.place(job.windows)
+    total = windows * job.seqlen
     keep = torch.arange(0, total, max(1, total // n_tokens))[:n_tokens]
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    seen = _stream_starts(job, names)
+    seen = _stream_starts(job, names, first_window)
 
     def take(name: str, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1])
@@ -362,15 +362,13 @@ def _search_scale(job: LayerJob, x: torch.Tensor, linears: list[nn.Linear], comp
                   quantize_fn: Callable | None) -> tuple[torch.Tensor, float]:
     """:func:`search_scale`, each rank trying its share of the grid on the same inputs; every rank picks the
     point one process would."""
-    n_grid, ranks, batch_tokens = cfg.awq_grid, job.ranks, job.batch_size * job.seqlen
-    mine = scale_losses(x, linears, compared, cfg, n_grid, cfg.awq_duo, quantize_fn, batch_tokens,
-                        candidates=range(ranks.rank, n_grid, ranks.world))
-    losses = {int(i): float(loss) for part in ranks.gather_json({str(i): v for i, v in mine.items()})
-              for i, loss in part.items()}
-    best = best_grid_point(losses)
-    if best is None:
-        raise ValueError("AWQ scale search found no finite loss (non-finite activations or weights?)")
-    return grid_scales(x, linears, cfg, best, n_grid, cfg.awq_duo, batch_tokens).cpu(), losses[best]
+    ranks = job.ranks
+
+    def every_ranks(mine: dict[int, float]) -> dict[int, float]:
+        return {int(i): float(loss) for part in ranks.gather_json({str(i): v for i, v in mine.items()})
+                for i, loss in part.items()}
+    return search_scale(x, linears, compared, cfg, cfg.awq_grid, cfg.awq_duo, quantize_fn, job.batch_size * job.seqlen,
+                        candidates=range(ranks.rank, cfg.awq_grid, ranks.world), gather=every_ranks)
 
 
 def apply_awq(job: LayerJob, gptq_rounding: bool = False) -> None:
