@@ -194,7 +194,8 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline end-to-end demo on a small LLaMA trained on the spot")
     p.add_argument("--out", default="llmq-demo", help="working folder (default ./llmq-demo)")
-    p.add_argument("--train-seconds", type=float, default=60.0)
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="training steps of the demo model (default: llmq.demo_model.DEMO_STEPS, about a minute)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -327,7 +328,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, train_seconds=args.train_seconds, seed=args.seed)
+    kwargs = {} if args.train_steps is None else {"train_steps": args.train_steps}
+    run_demo(args.out, seed=args.seed, **kwargs)
     return 0
 
 

@@ -1,6 +1,7 @@
 """``llmq demo``: the whole job offline on an embedded default.
 
-Trains (once, then cached in the working folder) a small LLaMA on text the code generates, then
+Trains (once, then cached in the working folder) a small byte-level LLaMA on text the code generates, for a
+fixed number of steps (so the model, and the table, are the same on any machine), then
 for RTN, GPTQ and GPTQ act-order at W4, W3 and W2 g128: quantize -> pack -> load the packed checkpoint ->
 evaluate, and prints the held-out perplexity table with each checkpoint's bits per weight (``llmq table``'s
 cells and outputs, the plot included).
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import QuantConfig
 from .data import calibration_windows, eval_windows
-from .demo_model import DEMO_TEXTS_FILE, make_demo_model
+from .demo_model import DEMO_STEPS, DEMO_TEXTS_FILE, make_demo_model
 from .eval import perplexity
 from .export import save_packed
 from .info import checkpoint_info
@@ -29,14 +30,23 @@ DEMO_BITS = "4,3,2"
 EVAL = "held-out stories"
 
 
-def run_demo(out: str | Path, train_seconds: float = 60.0, seed: int = 0) -> dict[str, float]:
+def _cached_info(model_dir: Path) -> dict | None:
+    texts = model_dir / DEMO_TEXTS_FILE
+    if not (model_dir / "config.json").is_file() or not texts.is_file():
+        return None
+    return json.loads(texts.read_text(encoding="utf-8"))["info"]
+
+
+def run_demo(out: str | Path, train_steps: int = DEMO_STEPS, seed: int = 0) -> dict[str, float]:
     """Returns ``{cell name: held-out perplexity}``, prints the table and writes ``table.md``, ``table.csv`` and
-    ``plot.png`` (llmq table's outputs) beside the checkpoints."""
+    ``plot.png`` (llmq table's outputs) beside the checkpoints. The model is trained once and kept in
+    ``out/model``; a cached model of other steps or seed is trained afresh (and the table's cells with it)."""
     out = Path(out)
     model_dir = out / "model"
-    if not (model_dir / "config.json").is_file():
-        print(f"training the demo model for {train_seconds:.0f} s (cached in {model_dir}) ...", flush=True)
-        make_demo_model(model_dir, train_seconds=train_seconds, seed=seed)
+    info = _cached_info(model_dir)
+    if info is None or (info["steps"], info["seed"]) != (train_steps, seed):
+        print(f"training the demo model for {train_steps} steps (cached in {model_dir}) ...", flush=True)
+        make_demo_model(model_dir, seed=seed, max_steps=train_steps)
     texts = json.loads((model_dir / DEMO_TEXTS_FILE).read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     calib = calibration_windows(texts["calibration"], tokenizer, nsamples=128, seqlen=128, seed=seed,
@@ -57,8 +67,9 @@ def run_demo(out: str | Path, train_seconds: float = 60.0, seed: int = 0) -> dic
         ppl = perplexity(model, evals, batch_size=8, progress=False)["ppl"]
         return {"bits_per_weight": bits, "metrics": {EVAL: ppl}}
 
-    records = run_cells(grid(DEMO_METHODS, DEMO_BITS, "128"), measure, settings={"seed": seed}, desc="demo")
-    write_outputs(records, out, title="llmq demo: a LLaMA trained on synthetic stories")
+    records = run_cells(grid(DEMO_METHODS, DEMO_BITS, "128"), measure,
+                        settings={"seed": seed, "train_steps": train_steps}, desc="demo")
+    write_outputs(records, out, title="llmq demo: a byte-level LLaMA trained on synthetic stories")
     print(f"\nheld-out perplexity of the demo LLaMA, packed checkpoints reloaded "
           f"({evals.shape[0]} windows of {evals.shape[1]} tokens)\n")
     print(markdown(records))
