@@ -207,13 +207,27 @@ def check_distributed(cfg: QuantConfig, ranks: Ranks) -> None:
                           "without torchrun")
 
 
+# how a dead peer shows in gloo's RuntimeErrors (e.g. "gloo/transport/tcp/pair.cc: Connection closed by peer ...
+# typically caused by a remote worker crashing"); NCCL raises DistBackendError
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote worker", "timed out",
+              "/transport/")
+
+
+def is_peer_lost(e: BaseException) -> bool:
+    """Whether a collective's error says another rank is gone (not a misuse such as mismatched shapes)."""
+    return isinstance(e, dist.DistBackendError) or any(s in str(e).lower() for s in _PEER_LOST)
+
+
 def _collective(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``, a lost peer reported as what it is rather than as a socket error."""
+    """``fn(*args)``, a lost peer reported as what it is rather than as a socket error; any other error as itself."""
     try:
         return fn(*args)
-    except (RuntimeError, dist.DistBackendError) as e:
+    except RuntimeError as e:
+        if not is_peer_lost(e):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else "?"
         raise RankLostError(
-            f"rank {dist.get_rank()} lost contact with the other ranks ({e}); one died or was killed. The resume "
+            f"rank {rank} lost contact with the other ranks ({e}); one died or was killed. The resume "
             "state rank 0 committed is intact: run the same command again to continue from the last finished layer"
         ) from e
 

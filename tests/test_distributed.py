@@ -60,6 +60,27 @@ def test_what_two_ranks_cannot_run_yet_is_refused_before_calibration():
         check_distributed(cfg, Ranks())  # one process: anything
 
 
+def test_a_lost_peer_is_reported_as_such_and_a_misuse_as_itself():
+    """gloo raises a plain RuntimeError both when a peer dies and when a call is wrong; only the first is a lost
+    rank (the messages are gloo's own, from torch 2.13: a rank that exited, and a short output list)."""
+    from llmq.distributed import RankLostError, _collective
+
+    def fails(message):
+        def fn():
+            raise RuntimeError(message)
+        return fn
+
+    lost = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+            "[127.0.0.1]:61126. This is typically caused by a remote worker crashing.")
+    with pytest.raises(RankLostError, match="lost contact.*run the same command again"):
+        _collective(fails(lost))
+    misuse = "ProcessGroupGloo::allgather: invalid output tensor list at index 0 (expected length 2, got 1)"
+    with pytest.raises(RuntimeError, match="invalid output tensor list") as raised:
+        _collective(fails(misuse))
+    assert not isinstance(raised.value, RankLostError)
+    assert _collective(lambda x: x + 1, 1) == 2
+
+
 @pytest.fixture(scope="module")
 def outs(tmp_path_factory) -> dict[str, Path]:
     """GPTQ W3 g128 on llmq-tiny-llama (128 x 256 C4 windows) in one process, and twice with two gloo ranks."""
@@ -114,10 +135,12 @@ def test_a_rank_killed_mid_run_fails_the_job_and_the_rerun_resumes_to_the_same_b
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_two_ranks_count_every_experts_tokens_over_all_windows(tmp_path, method):
-    """llmq-tiny-moe: the layer-0 routed-token counts (and so each expert's policy) the two ranks agree on are one
-    process's, whose windows reach layer 0 unchanged; every expert of every layer is quantized. AWQ, which sums no
-    Hessian, gives one process's bytes: each expert's clip samples are taken at its routed-token stream's positions
-    over all ranks."""
+    """llmq-tiny-moe: the routed-token counts the two ranks agree on cover every window's every token (top-k of them
+    in each layer), and every expert of every layer is quantized. AWQ, which sums no Hessian, gives one process's
+    bytes and counts: each expert's clip samples are taken at its routed-token stream's positions over all ranks.
+    GPTQ's Hessians are summed in another order (the last bits), so layer 0's attention, quantized before its
+    experts are counted, can round a few codes otherwise (8 words of o_proj here) and flip a near-tie of the
+    router: its layer-0 counts are one process's within a few tokens."""
     args = ["quantize", str(shared_path("assets", "llmq-tiny-moe")), "--method", method, "--bits", "4", "--calib",
             str(shared_path(*C4)), "--nsamples", "16", "--seqlen", "128"]
     experts = {}
@@ -127,8 +150,14 @@ def test_two_ranks_count_every_experts_tokens_over_all_windows(tmp_path, method)
         meta = json.loads((tmp_path / str(nproc) / "quantize_config.json").read_text())["meta"]["llmq"]
         experts[nproc] = meta["experts"]
         assert not meta["unquantized"]
-    layer0 = {n: v for n, v in experts[1].items() if n.startswith("model.layers.0.")}
-    assert layer0 and all(experts[2][n] == v for n, v in layer0.items())
     assert experts[2].keys() == experts[1].keys()
+    config = json.loads(shared_path("assets", "llmq-tiny-moe", "config.json").read_text())
+    for counts in experts.values():
+        for layer in range(config["num_hidden_layers"]):
+            routed = sum(v["tokens"] for n, v in counts.items() if n.startswith(f"model.layers.{layer}."))
+            assert routed == 16 * 128 * config["num_experts_per_tok"], (layer, routed)
+    layer0 = {n: v for n, v in experts[1].items() if n.startswith("model.layers.0.")}
+    assert layer0 and all(abs(experts[2][n]["tokens"] - v["tokens"]) <= 3 for n, v in layer0.items())
     if method == "awq":
+        assert experts[2] == experts[1]
         assert files(tmp_path / "2") == files(tmp_path / "1")
