@@ -200,7 +200,8 @@ def _observe(
 
     def hook(name: str):
         def _hook(module: nn.Module, args: tuple) -> None:
-            fn(name, args[0].detach())
+            fn(name, args[0])  # the module's own input object (no_grad: nothing to detach), which the linears
+            # sharing it receive too: SharedHessians tells them by it
             pending.discard(name)
             if not pending:
                 raise _StopForward
