@@ -44,7 +44,7 @@ RUNS = {
     "AWQ+GPTQ act-order": dict(method="awq+gptq", act_order=True),
     "Tune": dict(method="tune"),
     # stories260K's tune rows: at the default 200 steps its W3 ratio to GPTQ's loss moves from machine to machine
-    # (0.582 on an earlier session's, 0.634 on this one's; 0.549 at 400 steps and 0.590 at 800 here)
+    # (0.582 and 0.634 on two of them; 0.549 at 400 steps and 0.590 at 800 on the second)
     "Tune 400 steps": dict(method="tune", tune_iters=400),
     "RTN sym": dict(method="rtn", sym=True),
     "GPTQ sym": dict(sym=True),

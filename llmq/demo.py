@@ -30,11 +30,12 @@ DEMO_BITS = "4,3,2"
 EVAL = "held-out stories"
 
 
-def _cached_info(model_dir: Path) -> dict | None:
+def _saved_texts(model_dir: Path) -> dict | None:
+    """The saved demo model's texts and training info (``demo_texts.json``), or None when there is no model."""
     texts = model_dir / DEMO_TEXTS_FILE
     if not (model_dir / "config.json").is_file() or not texts.is_file():
         return None
-    return json.loads(texts.read_text(encoding="utf-8"))["info"]
+    return json.loads(texts.read_text(encoding="utf-8"))
 
 
 def run_demo(out: str | Path, train_steps: int = DEMO_STEPS, seed: int = 0) -> dict[str, float]:
@@ -43,11 +44,11 @@ def run_demo(out: str | Path, train_steps: int = DEMO_STEPS, seed: int = 0) -> d
     ``out/model``; a cached model of other steps or seed is trained afresh (and the table's cells with it)."""
     out = Path(out)
     model_dir = out / "model"
-    info = _cached_info(model_dir)
-    if info is None or (info["steps"], info["seed"]) != (train_steps, seed):
+    texts = _saved_texts(model_dir)
+    if texts is None or (texts["info"]["steps"], texts["info"]["seed"]) != (train_steps, seed):
         print(f"training the demo model for {train_steps} steps (cached in {model_dir}) ...", flush=True)
         make_demo_model(model_dir, seed=seed, max_steps=train_steps)
-    texts = json.loads((model_dir / DEMO_TEXTS_FILE).read_text(encoding="utf-8"))
+        texts = _saved_texts(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     calib = calibration_windows(texts["calibration"], tokenizer, nsamples=128, seqlen=128, seed=seed,
                                 per_document=False)
