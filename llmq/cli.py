@@ -48,6 +48,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--range-search", choices=RANGE_SEARCHES,
                    help="with --mse: every 4th shrink factor then the best's neighbours (default), or all 80")
     p.add_argument("--damp-percent", type=float, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
+    p.add_argument("--exact-sums", action="store_true", default=None,
+                   help="sum Hessians in float64 so any number of torchrun ranks gives one process's bytes "
+                        "(twice the Hessian memory)")
     p.add_argument("--calib", help="c4 | wikitext2 | pileval | a local .txt/.jsonl/.parquet (default c4)")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 2048)")
@@ -204,7 +207,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .config import Recipe
 
     keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "range_search",
-            "damp_percent",
+            "damp_percent", "exact_sums",
             "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
             "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens", "arch",
             "tune_iters", "tune_batch", "tune_lr", "tune_lr_qparams", "bits_per_weight", "mixed_widths")

@@ -85,6 +85,11 @@ class QuantConfig:
     # reference GPTQ and AutoGPTQ default), so static groups are opt-in.
     static_groups: bool = False
     damp_percent: float = 0.01
+    # Sum each batch's float32 Hessian part in float64 (llmq.gptq.HessianAccumulator): the sums no longer depend
+    # on the order of the batches, so under torchrun every number of ranks gives one process's bytes (at the same
+    # threads per process). Costs twice the accumulators' memory (+485 MB at a 7B down_proj) and a float64 add per
+    # batch; without it two ranks' perplexity is within 0.2% of one process's (tests/test_distributed.py).
+    exact_sums: bool = False
     block_size: int = 128
     true_sequential: bool = True
     # Where the next layer's inputs come from: the quantized layer ("quantized", GPTQ's choice) or

@@ -22,25 +22,41 @@ MAX_DAMP_RETRIES = 4  # damping x10 each time: 1%, 10%, 100%, 1000% of mean(diag
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n * sum_t x_t x_t^T`` over all calibration tokens, in float32."""
+    """Running ``H = 2/n * sum_t x_t x_t^T`` over all calibration tokens, in float32.
 
-    def __init__(self, n_in: int, device: torch.device | str = "cpu"):
-        self.sum = torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+    ``exact=True`` adds each batch's float32 ``x^T x`` into a float64 sum (twice the memory). Float64 holds the
+    sum of a few dozen float32 numbers of similar magnitude without rounding, so the sum no longer depends on
+    the order the batches are added in: ranks that each sum their own batches, then add their sums, get one
+    process's H bit for bit (llmq.distributed). A difference needs a batch's part 2^25 times smaller than
+    another's and a float64 sum within one float64 step of a float32 rounding boundary.
+    """
+
+    PART_ELEMENTS = 1 << 24  # float32 elements of one row block of x^T x in the exact sum (64 MB)
+
+    def __init__(self, n_in: int, device: torch.device | str = "cpu", exact: bool = False):
+        self.exact = exact
+        self.sum = torch.zeros(n_in, n_in, dtype=torch.float64 if exact else torch.float32, device=device)
         self.n_tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)  # [tokens, in]
-        self.sum.addmm_(x.T, x)
+        if self.exact:  # the float32 part row block by row block, so no second n_in x n_in matrix is held
+            step = max(1, self.PART_ELEMENTS // x.shape[1])
+            for r in range(0, x.shape[1], step):
+                self.sum[r : r + step] += x[:, r : r + step].T @ x
+        else:
+            self.sum.addmm_(x.T, x)
         self.n_tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        """``H``, computed in place: the accumulator is spent (a 11008-wide H is 485 MB; no second copy)."""
+        """``H`` in float32, computed in place: the accumulator is spent (a 11008-wide H is 485 MB; no second
+        float32 copy)."""
         if self.n_tokens == 0:
             raise RuntimeError("no calibration tokens reached this module: its forward hook never ran")
         if self.sum is None:
             raise RuntimeError("hessian() was already taken from this accumulator")
         H, self.sum = self.sum.mul_(2.0 / self.n_tokens), None
-        return H
+        return H.to(torch.float32)
 
 
 @dataclass

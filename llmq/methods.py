@@ -158,8 +158,8 @@ class SharedHessians:
     """
 
     def __init__(self, modules: dict[str, nn.Linear], timer: StageTimes,
-                 check: Callable[[str, torch.Tensor], None] = lambda name, H: None):
-        self.modules, self.timer, self.check = modules, timer, check
+                 check: Callable[[str, torch.Tensor], None] = lambda name, H: None, exact: bool = False):
+        self.modules, self.timer, self.check, self.exact = modules, timer, check, exact
         self.accs: dict[str, HessianAccumulator] = {}
         self.owner: dict[str, str] = {}  # linear -> the linear whose accumulator it uses
         self.last: dict[str, weakref.ref[torch.Tensor]] = {}
@@ -174,12 +174,16 @@ class SharedHessians:
             self.owner[name] = same[0] if same else name
             self.users[self.owner[name]] = self.users.get(self.owner[name], 0) + 1
             if not same:
-                self.accs[name] = HessianAccumulator(self.modules[name].in_features, self.modules[name].weight.device)
+                self.accs[name] = self._accumulator(name)
         if self.owner[name] != name:
             return
         self.last[name] = weakref.ref(x)
         with self.timer("hessian"):
             self.accs[name].add(x)
+
+    def _accumulator(self, name: str) -> HessianAccumulator:
+        module = self.modules[name]
+        return HessianAccumulator(module.in_features, module.weight.device, exact=self.exact)
 
     def reduce(self, ranks: Ranks, names: list[str]) -> None:
         """Sum every accumulator across ranks (``names``: the group's observed linears, in order). A rank where a
@@ -198,7 +202,7 @@ class SharedHessians:
                 self.owner[name] = owner
                 self.users[owner] = self.users.get(owner, 0) + 1
             if owner == name and name not in self.accs:
-                self.accs[name] = HessianAccumulator(self.modules[name].in_features, self.modules[name].weight.device)
+                self.accs[name] = self._accumulator(name)
         for name in names:
             if self.owner[name] == name:
                 acc = self.accs[name]
@@ -220,7 +224,7 @@ class SharedHessians:
         return H
 
 
-HESSIAN_BYTES = 1 << 30  # float32 Hessians gathered at once: a MoE group is observed in chunks of experts
+HESSIAN_BYTES = 1 << 30  # Hessian sums gathered at once: a MoE group is observed in chunks of experts
 
 
 def _chunks(job: LayerJob, group: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
@@ -238,7 +242,8 @@ def _chunks(job: LayerJob, group: dict[str, nn.Linear]) -> list[dict[str, nn.Lin
     chunks: list[dict[str, nn.Linear]] = [{}]
     used = 0
     for unit in units.values():
-        size = 4 * next(iter(unit.values())).in_features ** 2  # linears of one expert in a group share their input
+        # linears of one expert in a group share their input; exact sums are float64
+        size = (8 if job.cfg.exact_sums else 4) * next(iter(unit.values())).in_features ** 2
         if chunks[-1] and used + size > HESSIAN_BYTES:
             chunks.append({})
             used = 0
@@ -260,7 +265,7 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
             check_finite(job.prefix + name, module.weight)
         policy = {name: job.policy_of(name) for name in group}
         hessians = SharedHessians(group, job.timer, check=lambda name, H: check_finite(
-            job.prefix + name, H, "calibration Hessian (inputs overflowed?)"))
+            job.prefix + name, H, "calibration Hessian (inputs overflowed?)"), exact=job.cfg.exact_sums)
         with job.timer("observe"):
             job.observe_statistics(group, hessians.add)
         hessians.reduce(job.ranks, [name for name in group if policy[name] != "rtn"])

@@ -15,10 +15,10 @@ from llmq.errors import ConfigError
 C4 = ("assets", "c4-sample", "c4_train_00000_first1000.jsonl")
 
 
-def quantize_args(out: Path, method: str = "gptq", nsamples: int = 128) -> list[str]:
+def quantize_args(out: Path, method: str = "gptq", nsamples: int = 128, *extra: str) -> list[str]:
     return ["quantize", str(shared_path("assets", "llmq-tiny-llama")), "--method", method, "--bits", "3",
             "--group-size", "128", "--calib", str(shared_path(*C4)), "--nsamples", str(nsamples), "--seqlen", "256",
-            "--out", str(out)]
+            "--out", str(out), *extra]
 
 
 def run(args: list[str], nproc: int, **env: str) -> subprocess.CompletedProcess:
@@ -96,7 +96,8 @@ def outs(tmp_path_factory) -> dict[str, Path]:
 def test_two_gloo_ranks_give_the_same_bytes_every_run_and_the_one_process_perplexity(outs, report):
     """Two ranks, twice, give the same bytes; their held-out C4 perplexity is within 0.2% of one process's. Not the
     same bytes: each rank sums its own windows' Hessian first, and GPTQ turns those last-bit differences into other
-    roundings (one process with batches of 4 windows instead of 8 moved it by 0.07%)."""
+    roundings (one process with batches of 4 windows instead of 8 moved it by 0.07%). With --exact-sums they are
+    the same bytes (the next test)."""
     assert files(outs["two"]) == files(outs["two-again"])
     one, two = c4_ppl(outs["one"]), c4_ppl(outs["two"])
     report(f"llmq-tiny-llama GPTQ W3 g128, C4 900-999: one process {one:.3f}, two gloo ranks {two:.3f} "
@@ -105,14 +106,18 @@ def test_two_gloo_ranks_give_the_same_bytes_every_run_and_the_one_process_perple
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_of_awq_give_the_one_process_bytes(tmp_path):
-    """AWQ W3 g128: every rank searches the scales on all search windows (their inputs gathered, here spanning
-    both ranks' shares), each trying half the grid, and clips its half of each weight's rows; RTN needs no
-    Hessian, so nothing is summed in another order and the checkpoint is one process's, byte for byte (whose
-    own reruns are the same bytes: test_checkpoint's test_same_recipe_and_seed_give_identical_bytes)."""
+@pytest.mark.parametrize("method, extra", [("awq", ()), ("gptq", ("--exact-sums",)), ("awq+gptq", ("--exact-sums",))])
+def test_two_gloo_ranks_give_the_one_process_bytes(tmp_path, method, extra):
+    """W3 g128, one process and two ranks, byte for byte (one process's own reruns are the same bytes:
+    test_checkpoint's test_same_recipe_and_seed_give_identical_bytes).
+
+    AWQ: every rank searches the scales on all search windows (their inputs gathered, here spanning both ranks'
+    shares), each trying half the grid, and clips its half of each weight's rows; RTN sums no Hessian.
+    GPTQ and AWQ+GPTQ with --exact-sums: each rank sums its batches' Hessian parts in float64, then the ranks' sums
+    are added, which is one process's sum exactly; each rank solves its half of every linear's rows."""
     outs = {nproc: tmp_path / str(nproc) for nproc in (1, 2)}
     for nproc, out in outs.items():
-        proc = run(quantize_args(out, "awq", nsamples=16), nproc=nproc)
+        proc = run(quantize_args(out, method, 16, *extra), nproc=nproc)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert files(outs[2]) == files(outs[1])
 
@@ -136,13 +141,13 @@ def test_a_rank_killed_mid_run_fails_the_job_and_the_rerun_resumes_to_the_same_b
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_two_ranks_count_every_experts_tokens_over_all_windows(tmp_path, method):
     """llmq-tiny-moe: the routed-token counts the two ranks agree on cover every window's every token (top-k of them
-    in each layer), and every expert of every layer is quantized. AWQ, which sums no Hessian, gives one process's
-    bytes and counts: each expert's clip samples are taken at its routed-token stream's positions over all ranks.
-    GPTQ's Hessians are summed in another order (the last bits), so layer 0's attention, quantized before its
-    experts are counted, can round a few codes otherwise (8 words of o_proj here) and flip a near-tie of the
-    router: its layer-0 counts are one process's within a few tokens."""
+    in each layer), and every expert of every layer is quantized; the checkpoint and the counts are one process's.
+    AWQ sums no Hessian; each expert's clip samples are taken at its routed-token stream's positions over all
+    ranks. GPTQ runs with --exact-sums: without, its Hessians are summed in another order (the last bits), so layer
+    0's attention, quantized before its experts are counted, can round a few codes otherwise (8 words of o_proj
+    here) and flip a near-tie of the router (layer-0 counts one process's within 3 tokens)."""
     args = ["quantize", str(shared_path("assets", "llmq-tiny-moe")), "--method", method, "--bits", "4", "--calib",
-            str(shared_path(*C4)), "--nsamples", "16", "--seqlen", "128"]
+            str(shared_path(*C4)), "--nsamples", "16", "--seqlen", "128", *(["--exact-sums"] * (method == "gptq"))]
     experts = {}
     for nproc in (1, 2):
         proc = run([*args, "--out", str(tmp_path / str(nproc))], nproc=nproc)
@@ -156,8 +161,8 @@ def test_two_ranks_count_every_experts_tokens_over_all_windows(tmp_path, method)
         for layer in range(config["num_hidden_layers"]):
             routed = sum(v["tokens"] for n, v in counts.items() if n.startswith(f"model.layers.{layer}."))
             assert routed == 16 * 128 * config["num_experts_per_tok"], (layer, routed)
-    layer0 = {n: v for n, v in experts[1].items() if n.startswith("model.layers.0.")}
-    assert layer0 and all(abs(experts[2][n]["tokens"] - v["tokens"]) <= 3 for n, v in layer0.items())
+    assert experts[2] == experts[1]
+    assert files(tmp_path / "2") == files(tmp_path / "1")
     if method == "awq":
         assert experts[2] == experts[1]
         assert files(tmp_path / "2") == files(tmp_path / "1")

@@ -189,3 +189,33 @@ def test_a_freed_input_s_memory_is_never_taken_for_a_shared_input_and_no_input_i
     assert sorted(shared.accs) == [f"experts.{e}.gate" for e in range(3)]  # each expert's gate/up share, no other
     assert all(shared.owner[f"experts.{e}.up"] == f"experts.{e}.gate" for e in range(3))
     assert all(ref() is None for ref in shared.last.values())
+
+
+@pytest.mark.parametrize("part_elements", [1 << 24, 100])  # one row block, and row blocks of one row
+def test_exact_sums_do_not_depend_on_how_the_batches_are_split_between_ranks(monkeypatch, part_elements):
+    """Issue 16: ranks sum their own batches, then add the ranks' sums. With ``exact=True`` (float64 sums of each
+    batch's float32 part) that is one process's H bit for bit, for any split; the float32 running sum is not (the
+    control), and the exact H is the float32 one's within float32 rounding."""
+    monkeypatch.setattr(HessianAccumulator, "PART_ELEMENTS", part_elements)
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(96, 96, generator=g) / 10 + torch.eye(96)
+    batches = [(torch.randn(3, 40, 96, generator=g) @ mix) * torch.rand(96, generator=g) * 4 for _ in range(12)]
+
+    def hessian(exact, split):
+        parts = []
+        for share in (batches[:split], batches[split:]):
+            acc = HessianAccumulator(96, exact=exact)
+            for x in share:
+                acc.add(x)
+            parts.append(acc)
+        if split:  # what Ranks.sum_ does: rank 0's sum plus rank 1's, and their token counts
+            parts[0].sum += parts[1].sum
+            parts[0].n_tokens += parts[1].n_tokens
+        return parts[0].hessian() if split else parts[1].hessian()
+
+    one = hessian(True, 0)
+    assert one.dtype == torch.float32
+    for split in (1, 5, 6, 11):
+        assert torch.equal(hessian(True, split), one), split
+    assert not all(torch.equal(hessian(False, split), hessian(False, 0)) for split in (1, 5, 6, 11))
+    torch.testing.assert_close(hessian(False, 0), one, rtol=1e-5, atol=1e-5 * one.abs().max().item())
