@@ -1,6 +1,8 @@
 """The command line end to end: quantize (CLI options and recipe), info, ppl --json, demo."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,15 @@ def test_quantize_info_and_ppl_from_the_command_line(tmp_path, capsys):
 def test_bad_command_lines_exit_2_with_the_reason(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_python_m_llmq_is_the_command_line_as_torchrun_m_llmq_needs_it():
+    """``torchrun ... -m llmq quantize`` (issue 16) runs the package as a module: its exit status and message
+    are the CLI's."""
+    proc = subprocess.run([sys.executable, "-m", "llmq", "quantize", "x", "--bits", "5", "--out", "o"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "bits=5 is not supported" in proc.stderr
 
 
 def test_demo_runs_offline_and_shows_what_quantization_costs(tmp_path, capsys):

@@ -1,0 +1,7 @@
+"""``python -m llmq`` (and ``torchrun ... -m llmq quantize ...``): the command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
