@@ -127,7 +127,8 @@ def test_awq_layout_runs_on_the_same_paths():
 
 
 def test_the_int4_layout_decoder_reads_this_torch():
-    assert cpu_kernels._layout_is_known()
+    """On this CPU's layout (blocks of 64 rows under AVX512, of 32 under AVX2), for every row count."""
+    assert cpu_kernels._int4pack_block() in cpu_kernels.INT4PACK_BLOCKS
     for n in (32, 64, 96, 160, 256):
         codes = torch.randint(0, 16, (n, 128), dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)

@@ -76,33 +76,46 @@ def _bf16_only(dtype: torch.dtype, name: str) -> str | None:
     return None
 
 
+INT4PACK_BLOCKS = (64, 32)  # rows per block of the CPU kernel's layout: 64 where torch's kernel uses AVX512, 32 on AVX2
+
+
 @functools.cache
-def _layout_is_known() -> bool:
-    """Whether :func:`_int4pack_codes_t` reads this torch's int4 pack layout (checked once on a probe)."""
+def _int4pack_block() -> int | None:
+    """The row block of this torch's (and CPU's) int4 pack layout that :func:`_int4pack_codes_t` reads, found
+    once on a probe; None when neither is it."""
     codes = torch.randint(0, 16, (96, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     try:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-        return torch.equal(_int4pack_codes_t(packed, 96, 64, torch.int32), codes.T)
     except (RuntimeError, ValueError):
-        return False
+        return None
+    return next((b for b in INT4PACK_BLOCKS
+                 if torch.equal(_int4pack_codes_t(packed, 96, 64, torch.int32, block=b), codes.T)), None)
+
+
+def _layout_is_known() -> bool:
+    return _int4pack_block() is not None
 
 
 def _int4pack_codes_t(packed: torch.Tensor, n: int, k: int, dtype: torch.dtype,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[k, n]`` codes (as ``dtype``, into ``out`` if given) from the CPU kernel's layout: rows in blocks of 64
-    stored ``[k, 32]`` bytes, row ``j`` in the low nibble and row ``32 + j`` in the high one; a last block of 32
-    rows stores ``[k, 16]`` bytes, rows ``2j`` low and ``2j + 1`` high (aten/src/ATen/native/cpu/int4mm_kernel.cpp)."""
-    blocks, tail = divmod(n, 64)
+                      out: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
+    """``[k, n]`` codes (as ``dtype``, into ``out`` if given) from the CPU kernel's layout: rows in blocks of
+    ``block`` (default: this CPU's) stored ``[k, block / 2]`` bytes, row ``j`` in the low nibble and row
+    ``block / 2 + j`` in the high one; a last block of 32 rows after blocks of 64 stores ``[k, 16]`` bytes, rows
+    ``2j`` low and ``2j + 1`` high (aten/src/ATen/native/cpu/int4mm_kernel.cpp; AVX512 builds use blocks of 64,
+    AVX2 ones of 32)."""
+    block = block or _int4pack_block()
+    half = block // 2
+    blocks, tail = divmod(n, block)
     flat = packed.reshape(-1)
     out = torch.empty(k, n, dtype=dtype, device=packed.device) if out is None else out.view(k, n)
     if blocks:
-        full = flat[: blocks * k * 32].view(blocks, k, 32).permute(1, 0, 2)  # [k, blocks, 32]
-        o = out[:, : blocks * 64].view(k, blocks, 2, 32)
+        full = flat[: blocks * k * half].view(blocks, k, half).permute(1, 0, 2)  # [k, blocks, half]
+        o = out[:, : blocks * block].view(k, blocks, 2, half)
         o[:, :, 0] = full & 15
         o[:, :, 1] = full >> 4
     if tail:
-        rest = flat[blocks * k * 32 :].view(k, tail // 2)
-        o = out[:, blocks * 64 :].view(k, tail // 2, 2)
+        rest = flat[blocks * k * half :].view(k, tail // 2)
+        o = out[:, blocks * block :].view(k, tail // 2, 2)
         o[:, :, 0] = rest & 15
         o[:, :, 1] = rest >> 4
     return out
