@@ -92,10 +92,6 @@ def _int4pack_block() -> int | None:
                  if torch.equal(_int4pack_codes_t(packed, 96, 64, torch.int32, block=b), codes.T)), None)
 
 
-def _layout_is_known() -> bool:
-    return _int4pack_block() is not None
-
-
 def _int4pack_codes_t(packed: torch.Tensor, n: int, k: int, dtype: torch.dtype,
                       out: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
     """``[k, n]`` codes (as ``dtype``, into ``out`` if given) from the CPU kernel's layout: rows in blocks of
@@ -217,7 +213,7 @@ class Int4CpuLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        if x2.shape[0] > DEQUANT_ABOVE_ROWS and _layout_is_known():
+        if x2.shape[0] > DEQUANT_ABOVE_ROWS and _int4pack_block() is not None:
             # scratch only when autograd will not keep the weight for a backward pass
             y = x2 @ self.dequantized_t(scratch=not (torch.is_grad_enabled() and x2.requires_grad))
         else:
