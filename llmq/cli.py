@@ -75,10 +75,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "(the AWQ reference)")
     p.add_argument("--expert-policy", choices=["all_tokens", "routed", "rtn"],
                    help="mixtures of experts: an expert routed too few calibration tokens takes its statistics from "
-                        "every token of the layer pushed through it (all_tokens, default), its own few plus damping "
-                        "(routed) or none (rtn)")
+                        "every token of the first windows pushed through it (all_tokens, default), its own few "
+                        "plus damping (routed) or none (rtn)")
     p.add_argument("--expert-min-tokens", type=int,
                    help="tokens below which an expert is starved (default 0: its input width)")
+    p.add_argument("--expert-fill-tokens", type=int,
+                   help="all_tokens: a starved expert sees every token of the first windows holding this many, then "
+                        "its routed tokens (default 0: 16 times its input width)")
     p.add_argument("--tune-iters", type=int, help="method tune: Adam steps per layer (default 200)")
     p.add_argument("--tune-batch", type=int, help="method tune: calibration windows per step (default 4)")
     p.add_argument("--tune-lr", type=float,
@@ -209,7 +212,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "range_search",
             "damp_percent", "exact_sums",
             "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
-            "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens", "arch",
+            "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens",
+            "expert_fill_tokens", "arch",
             "tune_iters", "tune_batch", "tune_lr", "tune_lr_qparams", "bits_per_weight", "mixed_widths")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)

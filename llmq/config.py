@@ -102,10 +102,15 @@ class QuantConfig:
     awq_max_tokens: int = 65536
     # Mixtures of experts: an expert routed fewer than ``expert_min_tokens`` calibration tokens (0: its input
     # width, below which its Hessian is singular) is "starved" and gets ``expert_policy``: "all_tokens" (the
-    # whole layer's input pushed through it, for its statistics only), "routed" (its few tokens, plus GPTQ's
+    # first windows' every token pushed through it, for its statistics only), "routed" (its few tokens, plus GPTQ's
     # damping; RTN when it has none) or "rtn". The default is measured in eval/moe_starved.py.
     expert_policy: str = "all_tokens"
     expert_min_tokens: int = 0
+    # "all_tokens" pushes every token of the first calibration windows through a starved expert until it has
+    # seen at least this many (whole windows; 0: 16 times its input width), and its routed tokens after them:
+    # as good as every window on llmq-tiny-moe (eval/moe_starved.py) without running every starved expert on every
+    # token (66 of a Qwen3-30B-A3B-shaped layer's 128 experts on 65,536 tokens each took over half an hour)
+    expert_fill_tokens: int = 0
     # Block-wise reconstruction (method tune; llmq.tune): Adam steps per layer, windows per step, and
     # the learning rates of the weight offsets (in units of the group scale) and of the log-scales and zeros
     tune_iters: int = 200
@@ -150,6 +155,9 @@ class QuantConfig:
                               f"{', '.join(EXPERT_POLICIES)}")
         if self.expert_min_tokens < 0:
             raise ConfigError(f"expert_min_tokens={self.expert_min_tokens} must be >= 0 (0: each expert's input width)")
+        if self.expert_fill_tokens < 0:
+            raise ConfigError(f"expert_fill_tokens={self.expert_fill_tokens} must be >= 0 (0: 16 times a starved "
+                              "expert's input width)")
         if self.tune_iters < 0 or self.tune_batch < 1 or self.tune_lr <= 0 or self.tune_lr_qparams < 0:
             raise ConfigError(f"tune_iters={self.tune_iters}, tune_batch={self.tune_batch}, tune_lr={self.tune_lr}, "
                               f"tune_lr_qparams={self.tune_lr_qparams}: need iters >= 0, batch >= 1, lr > 0 "

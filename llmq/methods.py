@@ -56,6 +56,8 @@ class LayerJob:
     # note(key, value): JSON-able facts for the checkpoint's metadata (each expert's tokens and policy)
     note: Callable[[str, Any], None] = lambda key, value: None
     _policies: dict[str, str] | None = None
+    _fill_tokens: int = 0  # "all_tokens" experts see every one of the first calibration tokens up to this
+    _first_token: int = 0  # where this rank's windows start in the calibration stream
     # methods that tune against a teacher (``needs_teacher``) get the layer's inputs in the quantized model and
     # the FP layer's outputs on the FP model's inputs, both ``[windows, seqlen, hidden]``
     inputs: torch.Tensor | None = None
@@ -72,7 +74,8 @@ class LayerJob:
 
     def expert_policies(self) -> dict[str, str]:
         """Expert name -> where its calibration statistics come from: ``"routed"`` (its routed tokens),
-        ``"all_tokens"`` (the whole layer's input pushed through it) or ``"rtn"`` (none: round to nearest).
+        ``"all_tokens"`` (every token of the first windows pushed through it, :meth:`fill_tokens`, then its routed
+        tokens) or ``"rtn"`` (none: round to nearest).
 
         Counted once per layer (after the attention before it is quantized, so on the tokens that reach
         it): experts with at least ``cfg.expert_min_tokens`` tokens (default: their input width, below
@@ -87,7 +90,8 @@ class LayerJob:
                 total = self.ranks.sum_(torch.tensor(list(counts.values()), dtype=torch.int64,
                                                      device=self.ranks.device))
                 counts = dict(zip(counts, total.tolist(), strict=True))
-            self._policies, starved = {}, []
+                self._first_token = self.ranks.place(self.windows)[0] * self.seqlen
+            self._policies, starved, widest = {}, [], 0
             for expert, n in counts.items():
                 width = self.layer.get_submodule(self.experts.members[expert][0]).in_features
                 if n >= (self.cfg.expert_min_tokens or width):
@@ -95,10 +99,16 @@ class LayerJob:
                 else:
                     policy = "rtn" if n == 0 and self.cfg.expert_policy == "routed" else self.cfg.expert_policy
                     starved.append(f"{expert} ({n}: {policy})")
+                    widest = max(widest, width)
                 self._policies[expert] = policy
                 self.note(self.prefix + expert, {"tokens": n, "policy": policy})
+            fill = self.cfg.expert_fill_tokens or 16 * widest
+            self._fill_tokens = -(-fill // self.seqlen) * self.seqlen  # whole windows
             log.info("layer %d: tokens per expert %d to %d%s", self.index, min(counts.values()), max(counts.values()),
                      "; too few for " + ", ".join(starved) if starved else "")
+            if "all_tokens" in self._policies.values():
+                log.info("layer %d: starved experts see every token of the first %d windows, then their routed "
+                         "tokens", self.index, self._fill_tokens // self.seqlen)
         return self._policies
 
     def policy_of(self, linear: str) -> str | None:
@@ -110,8 +120,8 @@ class LayerJob:
     def observe_statistics(self, modules: dict[str, nn.Linear], fn: Callable[[str, torch.Tensor], None],
                            windows: int | None = None) -> None:
         """``observe`` for calibration statistics: an expert's inputs are those its policy names (its routed
-        tokens, or with ``"all_tokens"`` the whole layer input pushed through it); ``"rtn"`` experts are
-        not observed."""
+        tokens, or with ``"all_tokens"`` every token of the first windows, then its routed tokens); ``"rtn"``
+        experts are not observed."""
         by_policy: dict[str, dict[str, nn.Linear]] = {"routed": {}, "all_tokens": {}, "rtn": {}}
         for name, module in modules.items():
             by_policy[self.policy_of(name) or "routed"][name] = module
@@ -119,7 +129,7 @@ class LayerJob:
             self.observe(by_policy["routed"], fn, windows)
         if by_policy["all_tokens"]:
             experts = {self.experts.of[n] for n in by_policy["all_tokens"]}
-            with self.experts.every_token(experts):
+            with self.experts.every_token(experts, self._fill_tokens, self._first_token):
                 self.observe(by_policy["all_tokens"], fn, windows)
 
 
@@ -334,8 +344,9 @@ def _gather_inputs(job: LayerJob, name: str, windows: int) -> torch.Tensor | Non
 
 def _stream_starts(job: LayerJob, names: list[str], first_window: int) -> dict[str, int]:
     """Where this rank's stream of each linear's input tokens starts in the stream over all ranks' windows: at its
-    first window's first token, except for an expert's routed tokens, counted in one more pass."""
-    routed = [n for n in names if job.policy_of(n) == "routed"] if job.ranks.active else []
+    first window's first token, except for an expert's (its routed tokens, after every token of the first windows
+    for an ``"all_tokens"`` one), counted in one more pass."""
+    routed = [n for n in names if job.policy_of(n) in ("routed", "all_tokens")] if job.ranks.active else []
     seen = dict.fromkeys(routed, 0)
 
     def count(name: str, x: torch.Tensor) -> None:

@@ -101,7 +101,7 @@ def routed_tokens(n_tokens: int, n_experts: int, expert: int) -> torch.Tensor:
     return t[(t % (n_experts - 1) == expert) | ((t + 1) % (n_experts - 1) == expert)]
 
 
-def _fixed_route_run(monkeypatch, cfg: QuantConfig, caplog=None):
+def _fixed_route_run(monkeypatch, cfg: QuantConfig, caplog=None, batch_size: int = 4):
     """GPTQ on a tiny Qwen3-MoE whose routers are FixedRouter; every Hessian handed to the solver and every
     MoE block input, recorded."""
     model = _moe_model("qwen3_moe", mlp_only_layers=[])
@@ -115,12 +115,17 @@ def _fixed_route_run(monkeypatch, cfg: QuantConfig, caplog=None):
         hessians[name] = H.clone()
         return H
     monkeypatch.setattr(SharedHessians, "hessian", recording)
-    for i, layer in enumerate(model.model.layers):
-        layer.mlp.register_forward_pre_hook(lambda m, args, i=i: block_inputs.setdefault(i, args[0].detach().clone()))
-    notes = {}
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
-    results = quantize_layers(model, ids, cfg, batch_size=4, notes=notes)
-    return model, results, hessians, block_inputs, notes
+
+    def record(module, args, i):  # the first pass over all windows that reaches the block (batch by batch)
+        seen = block_inputs.setdefault(i, [])
+        if sum(x.shape[0] for x in seen) < ids.shape[0]:
+            seen.append(args[0].detach().clone())
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda m, args, i=i: record(m, args, i))
+    notes = {}
+    results = quantize_layers(model, ids, cfg, batch_size=batch_size, notes=notes)
+    return model, results, hessians, {i: torch.cat(xs) for i, xs in block_inputs.items()}, notes
 
 
 def test_each_expert_hessian_is_built_from_exactly_its_routed_tokens(monkeypatch):
@@ -148,6 +153,68 @@ def test_each_expert_hessian_is_built_from_exactly_its_routed_tokens(monkeypatch
     # the expert no token reaches had the whole layer's input pushed through it (the default policy)
     assert notes["model.layers.1.mlp.experts.3"] == {"tokens": 0, "policy": "all_tokens"}
     assert torch.allclose(hessians["mlp.experts.3.gate_proj"].double(), 2 / x.shape[0] * x.T @ x, rtol=1e-4, atol=1e-5)
+
+
+def test_a_filled_expert_sees_every_token_of_the_first_windows_then_its_routed_ones_and_gives_the_same_output():
+    """``every_token`` with ``fill_tokens``: over three calls (the stream at 0, 24, 48 tokens), a filled expert's
+    linears see all 24 tokens of the first call, the first 6 and the routed rest of the second, and only routed
+    tokens of the third; an expert not filled sees its routed tokens throughout; the block's output is the plain
+    forward's in every call."""
+    from llmq.arch.experts import LayerExperts
+    model = _moe_model("qwen3_moe", mlp_only_layers=[])
+    spec = get_arch("qwen3_moe")
+    split_experts(model, spec)
+    layer = model.model.layers[0]
+    experts = LayerExperts(layer, spec, model.config, 0)
+    module = experts.module
+    gen = torch.Generator().manual_seed(5)
+    calls = []
+    for _ in range(3):
+        hidden = torch.randn(24, module[0].gate_proj.in_features, generator=gen)
+        index = torch.stack([torch.randperm(len(module), generator=gen)[:2] for _ in range(24)])
+        calls.append((hidden, index, torch.rand(24, 2, generator=gen)))
+    seen = {e: [] for e in (0, 1)}
+    handles = [module[e].gate_proj.register_forward_pre_hook(lambda m, a, e=e: seen[e].append(a[0])) for e in seen]
+    with torch.no_grad():
+        plain = [module(*c) for c in calls]
+        for e in seen:
+            seen[e].clear()
+        with experts.every_token({"mlp.experts.0"}, fill_tokens=30, position=0):
+            filled = [module(*c) for c in calls]
+    for h in handles:
+        h.remove()
+    for got, want in zip(filled, plain, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+
+    def routed(e, c, start=0):
+        hidden, index, _ = calls[c]
+        rows = (index == e).any(dim=1).nonzero().flatten()
+        return hidden[rows[rows >= start]]
+    want0 = torch.cat([calls[0][0], calls[1][0][:6], routed(0, 1, start=6), routed(0, 2)])
+    assert torch.equal(torch.cat(seen[0]), want0)
+    assert torch.equal(torch.cat(seen[1]), torch.cat([routed(1, c) for c in range(3)]))
+    assert module.every_token == frozenset() and module.fill_tokens == 0  # only within the context
+
+
+def test_a_starved_expert_s_hessian_is_every_token_of_the_first_windows_then_its_routed_tokens(monkeypatch):
+    """expert_fill_tokens=20 rounds up to 2 windows of 16 tokens: experts 0-2 (fewer routed tokens than
+    expert_min_tokens=64) get every token of windows 0-1, then their routed tokens in windows 2-3, in that order.
+    Batches of 2 windows: the first is all filled, so each expert must get an input of its own there (sharing a
+    Hessian by input, as gate and up do, would give experts 1-3 expert 0's later tokens)."""
+    cfg = QuantConfig(bits=4, group_size=32, expert_min_tokens=64, expert_fill_tokens=20)
+    model, _, hessians, block_inputs, notes = _fixed_route_run(monkeypatch, cfg, batch_size=2)
+    x = block_inputs[1].reshape(-1, 64).double()
+    for e in range(3):
+        rows = routed_tokens(32, 4, e)  # FixedRouter numbers each batch's tokens from 0
+        xe = torch.cat([x[:32], x[32 + rows]])
+        assert torch.allclose(hessians[f"mlp.experts.{e}.gate_proj"].double(), 2 / len(xe) * xe.T @ xe,
+                              rtol=1e-4, atol=1e-5)
+        assert notes[f"model.layers.1.mlp.experts.{e}"] == {"tokens": 2 * len(rows), "policy": "all_tokens"}
+        everything = 2 / x.shape[0] * x.T @ x  # what an unbounded fill would give: the check can tell them apart
+        assert not torch.allclose(hessians[f"mlp.experts.{e}.gate_proj"].double(), everything, rtol=1e-2, atol=1e-3)
+    # expert 3 (no routed token) gets windows 0-1 only
+    assert torch.allclose(hessians["mlp.experts.3.gate_proj"].double(), 2 / 32 * x[:32].T @ x[:32], rtol=1e-4,
+                          atol=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["all_tokens", "routed", "rtn"])
@@ -297,6 +364,8 @@ def test_bad_expert_settings_are_refused_with_the_choices():
         QuantConfig(expert_policy="skip")
     with pytest.raises(ConfigError, match="expert_min_tokens"):
         Recipe.from_dict(dict(model="m", expert_min_tokens=-1))
+    with pytest.raises(ConfigError, match="expert_fill_tokens"):
+        Recipe.from_dict(dict(model="m", expert_fill_tokens=-1))
 
 
 def test_tiny_moe_killed_after_two_layers_resumes_to_the_same_bytes(tmp_path):

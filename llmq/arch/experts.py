@@ -42,24 +42,35 @@ class ExpertLinears(nn.ModuleList):
 
     Each expert runs on the tokens routed to it, its output scaled by their routing weights and summed
     per token, as the fused module. Experts in ``every_token`` (set only while calibration statistics are
-    gathered) run on every token instead, so their linears' hooks see the whole layer's input; only the
-    routed tokens' rows reach the output, which therefore does not change.
+    gathered) run on every one of the first ``fill_tokens`` tokens of the calibration stream, and on their
+    routed tokens after, so their linears' hooks see those; only the routed tokens' rows reach the output,
+    which therefore does not change. ``position`` is where the next call's tokens start in that stream.
     """
 
     def __init__(self, experts: list[Expert]):
         super().__init__(experts)
         self.every_token: frozenset[int] = frozenset()
+        self.fill_tokens = 0
+        self.position = 0
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
+        n = hidden_states.shape[0]
+        fill = min(max(self.fill_tokens - self.position, 0), n)  # this call's leading tokens every_token takes
+        self.position += n
         hit = torch.bincount(top_k_index.flatten(), minlength=len(self))[: len(self)]
-        for e in sorted(set(hit.nonzero().flatten().tolist()) | self.every_token):
-            token_idx, pos = torch.where(top_k_index == e)
-            if e in self.every_token:
-                y = self[e](hidden_states)[token_idx]
-            else:
+        filled = self.every_token if fill else frozenset()
+        for e in sorted(set(hit.nonzero().flatten().tolist()) | filled):
+            token_idx, pos = torch.where(top_k_index == e)  # token_idx ascending: a token picks an expert once
+            if e not in filled:
                 y = self[e](hidden_states[token_idx])
+            else:  # the first ``fill`` tokens, then the routed ones after them: a tensor of its own for each expert,
+                # even when it is every token, since a later call gives each its own rows (statistics shared by
+                # input identity, llmq.methods.SharedHessians, must not join two experts)
+                later = token_idx[token_idx >= fill]
+                y = self[e](torch.cat([hidden_states[:fill], hidden_states[later]]))
+                y = torch.cat([y[token_idx[: token_idx.numel() - later.numel()]], y[fill:]])
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
         return out
 
@@ -117,7 +128,7 @@ class LayerExperts:
 
     ``members[expert]`` are the expert's linears; :meth:`count` runs the router on the calibration
     inputs and returns the tokens routed to each expert; :meth:`every_token` makes chosen experts see
-    the whole layer's input while their statistics are gathered.
+    every token of the first windows while their statistics are gathered.
     """
 
     def __init__(self, layer: nn.Module, spec: ArchSpec, config: Any, index: int):
@@ -142,10 +153,13 @@ class LayerExperts:
         return dict(zip(self.members, counts.tolist(), strict=True))
 
     @contextlib.contextmanager
-    def every_token(self, experts: set[str]) -> Iterator[None]:
+    def every_token(self, experts: set[str], fill_tokens: int, position: int = 0) -> Iterator[None]:
+        """Within this context ``experts`` see every one of the first ``fill_tokens`` calibration tokens (and
+        their routed tokens after them); this process's first token is ``position`` in that stream."""
         index = {e: i for i, e in enumerate(self.members)}
-        self.module.every_token = frozenset(index[e] for e in experts)
+        m = self.module
+        m.every_token, m.fill_tokens, m.position = frozenset(index[e] for e in experts), fill_tokens, position
         try:
             yield
         finally:
-            self.module.every_token = frozenset()
+            m.every_token, m.fill_tokens, m.position = frozenset(), 0, 0
