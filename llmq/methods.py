@@ -56,7 +56,7 @@ class LayerJob:
     # note(key, value): JSON-able facts for the checkpoint's metadata (each expert's tokens and policy)
     note: Callable[[str, Any], None] = lambda key, value: None
     _policies: dict[str, str] | None = None
-    _fill_tokens: int = 0  # "all_tokens" experts see every one of the first calibration tokens up to this
+    _fill_tokens: int | None = None  # "all_tokens" experts see every one of the first tokens up to this (None: all)
     _first_token: int = 0  # where this rank's windows start in the calibration stream
     # methods that tune against a teacher (``needs_teacher``) get the layer's inputs in the quantized model and
     # the FP layer's outputs on the FP model's inputs, both ``[windows, seqlen, hidden]``
@@ -90,7 +90,6 @@ class LayerJob:
                 total = self.ranks.sum_(torch.tensor(list(counts.values()), dtype=torch.int64,
                                                      device=self.ranks.device))
                 counts = dict(zip(counts, total.tolist(), strict=True))
-                self._first_token = self.ranks.place(self.windows)[0] * self.seqlen
             self._policies, starved, widest = {}, [], 0
             for expert, n in counts.items():
                 width = self.layer.get_submodule(self.experts.members[expert][0]).in_features
@@ -102,13 +101,15 @@ class LayerJob:
                     widest = max(widest, width)
                 self._policies[expert] = policy
                 self.note(self.prefix + expert, {"tokens": n, "policy": policy})
-            fill = self.cfg.expert_fill_tokens or 16 * widest
-            self._fill_tokens = -(-fill // self.seqlen) * self.seqlen  # whole windows
+            fill = -(-(self.cfg.expert_fill_tokens or 16 * widest) // self.seqlen)  # whole windows
+            first, total = self.ranks.place(self.windows)
+            self._first_token = first * self.seqlen
+            self._fill_tokens = None if fill >= total else fill * self.seqlen  # None: every window
             log.info("layer %d: tokens per expert %d to %d%s", self.index, min(counts.values()), max(counts.values()),
                      "; too few for " + ", ".join(starved) if starved else "")
             if "all_tokens" in self._policies.values():
-                log.info("layer %d: starved experts see every token of the first %d windows, then their routed "
-                         "tokens", self.index, self._fill_tokens // self.seqlen)
+                log.info("layer %d: starved experts see every token of %s", self.index, "every window"
+                         if self._fill_tokens is None else f"the first {fill} windows, then their routed tokens")
         return self._policies
 
     def policy_of(self, linear: str) -> str | None:

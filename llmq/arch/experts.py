@@ -42,22 +42,24 @@ class ExpertLinears(nn.ModuleList):
 
     Each expert runs on the tokens routed to it, its output scaled by their routing weights and summed
     per token, as the fused module. Experts in ``every_token`` (set only while calibration statistics are
-    gathered) run on every one of the first ``fill_tokens`` tokens of the calibration stream, and on their
-    routed tokens after, so their linears' hooks see those; only the routed tokens' rows reach the output,
-    which therefore does not change. ``position`` is where the next call's tokens start in that stream.
+    gathered) run on every one of the first ``fill_tokens`` tokens of the calibration stream (None: all of
+    them), and on their routed tokens after, so their linears' hooks see those; only the routed tokens' rows
+    reach the output, which therefore does not change. ``position`` is where the next call's tokens start in
+    that stream.
     """
 
     def __init__(self, experts: list[Expert]):
         super().__init__(experts)
         self.every_token: frozenset[int] = frozenset()
-        self.fill_tokens = 0
+        self.fill_tokens: int | None = 0
         self.position = 0
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         n = hidden_states.shape[0]
-        fill = min(max(self.fill_tokens - self.position, 0), n)  # this call's leading tokens every_token takes
+        # this call's leading tokens the every_token experts take
+        fill = n if self.fill_tokens is None else min(max(self.fill_tokens - self.position, 0), n)
         self.position += n
         hit = torch.bincount(top_k_index.flatten(), minlength=len(self))[: len(self)]
         filled = self.every_token if fill else frozenset()
@@ -65,9 +67,12 @@ class ExpertLinears(nn.ModuleList):
             token_idx, pos = torch.where(top_k_index == e)  # token_idx ascending: a token picks an expert once
             if e not in filled:
                 y = self[e](hidden_states[token_idx])
+            elif self.fill_tokens is None:  # every token of every call: one input object for all of them, whose
+                # statistics are the same and are summed once (llmq.methods.SharedHessians tells them by identity)
+                y = self[e](hidden_states)[token_idx]
             else:  # the first ``fill`` tokens, then the routed ones after them: a tensor of its own for each expert,
-                # even when it is every token, since a later call gives each its own rows (statistics shared by
-                # input identity, llmq.methods.SharedHessians, must not join two experts)
+                # even when it is every token, since a later call gives each its own rows (sharing must not join
+                # two experts' statistics then)
                 later = token_idx[token_idx >= fill]
                 y = self[e](torch.cat([hidden_states[:fill], hidden_states[later]]))
                 y = torch.cat([y[token_idx[: token_idx.numel() - later.numel()]], y[fill:]])
@@ -153,9 +158,9 @@ class LayerExperts:
         return dict(zip(self.members, counts.tolist(), strict=True))
 
     @contextlib.contextmanager
-    def every_token(self, experts: set[str], fill_tokens: int, position: int = 0) -> Iterator[None]:
-        """Within this context ``experts`` see every one of the first ``fill_tokens`` calibration tokens (and
-        their routed tokens after them); this process's first token is ``position`` in that stream."""
+    def every_token(self, experts: set[str], fill_tokens: int | None = None, position: int = 0) -> Iterator[None]:
+        """Within this context ``experts`` see every one of the first ``fill_tokens`` calibration tokens (None: all
+        of them), and their routed tokens after them; this process's first token is ``position`` in that stream."""
         index = {e: i for i, e in enumerate(self.members)}
         m = self.module
         m.every_token, m.fill_tokens, m.position = frozenset(index[e] for e in experts), fill_tokens, position
