@@ -74,8 +74,8 @@ class LayerJob:
 
     def expert_policies(self) -> dict[str, str]:
         """Expert name -> where its calibration statistics come from: ``"routed"`` (its routed tokens),
-        ``"all_tokens"`` (every token of the first windows pushed through it, :meth:`fill_tokens`, then its routed
-        tokens) or ``"rtn"`` (none: round to nearest).
+        ``"all_tokens"`` (every token of the first windows pushed through it, up to ``cfg.expert_fill_tokens``,
+        then its routed tokens) or ``"rtn"`` (none: round to nearest).
 
         Counted once per layer (after the attention before it is quantized, so on the tokens that reach
         it): experts with at least ``cfg.expert_min_tokens`` tokens (default: their input width, below
