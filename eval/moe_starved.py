@@ -6,8 +6,8 @@ Protocol of ../shared/README.md: calibration windows of 256 tokens from C4 recor
 on C4 records 900-999 (and WikiText-2 test with ``--wikitext``; 256-token windows), GPTQ asymmetric
 g128. An expert routed fewer tokens than its input width (256) is starved; with 128 windows experts 4 of
 layers 2 and 3 get a handful, with 16 windows about a third of all experts are starved. Each policy gives
-the starved experts' statistics: ``all_tokens`` (every token of the first 4 windows pushed through the expert,
-then its routed tokens; a last row with every window's every token),
+the starved experts' statistics: ``all_tokens`` (every token of the first windows pushed through the expert,
+``expert_fill_tokens``: 16 windows by default, and rows with 4 windows and with every window; then its routed tokens),
 ``routed`` (its few tokens plus damping; RTN with none) or ``rtn``. Besides perplexity (which the few
 starved experts barely move), each row gives the starved and the well-fed experts' relative output error
 ``||E_q(x) - E(x)||^2 / ||E(x)||^2`` on the held-out tokens (64 C4 windows) the full-precision model
@@ -31,9 +31,10 @@ from llmq.data import calibration_windows, eval_windows
 from llmq.eval import perplexity
 from llmq.pipeline import quantize_layers
 
-# (policy, expert_fill_tokens): all_tokens at its default fill (16 x 256 tokens: 16 windows), at 4 x 256, and with
-# every window
-POLICY_ROWS = [(p, 0) for p in EXPERT_POLICIES] + [("all_tokens", 1024), ("all_tokens", 10**9)]
+# (row label, policy, expert_fill_tokens): all_tokens at its default fill (16 x 256 tokens: 16 windows), at 4 x 256,
+# and with every window (a fill past any calibration set)
+POLICY_ROWS = [(p, p, 0) for p in EXPERT_POLICIES] + [("all_tokens (fill 1024)", "all_tokens", 1024),
+                                                      ("all_tokens (every window)", "all_tokens", 10**9)]
 SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 
 
@@ -94,13 +95,11 @@ def main() -> None:
     for n in map(int, args.nsamples.split(",")):
         calib = calibration_windows(c4[:900], tok, nsamples=n, seqlen=256, seed=0, per_document=True)
         for bits in map(int, args.bits.split(",")):
-            for policy, fill in POLICY_ROWS:
+            for label, policy, fill in POLICY_ROWS:
                 model = AutoModelForCausalLM.from_pretrained(path).eval()
                 notes: dict = {}
                 cfg = QuantConfig(method=args.method, bits=bits, group_size=128, sym=False, expert_policy=policy,
                                   expert_fill_tokens=fill)
-                if fill:
-                    policy = f"{policy} ({'every window' if fill > 10**8 else f'fill {fill}'})"
                 quantize_layers(model, calib, cfg, device="cpu", notes=notes)
                 # notes: "model.layers.L.mlp.experts.E" -> {"tokens": n, "policy": p}
                 starved = [(int(k.split(".")[2]), int(k.rsplit(".", 1)[1])) for k, v in notes.items()
@@ -110,9 +109,9 @@ def main() -> None:
                 row["starved expert error"] = expert_error(fp, model, inputs, starved)
                 row["fed expert error"] = expert_error(fp, model, inputs, fed)
                 held_out = sum(len(inputs[k]) for k in starved)
-                rows[f"{n} x 256, W{bits}, {policy}"] = {**row, "starved experts": len(starved),
+                rows[f"{n} x 256, W{bits}, {label}"] = {**row, "starved experts": len(starved),
                                                         "held-out tokens of starved": held_out}
-                print(f"| {n} x 256 | W{bits} | {policy} | {len(starved)} | "
+                print(f"| {n} x 256 | W{bits} | {label} | {len(starved)} | "
                       + " | ".join(f"{v:.4g}" for v in row.values()) + " |", flush=True)
     print(json.dumps(rows))
 
