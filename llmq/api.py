@@ -27,7 +27,7 @@ from .arch.experts import split_experts
 from .checkpoint import SpoolWriter, check_output_free, half_dtype, parse_size, save_tensors
 from .config import Recipe
 from .data import get_calibration
-from .device import activation_budget, compute_dtype, resolve_device
+from .device import activation_budget, compute_dtype, forward_dtype, resolve_device
 from .distributed import SINGLE, Ranks, check_distributed, rank_device, ranks_from_env
 from .errors import CheckpointError, ConfigError
 from .export import PackedWriter, check_format, check_layout, save_packed, write_metadata
@@ -156,7 +156,8 @@ class Plan(NamedTuple):
     config: Any
     spec: ArchSpec
     stored_dtype: torch.dtype  # the checkpoint's dtype
-    dtype: torch.dtype  # the compute dtype of the layer forwards
+    dtype: torch.dtype  # the dtype the model and its activations are held in
+    work_dtype: torch.dtype  # the dtype of the layer forwards (float32 for a bf16 model on a CPU without bf16 matmuls)
     skeleton: nn.Module  # the model on the meta device
 
 
@@ -175,7 +176,8 @@ def plan(recipe: Recipe) -> Plan:
         spec = discover_streamed(skeleton, ShardedCheckpoint(folder, disk_namer(skeleton)))
     split_experts(skeleton, spec)  # the streaming reader fills the experts' linears from the per-expert tensors
     check_plan(recipe, skeleton, spec)
-    return Plan(folder, config, spec, stored, dtype, skeleton)
+    work = forward_dtype(dtype, resolve_device(recipe.device), recipe.compute_dtype)
+    return Plan(folder, config, spec, stored, dtype, work, skeleton)
 
 
 def quantize(recipe: Recipe, packable_only: bool = True) -> Quantized:
@@ -192,7 +194,7 @@ def quantize(recipe: Recipe, packable_only: bool = True) -> Quantized:
     notes: dict[str, Any] = {}
     results = quantize_layers(model, calib, recipe.quant, device=resolve_device(recipe.device),
                               keep_fp=_keep_fp(recipe) if packable_only else None, awq_state=awq_state,
-                              awq_record=awq_record, notes=notes, spec=p.spec)
+                              awq_record=awq_record, notes=notes, spec=p.spec, work_dtype=p.work_dtype)
     return Quantized(model, tokenizer, results, awq_record, half_dtype(p.stored_dtype, p.spec.fp16_ok), notes, p.spec)
 
 
@@ -218,11 +220,12 @@ def _settings(recipe: Recipe, calib: torch.Tensor, ckpt: ShardedCheckpoint) -> s
     return h.hexdigest()
 
 
-def _environment(device: torch.device, dtype: torch.dtype, batch_size: int, ranks: Ranks) -> dict[str, Any]:
+def _environment(device: torch.device, dtype: torch.dtype, work_dtype: torch.dtype, batch_size: int, ranks: Ranks
+                 ) -> dict[str, Any]:
     """What else changes the bytes: a partial run made elsewhere is not resumed but started afresh (the number of
     ranks too: it changes the order in which the Hessians are summed)."""
     return {"llmq": __version__, "torch": torch.__version__, "device": device.type, "dtype": str(dtype),
-            "batch_size": batch_size, "ranks": ranks.world}
+            "work_dtype": str(work_dtype), "batch_size": batch_size, "ranks": ranks.world}
 
 
 def _state_files(state: dict[str, Any]) -> list[str]:
@@ -271,7 +274,8 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
         ranks.barrier()
         return out
     with WorkFolder(out) as work:
-        state = work.load(settings, _environment(device, p.dtype, batch_size, ranks), overwrite, _state_files)
+        environment = _environment(device, p.dtype, p.work_dtype, batch_size, ranks)
+        state = work.load(settings, environment, overwrite, _state_files)
         ranks.share_json({"folder": str(work.path), "state": state})
         _stream_layers(recipe, p, ckpt, tokenizer, calib, device, work.path, state, settings, offload_activations,
                        batch_size, timer or StageTimes(), ranks, work)
@@ -370,7 +374,7 @@ def _stream_layers(recipe: Recipe, p: Plan, ckpt: ShardedCheckpoint, tokenizer: 
         quantize_layers(model, calib, recipe.quant, device=device, source=StreamingLayers(model, spec, ckpt),
                         sink=sink, batch_size=batch_size, keep_fp=_keep_fp(recipe), awq_state=awq_state,
                         awq_record=awq_record, start=start, resume_hidden=resume_hidden, offload_dir=offload_dir,
-                        timer=timer, notes=notes, spec=spec, ranks=ranks)
+                        timer=timer, notes=notes, spec=spec, ranks=ranks, work_dtype=p.work_dtype)
     if offload_dir is not None:
         shutil.rmtree(offload_dir, ignore_errors=True)
     if not writes:

@@ -8,6 +8,7 @@ compute the quantized layer's outputs as the next layer's inputs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import weakref
@@ -126,11 +127,14 @@ class LayerJob:
         by_policy: dict[str, dict[str, nn.Linear]] = {"routed": {}, "all_tokens": {}, "rtn": {}}
         for name, module in modules.items():
             by_policy[self.policy_of(name) or "routed"][name] = module
+        observing = self.experts.observing if self.experts is not None else lambda names: contextlib.nullcontext()
         if by_policy["routed"]:
-            self.observe(by_policy["routed"], fn, windows)
+            with observing(set(by_policy["routed"])):
+                self.observe(by_policy["routed"], fn, windows)
         if by_policy["all_tokens"]:
             experts = {self.experts.of[n] for n in by_policy["all_tokens"]}
-            with self.experts.every_token(experts, self._fill_tokens, self._first_token):
+            with self.experts.every_token(experts, self._fill_tokens, self._first_token), \
+                    observing(set(by_policy["all_tokens"])):
                 self.observe(by_policy["all_tokens"], fn, windows)
 
 
@@ -221,15 +225,16 @@ class SharedHessians:
                     ranks.sum_(acc.sum)
                 acc.n_tokens = ranks.sum_int(acc.n_tokens)
 
-    def hessian(self, name: str) -> torch.Tensor:
-        """``name``'s Hessian; the accumulator is spent on first use and H dropped after its last user."""
+    def hessian(self, name: str, users: int = 1) -> torch.Tensor:
+        """``name``'s Hessian, for ``users`` of the linears sharing it; the accumulator is spent on first use and H
+        dropped after its last user."""
         self.last.clear()
         owner = self.owner[name]
         if owner not in self.done:
             self.done[owner] = self.accs.pop(owner).hessian()
             self.check(owner, self.done[owner])
         H = self.done[owner]
-        self.users[owner] -= 1
+        self.users[owner] -= users
         if not self.users[owner]:
             del self.done[owner]
         return H
@@ -280,21 +285,69 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
         with job.timer("observe"):
             job.observe_statistics(group, hessians.add)
         hessians.reduce(job.ranks, [name for name in group if policy[name] != "rtn"])
-        for name, module in group.items():
-            with job.timer("solve"):  # H passed inline: the solver frees it once it has H^-1
-                if policy[name] == "rtn":
-                    results[name] = rtn_quantize(module.weight.data, job.cfg_for(name))
-                    log.info("layer %d %-22s RTN (no calibration tokens)", job.index, name)
+        done = {}
+        for names in _joint_solves(job, group, policy, hessians):
+            with job.timer("solve"):
+                if policy[names[0]] == "rtn":
+                    solved = {names[0]: rtn_quantize(group[names[0]].weight.data, job.cfg_for(names[0]))}
+                    log.info("layer %d %-22s RTN (no calibration tokens)", job.index, names[0])
                 else:  # with several ranks, each solves its share of the rows, and they are gathered
-                    rows = job.ranks.rows(module.out_features)
-                    res = gptq_quantize(module.weight.data[rows], hessians.hessian(name), job.cfg_for(name))
-                    log.info("layer %d %-22s loss %.5g damp %.3g", job.index, name, res.loss, res.damp)
-                    results[name] = res.weight
-            if job.ranks.active and policy[name] != "rtn":
-                with job.timer("share"):
-                    results[name] = job.ranks.gather_weight(results[name], module.out_features)
-            write_back(module, results[name])
+                    solved = _gptq_joint(job, {n: group[n] for n in names}, hessians)
+            for name, qw in solved.items():
+                if job.ranks.active and policy[name] != "rtn":
+                    with job.timer("share"):
+                        qw = job.ranks.gather_weight(qw, group[name].out_features)
+                done[name] = qw
+                write_back(group[name], qw)
+        results.update((name, done[name]) for name in group)
     return results
+
+
+JOINT_BYTES = 128 << 20  # float32 weight rows solved together at most (one H, one pass of the column loop)
+
+
+def _joint_solves(job: LayerJob, group: dict[str, nn.Linear], policy: dict[str, str | None],
+                  hessians: SharedHessians) -> list[list[str]]:
+    """``group``'s linears in the order they are solved, those sharing a Hessian and their settings together (q/k/v,
+    gate/up, the starved experts that all see every token), up to ``JOINT_BYTES`` of rows at a time; RTN ones alone.
+
+    GPTQ solves each row on its own with the whole ``H^-1`` (so do the range searches), so stacking the rows of
+    linears that share ``H`` changes no result; it runs the column loop once where it ran once per linear, which on
+    the experts' small weights (768 x 2048) is mostly Python overhead.
+    """
+    solves: list[list[str]] = []
+    open_: dict[tuple, tuple[list[str], int]] = {}  # (owner, settings) -> the solve being filled, its bytes
+    for name, module in group.items():
+        if policy[name] == "rtn":
+            solves.append([name])
+            continue
+        key = (hessians.owner[name], job.cfg_for(name))
+        size = 4 * module.weight.numel()
+        joint, used = open_.get(key, (None, 0))
+        if joint is None or used + size > JOINT_BYTES:
+            joint, used = [], 0
+            solves.append(joint)
+        joint.append(name)
+        open_[key] = (joint, used + size)
+    return solves
+
+
+def _gptq_joint(job: LayerJob, linears: dict[str, nn.Linear], hessians: SharedHessians
+                ) -> dict[str, QuantizedWeight]:
+    """GPTQ on the stacked rows (this rank's share of each) of linears sharing one Hessian and their settings."""
+    names = list(linears)
+    parts = [m.weight.data[job.ranks.rows(m.out_features)] for m in linears.values()]
+    W = parts[0] if len(parts) == 1 else torch.cat(parts)
+    # H passed inline: the solver frees it once it has H^-1
+    res = gptq_quantize(W, hessians.hessian(names[0], users=len(names)), job.cfg_for(names[0]))
+    del W
+    log.info("layer %d %-22s loss %.5g damp %.3g", job.index, " ".join(names), res.loss, res.damp)
+    if len(names) == 1:
+        return {names[0]: res.weight}
+    bounds = [0]
+    for p in parts:
+        bounds.append(bounds[-1] + p.shape[0])
+    return {n: res.weight.row_slice(a, b) for n, a, b in zip(names, bounds, bounds[1:], strict=False)}
 
 
 def _inspector(module: nn.Module, kwargs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:

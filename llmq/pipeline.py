@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .arch import ArchSpec, get_layers, layer_linears, resolve_arch
 from .arch.experts import LayerExperts, split_experts
 from .config import QuantConfig, Width
-from .device import exact_float32, resolve_device
+from .device import cast_tensors, compute_in, exact_float32, forward_dtype, resolve_device
 from .distributed import SINGLE, Ranks, check_distributed
 from .killpoints import kill_point
 from .methods import METHOD_FNS, LayerJob, check_finite, needs_teacher
@@ -263,7 +263,7 @@ SENSITIVITY_WINDOWS = 32  # calibration windows the layer-output error of each c
 def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidden: torch.Tensor,
                      layer_kwargs: list[dict[str, Any]], cfg: QuantConfig, device: torch.device, batch_size: int,
                      keep_fp: Callable[[str, nn.Linear], bool] | None, offload_dir: Path | None,
-                     timer: StageTimes) -> Widths:
+                     timer: StageTimes, work: torch.dtype) -> Widths:
     """Mixed precision (:mod:`llmq.mixed`): one pass of the FP model over the first calibration windows measuring each
     group's sensitivity at each of ``cfg.widths``, then the allocation within ``cfg.bits_per_weight``."""
     n = min(SENSITIVITY_WINDOWS, hidden.shape[0])  # only these windows are measured: only they are propagated
@@ -275,10 +275,11 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
                       unit="layer"):
         with timer("load"):
             layer = source.load_layer(index).to(device)
+            restore = compute_in(layer, hidden.dtype, work)
         prefix = f"{spec.layers}.{index}."
         groups = _layer_groups(layer, spec, model.config, index, keep_fp)
         layer_units = make_units([linear_shapes(g, prefix) for g in groups], cfg.widths)
-        kwargs = layer_kwargs[index]
+        kwargs = cast_tensors(layer_kwargs[index], hidden.dtype, work)
         with timer("propagate"):
             _propagate(layer, stream, kwargs, batch_size, out=fp_outputs)
         experts = LayerExperts(layer, spec, model.config, index) if spec.is_sparse(model.config, index) else None
@@ -295,6 +296,7 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
         units += layer_units
         with timer("propagate"):
             _propagate(layer, stream, kwargs, batch_size)
+        restore()
         source.release_layer(index, layer)
         del job, experts, layer
     choice = allocate(units, check_budget(units, cfg))
@@ -331,6 +333,7 @@ def quantize_layers(
     spec: ArchSpec | None = None,
     widths: Widths | None = None,
     ranks: Ranks = SINGLE,
+    work_dtype: torch.dtype | None = None,
 ) -> LayerResults:
     """Quantize every decoder layer's linears with ``cfg.method``; returns all quantized weights.
 
@@ -359,6 +362,9 @@ def quantize_layers(
 
     torch.distributed (``ranks``, :mod:`llmq.distributed`): every rank passes all of ``input_ids`` and runs its
     share of the windows; the activations handed to ``sink`` and ``resume_hidden`` are that share.
+
+    The model and the activations stay in their dtype; each layer computes in ``work_dtype`` (default:
+    :func:`llmq.device.forward_dtype`'s choice), cast up while it is worked on and back before the sink gets it.
     """
     check_distributed(cfg, ranks)
     input_ids = input_ids[ranks.windows(input_ids.shape[0])]
@@ -372,6 +378,7 @@ def quantize_layers(
 
     with timer("capture"):
         hidden, layer_kwargs = capture_layer_inputs(model, spec, input_ids, device, offload_dir)
+        work = work_dtype or forward_dtype(hidden.dtype, device)
         activations = {"hidden": hidden}
         if needs_teacher(cfg.method):
             activations["teacher"] = allocate_activations(tuple(hidden.shape), hidden.dtype, hidden.device,
@@ -383,13 +390,14 @@ def quantize_layers(
         if start:
             raise RuntimeError("a mixed-precision run resumed without the widths it chose: its state is damaged")
         widths = _allocate_widths(model, spec, source, hidden, layer_kwargs, cfg, device, batch_size, keep_fp,
-                                  offload_dir, timer)
+                                  offload_dir, timer, work)
     if notes is not None:
         notes.update({f"widths/{name}": {"bits": w.bits, "group_size": w.group_size, "sym": w.sym}
                       for name, w in sorted(widths.items())})
     if start:
         resume_hidden(activations)
-    log.info("captured %d calibration windows of %d tokens for %d layers", *hidden.shape[:2], n_layers)
+    log.info("captured %d calibration windows of %d tokens for %d layers; layer forwards in %s", *hidden.shape[:2],
+             n_layers, str(work).removeprefix("torch."))
     fp_outputs = None
     if cfg.next_inputs == "fp":
         fp_outputs = allocate_activations(tuple(hidden.shape), hidden.dtype, hidden.device, offload_dir, "fp_outputs")
@@ -399,10 +407,11 @@ def quantize_layers(
                       initial=start, total=n_layers, disable=None if ranks.writes else True):
         with timer("load"):
             layer = source.load_layer(index).to(device)
+            restore = compute_in(layer, hidden.dtype, work)
         prefix = f"{spec.layers}.{index}."
         groups = _layer_groups(layer, spec, model.config, index, keep_fp)
 
-        kwargs = layer_kwargs[index]
+        kwargs = cast_tensors(layer_kwargs[index], hidden.dtype, work)
         observe = functools.partial(_observe, layer, hidden, kwargs, batch_size)
         if fp_outputs is not None:
             with timer("propagate"):
@@ -427,6 +436,7 @@ def quantize_layers(
                 hidden.copy_(fp_outputs)  # the AWQ reference feeds the next layer full-precision outputs
             else:  # the quantized layer's outputs are the next layer's inputs
                 _propagate(layer, hidden, kwargs, batch_size)
+        restore()
         # finished codes leave the compute device: a 7B model's uint8 codes are ~7 GB
         layer_results = {prefix + name: qw.to("cpu") for name, qw in results.items()}
         with timer("write"):

@@ -49,6 +49,13 @@ class QuantizedWeight:
             setattr(moved, name, getattr(self, name).to(device))
         return moved
 
+    def row_slice(self, start: int, stop: int) -> QuantizedWeight:
+        """Rows ``start:stop`` (a copy: the rest can be freed)."""
+        part = copy.copy(self)
+        for name in ("code_bytes", "scales", "zeros"):
+            setattr(part, name, getattr(self, name)[start:stop].clone())
+        return part
+
     def __repr__(self) -> str:
         return (f"QuantizedWeight(out={self.code_bytes.shape[0]}, in={self.in_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, sym={self.sym})")

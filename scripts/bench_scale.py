@@ -271,6 +271,9 @@ def main() -> None:
     # the choices of llmq.config.RANGE_SEARCHES, written out: the peer's interpreter may lack llmq
     p.add_argument("--range-search", choices=["coarse_to_fine", "full"],
                    help="the MSE range search (llmq's default coarse_to_fine; full: all 80 shrink factors)")
+    p.add_argument("--compute-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="as a recipe's compute_dtype (auto: bf16 layer forwards only where the device multiplies bf16 "
+                   "natively)")
     p.add_argument("--nproc", type=int, default=1,
                    help="run llmq's job under torchrun on this many ranks (gloo on the CPU, one thread each unless "
                         "OMP_NUM_THREADS says otherwise); rank 0 prints the line")
@@ -310,6 +313,7 @@ def main() -> None:
     import llmq.methods
     from llmq.api import quantize_to_disk
     from llmq.config import Recipe
+    from llmq.device import forward_dtype
     from llmq.timing import StageTimes
 
     if args.hessian_mb:
@@ -321,6 +325,7 @@ def main() -> None:
     recipe = Recipe.from_dict(dict(model=str(model_dir), out=str(out), method=method, bits=args.bits,
                                    group_size=args.group_size, sym=False, calib=str(calib), nsamples=args.nsamples,
                                    seqlen=args.seqlen, device=args.device, mse=args.mse,
+                                   compute_dtype=args.compute_dtype,
                                    **({"range_search": args.range_search} if args.range_search else {})))
     if not int(os.environ.get("RANK", "0")):  # a killed run's work: time every layer (rank 0's folder, only it)
         shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
@@ -340,6 +345,8 @@ def main() -> None:
         "bits": args.bits, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
         "hessian_mb": llmq.methods.HESSIAN_BYTES >> 20, "mse": recipe.quant.mse, "device": args.device,
         "range_search": recipe.quant.range_search, "threads": torch.get_num_threads(),
+        "forward_dtype": str(forward_dtype(torch.bfloat16, torch.device(args.device), args.compute_dtype)).removeprefix(
+            "torch."),
         "ranks": int(os.environ.get("WORLD_SIZE", "1")),
         "wall_s": round(wall, 1), "s_per_layer": round(wall / args.layers, 1), "stage_s": stages,
         "peak_rss_mb": peak_rss_mb(), "peak_rss_mb_by_stage": stage_peaks,

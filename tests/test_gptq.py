@@ -219,3 +219,31 @@ def test_exact_sums_do_not_depend_on_how_the_batches_are_split_between_ranks(mon
         assert torch.equal(hessian(True, split), one), split
     assert not all(torch.equal(hessian(False, split), hessian(False, 0)) for split in (1, 5, 6, 11))
     torch.testing.assert_close(hessian(False, 0), one, rtol=1e-5, atol=1e-5 * one.abs().max().item())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_linears_sharing_a_hessian_solved_together_give_their_own_solves_codes(monkeypatch, act_order):
+    """q/k/v and gate/up of llmq-tiny-llama are solved as one stacked weight each (4 solves per layer, not 7): every
+    linear's codes, scales and zeros are those of its own solve (``JOINT_BYTES=0``: one linear per solve), bit for
+    bit, since GPTQ and its range search treat each row on its own."""
+    import llmq.gptq
+    import llmq.methods as methods
+    from llmq.pipeline import quantize_layers
+
+    model_dir = shared_path("assets", "llmq-tiny-llama")
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+    cfg = QuantConfig(bits=3, group_size=64, act_order=act_order)
+    solves, solve = [], llmq.gptq.gptq_quantize
+    monkeypatch.setattr(methods, "gptq_quantize", lambda W, H, c: solves.append(W.shape[0]) or solve(W, H, c))
+    runs = {}
+    for joint in (methods.JOINT_BYTES, 0):
+        monkeypatch.setattr(methods, "JOINT_BYTES", joint)
+        solves.clear()
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        runs[joint] = quantize_layers(model, ids, cfg)
+        assert len(solves) == (4 if joint else 7) * model.config.num_hidden_layers
+    together, alone = runs.values()
+    assert together.keys() == alone.keys()
+    for name, qw in alone.items():
+        for field in ("codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(together[name], field), getattr(qw, field)), (name, field)

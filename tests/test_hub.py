@@ -191,3 +191,37 @@ def test_local_folders_without_a_model_are_refused_with_the_fix(tmp_path):
         resolve_model(tmp_path)
     with pytest.raises(CheckpointError, match="not a Hugging Face hub id either"):
         resolve_model(str(tmp_path / "missing" / "deeper"))
+
+
+def test_bf16_forwards_run_in_float32_only_where_the_device_lacks_bf16_matmuls(monkeypatch):
+    from llmq import device
+    cpu = torch.device("cpu")
+    for native, want in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(device, "native_bf16", lambda d, native=native: native)
+        assert device.forward_dtype(torch.bfloat16, cpu) == want
+        assert device.forward_dtype(torch.bfloat16, cpu, "bfloat16") == torch.bfloat16  # asked for: kept
+        assert device.forward_dtype(torch.float32, cpu) == torch.float32
+
+
+def test_a_bf16_model_computes_each_layer_in_float32_and_stays_bf16(bf16_tiny_llama, monkeypatch):
+    """Layer forwards in float32 (a CPU without bf16 matmuls): the model stays bf16, and layer 0's q/k/v, whose input
+    (the norm of the same bf16 embeddings) is computed alike, get the codes a float32 model holding the same values
+    gets, bit for bit; with bf16 forwards (the check can fail) they differ. Past them the bf16 model's own rotary
+    tables (rounded to bf16 by transformers) and its bf16 activations between layers make the runs part."""
+    from transformers import AutoModelForCausalLM
+
+    from llmq.config import QuantConfig
+    from llmq.pipeline import quantize_layers
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=3, group_size=64)
+    runs = {}
+    for work in (torch.float32, torch.bfloat16, "fp32 model"):
+        model = AutoModelForCausalLM.from_pretrained(bf16_tiny_llama, dtype=torch.bfloat16)
+        if work == "fp32 model":
+            model, work = model.float(), None
+        runs[work] = quantize_layers(model, ids, cfg, work_dtype=work)
+        if work is not None:
+            assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, "the layer was cast back"
+    layer0 = [f"model.layers.0.self_attn.{n}_proj" for n in "qkv"]
+    assert layer0 and all(torch.equal(runs[torch.float32][n].codes, runs[None][n].codes) for n in layer0)
+    assert not all(torch.equal(runs[torch.bfloat16][n].codes, runs[None][n].codes) for n in layer0)

@@ -110,9 +110,9 @@ def _fixed_route_run(monkeypatch, cfg: QuantConfig, caplog=None, batch_size: int
     hessians, block_inputs = {}, {}
     take = SharedHessians.hessian
 
-    def recording(self, name):
-        H = take(self, name)
-        hessians[name] = H.clone()
+    def recording(self, name, users=1):  # the Hessian of every linear sharing it (solved together)
+        H = take(self, name, users)
+        hessians.update({n: H.clone() for n, owner in self.owner.items() if owner == self.owner[name]})
         return H
     monkeypatch.setattr(SharedHessians, "hessian", recording)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
@@ -355,6 +355,63 @@ def test_experts_observed_in_chunks_give_the_same_codes(monkeypatch):
     for name in whole:
         assert torch.equal(whole[name].codes, chunked[name].codes), name
         assert torch.equal(whole[name].scales, chunked[name].scales), name
+
+
+def test_observing_forwards_run_only_the_observed_experts_and_give_the_same_codes(monkeypatch):
+    """While a chunk's statistics are gathered only its experts run, and their down only when a down is observed
+    (one expert per chunk here, starved ones filled for part of the stream); the codes equal those of the
+    reference, forwards that run every expert whole."""
+    import contextlib
+
+    import llmq.methods as methods
+    from llmq.arch.experts import Expert, LayerExperts
+
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(bits=4, group_size=32, expert_min_tokens=24, expert_fill_tokens=20)
+    monkeypatch.setattr(methods, "HESSIAN_BYTES", 1)
+    forward = Expert.forward
+    rows = {}
+
+    def counting(self, x, down=True):
+        rows[key] = rows.get(key, 0) + x.shape[0] * (3 if down else 2)  # linears' rows computed
+        return forward(self, x, down)
+    monkeypatch.setattr(Expert, "forward", counting)
+    results = {}
+    for key in ("observing", "reference"):
+        if key == "reference":
+            monkeypatch.setattr(LayerExperts, "observing", lambda self, linears: contextlib.nullcontext())
+        notes = {}
+        results[key] = quantize_layers(_moe_model("qwen3_moe", mlp_only_layers=[]), ids, cfg, batch_size=2,
+                                       notes=notes)
+        assert {v["policy"] for k, v in notes.items() if "experts" in k} == {"routed", "all_tokens"}
+    assert results["observing"].keys() == results["reference"].keys()
+    for name, qw in results["reference"].items():
+        assert torch.equal(results["observing"][name].codes, qw.codes), name
+        assert torch.equal(results["observing"][name].scales, qw.scales), name
+    assert rows["observing"] * 2 < rows["reference"], rows
+
+
+def test_starved_experts_sharing_every_token_are_solved_together_as_they_are_alone(monkeypatch):
+    """Experts that all see every token share one Hessian: their gate/up rows are stacked into one GPTQ solve with
+    each expert's own gate/up; the codes are those of one solve per linear, bit for bit."""
+    import llmq.gptq
+    import llmq.methods as methods
+
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(bits=4, group_size=32, expert_min_tokens=40)  # most experts starved, the fill every window
+    solves, solve = [], llmq.gptq.gptq_quantize
+    monkeypatch.setattr(methods, "gptq_quantize", lambda W, H, c: solves.append(W.shape[0]) or solve(W, H, c))
+    runs, counts, default = {}, {}, methods.JOINT_BYTES
+    for joint in (default, 0):
+        monkeypatch.setattr(methods, "JOINT_BYTES", joint)
+        solves.clear()
+        runs[joint] = quantize_layers(_moe_model("qwen3_moe", mlp_only_layers=[]), ids, cfg, batch_size=2)
+        counts[joint] = len(solves)
+    assert counts[default] + 4 < counts[0], counts
+    together, alone = runs.values()
+    for name, qw in alone.items():
+        for field in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(together[name], field), getattr(qw, field)), (name, field)
 
 
 def test_bad_expert_settings_are_refused_with_the_choices():

@@ -32,9 +32,14 @@ class Expert(nn.Module):
                                     (names.down, (inter, hidden))):
             self.add_module(name, nn.Linear(n_in, n_out, bias=False, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up, down = (self.get_submodule(n) for n in (self.names.gate, self.names.up, self.names.down))
-        return down(self.act(gate(x)) * up(x))
+    def forward(self, x: torch.Tensor, down: bool = True) -> torch.Tensor | None:
+        """The expert's output; with ``down=False`` only gate and up run (their inputs observed, nothing returned)."""
+        gate, up = self.get_submodule(self.names.gate), self.get_submodule(self.names.up)
+        if not down:
+            gate(x)
+            up(x)
+            return None
+        return self.get_submodule(self.names.down)(self.act(gate(x)) * up(x))
 
 
 class ExpertLinears(nn.ModuleList):
@@ -53,6 +58,10 @@ class ExpertLinears(nn.ModuleList):
         self.every_token: frozenset[int] = frozenset()
         self.fill_tokens: int | None = 0
         self.position = 0
+        # while statistics are observed (LayerExperts.observing): the experts whose linears are, and whether a down is
+        # among them; the others do not run, nor down when none is observed, and the output is not computed
+        self.observed: frozenset[int] | None = None
+        self.observe_down = True
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
@@ -64,18 +73,27 @@ class ExpertLinears(nn.ModuleList):
         hit = torch.bincount(top_k_index.flatten(), minlength=len(self))[: len(self)]
         filled = self.every_token if fill else frozenset()
         for e in sorted(set(hit.nonzero().flatten().tolist()) | filled):
+            if self.observed is not None and e not in self.observed:
+                continue
             token_idx, pos = torch.where(top_k_index == e)  # token_idx ascending: a token picks an expert once
+            back = None  # the rows of the expert's output that are its routed tokens' (None: all of them, in order)
             if e not in filled:
-                y = self[e](hidden_states[token_idx])
+                x = hidden_states[token_idx]
             elif self.fill_tokens is None:  # every token of every call: one input object for all of them, whose
                 # statistics are the same and are summed once (llmq.methods.SharedHessians tells them by identity)
-                y = self[e](hidden_states)[token_idx]
+                x, back = hidden_states, token_idx
             else:  # the first ``fill`` tokens, then the routed ones after them: a tensor of its own for each expert,
                 # even when it is every token, since a later call gives each its own rows (sharing must not join
                 # two experts' statistics then)
                 later = token_idx[token_idx >= fill]
-                y = self[e](torch.cat([hidden_states[:fill], hidden_states[later]]))
-                y = torch.cat([y[token_idx[: token_idx.numel() - later.numel()]], y[fill:]])
+                x = torch.cat([hidden_states[:fill], hidden_states[later]])
+                back = torch.cat([token_idx[: token_idx.numel() - later.numel()],
+                                  torch.arange(fill, fill + later.numel(), device=token_idx.device)])
+            if self.observed is not None:  # statistics only: the hooks take the inputs, the output is never used
+                self[e](x, down=self.observe_down)
+                continue
+            y = self[e](x)
+            y = y if back is None else y[back]
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
         return out
 
@@ -143,6 +161,7 @@ class LayerExperts:
         self.members = {e: [f"{e}.{n}" for n in (m.names.gate, m.names.up, m.names.down)]
                         for e in spec.experts(config)}
         self.of = {linear: e for e, linears in self.members.items() for linear in linears}
+        self.downs = {linears[2] for linears in self.members.values()}
 
     def count(self, observe: Callable[..., None]) -> dict[str, int]:
         """Tokens the router sends to each expert over all calibration windows (one pass up to the experts)."""
@@ -156,6 +175,23 @@ class LayerExperts:
         finally:
             handle.remove()
         return dict(zip(self.members, counts.tolist(), strict=True))
+
+    @contextlib.contextmanager
+    def observing(self, linears: set[str]) -> Iterator[None]:
+        """Within this context, a forward that gathers the statistics of ``linears`` runs only the experts among
+        them, and their ``down`` only when one is listed: a chunk of Qwen3-30B-A3B's experts' gate/up ran all 128
+        experts whole before. The layer's output is then wrong, which an observing forward never uses."""
+        experts = {self.of[n] for n in linears if n in self.of}
+        if not experts:
+            yield
+            return
+        index = {e: i for i, e in enumerate(self.members)}
+        m = self.module
+        m.observed, m.observe_down = frozenset(index[e] for e in experts), bool(self.downs & set(linears))
+        try:
+            yield
+        finally:
+            m.observed, m.observe_down = None, True
 
     @contextlib.contextmanager
     def every_token(self, experts: set[str], fill_tokens: int | None = None, position: int = 0) -> Iterator[None]:
