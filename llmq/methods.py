@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import weakref
 from collections.abc import Callable
@@ -344,10 +345,8 @@ def _gptq_joint(job: LayerJob, linears: dict[str, nn.Linear], hessians: SharedHe
     log.info("layer %d %-22s loss %.5g damp %.3g", job.index, " ".join(names), res.loss, res.damp)
     if len(names) == 1:
         return {names[0]: res.weight}
-    bounds = [0]
-    for p in parts:
-        bounds.append(bounds[-1] + p.shape[0])
-    return {n: res.weight.row_slice(a, b) for n, a, b in zip(names, bounds, bounds[1:], strict=False)}
+    bounds = itertools.pairwise(itertools.accumulate((p.shape[0] for p in parts), initial=0))
+    return {n: res.weight.row_slice(a, b) for n, (a, b) in zip(names, bounds, strict=True)}
 
 
 def _inspector(module: nn.Module, kwargs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:

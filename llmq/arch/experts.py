@@ -161,7 +161,8 @@ class LayerExperts:
         self.members = {e: [f"{e}.{n}" for n in (m.names.gate, m.names.up, m.names.down)]
                         for e in spec.experts(config)}
         self.of = {linear: e for e, linears in self.members.items() for linear in linears}
-        self.downs = {linears[2] for linears in self.members.values()}
+        self.downs = {f"{e}.{m.names.down}" for e in self.members}
+        self.index = {e: i for i, e in enumerate(self.members)}  # expert name -> its place in ``module``
 
     def count(self, observe: Callable[..., None]) -> dict[str, int]:
         """Tokens the router sends to each expert over all calibration windows (one pass up to the experts)."""
@@ -185,9 +186,8 @@ class LayerExperts:
         if not experts:
             yield
             return
-        index = {e: i for i, e in enumerate(self.members)}
         m = self.module
-        m.observed, m.observe_down = frozenset(index[e] for e in experts), bool(self.downs & set(linears))
+        m.observed, m.observe_down = frozenset(self.index[e] for e in experts), bool(self.downs & set(linears))
         try:
             yield
         finally:
@@ -197,9 +197,8 @@ class LayerExperts:
     def every_token(self, experts: set[str], fill_tokens: int | None = None, position: int = 0) -> Iterator[None]:
         """Within this context ``experts`` see every one of the first ``fill_tokens`` calibration tokens (None: all
         of them), and their routed tokens after them; this process's first token is ``position`` in that stream."""
-        index = {e: i for i, e in enumerate(self.members)}
         m = self.module
-        m.every_token, m.fill_tokens, m.position = frozenset(index[e] for e in experts), fill_tokens, position
+        m.every_token, m.fill_tokens, m.position = frozenset(self.index[e] for e in experts), fill_tokens, position
         try:
             yield
         finally:
