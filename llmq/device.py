@@ -8,12 +8,15 @@
 - A bfloat16 model's layer forwards run in bfloat16 where the device multiplies it natively (CUDA,
   CPUs with AVX512-BF16 or AMX), and elsewhere in float32, one decoder layer cast up at a time: on an
   AVX2 CPU bfloat16 matmuls run at a fifth of float32's speed (17 against 100 GFLOP/s on a 2-core EPYC).
+  For the same reason packed checkpoints' dequantized GEMMs (prefill) multiply in float32 there
+  (:func:`gemm_dtype`), the product rounded to bfloat16 once.
 - Hessians and the GPTQ solver are float32 with TF32 off (as the reference GPTQ code): TF32 keeps
   10 mantissa bits, too few for a Cholesky factorisation of ``H``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,6 +52,17 @@ def native_bf16(device: torch.device) -> bool:
         return True
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
                                                                        "_is_amx_tile_supported"))
+
+
+@functools.cache
+def _native_bf16_at(device: torch.device) -> bool:
+    return native_bf16(device)
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a dense product with ``dtype`` activations runs in on ``device``: float32 for bfloat16 ones where
+    bfloat16 matmuls are not native (the device probed once), ``dtype`` otherwise."""
+    return torch.float32 if dtype == torch.bfloat16 and not _native_bf16_at(device) else dtype
 
 
 def forward_dtype(dtype: torch.dtype, device: torch.device, requested: str = "auto") -> torch.dtype:

@@ -89,6 +89,29 @@ def test_int4_folding_is_exact_in_float32(bits):
         check(module, layer, torch.float32, shapes=[(3, K), (200, K)], tol=2e-6)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["float32-gemm", "bf16-gemm"])
+def test_prefill_multiplies_bf16_activations_in_float32_only_where_bf16_matmuls_are_not_native(monkeypatch, native):
+    """Prefill rows (above DEQUANT_ABOVE_ROWS) of bf16 activations: without native bf16 matmuls the dequantized
+    GEMM runs in float32 (a fifth of the time on AVX2), so the only roundings are the output's to bf16 and the
+    kernel's bf16 scale/zero pairs' (2^-9 relative each); with them it stays bf16. Both equal the reference."""
+    from llmq import device
+
+    monkeypatch.setattr(device, "_native_bf16_at", lambda d: native)
+    assert device.gemm_dtype(torch.bfloat16, torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    assert device.gemm_dtype(torch.float16, torch.device("cpu")) == torch.float16
+    x = torch.randn(200, K, generator=torch.Generator().manual_seed(4)).bfloat16()
+    for bits, gs, act, name in ((4, 128, False, "int4_cpu"), (8, 128, True, "int4_cpu"), (3, 64, True, "int4_cpu"),
+                                (8, -1, False, "int8_cpu"), (3, 32, True, "dequant")):
+        layer = packed_layer(bits, gs, act_order=act)
+        got = KERNELS[name](layer, torch.bfloat16)(x)
+        assert got.dtype == torch.bfloat16
+        err = rel_err(got, reference(layer, x))
+        if native:
+            assert err < TOL[torch.bfloat16], (name, bits, err)
+        else:  # the float32 product rounded to bf16 once, and the bf16 scale/zero pairs: 2 x 2^-9 and summation
+            assert err < 6e-3, (name, bits, err)
+
+
 def test_prefill_scratch_buffers_never_reach_a_graph_autograd_keeps():
     """Prefill rows dequantize into per-thread scratch buffers that the next layer overwrites. With
     gradients on, the weight is fresh, so a backward through two layers gets the reference's gradients;

@@ -18,7 +18,10 @@ The only rounding besides the reference's own is that of the scale/zero pairs to
 ``_weight_int8pack_mm(x, w, scale)`` runs 8-bit codes with one scale per row (group size -1); zero
 points other than 128 add ``sum(x) * (128 - z) * s``.
 Above ``DEQUANT_ABOVE_ROWS`` rows of activations (prefill, perplexity) these kernels are slower than
-bf16 GEMM, so the weight is dequantized once per call and multiplied by the dense kernel instead. That
+bf16 GEMM, so the weight is dequantized once per call and multiplied by the dense kernel instead, in
+bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16, AMX) and in float32 elsewhere: on AVX2
+a bf16 GEMM runs at about a fifth of float32's rate (``scripts/bench_forward_dtype.py``), and a float32
+product rounds less than the reference's bf16 weight does (the result is rounded to bf16 once). That
 dequantization is the only cost prefill adds to bf16's (about 0.6 ns per weight on this project's 2-core
 machine: ``bench_decode.py --kernels``): four passes (nibbles to bytes, ``- 8`` on bytes, bytes to bf16, one
 ``addcmul``) into scratch buffers kept per thread, since fresh tensors of a weight's size cost page faults
@@ -35,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..device import gemm_dtype
 from ..qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -187,10 +191,11 @@ class Int4CpuLinear(nn.Module):
                                f"{self.weight.device}: load the checkpoint on that device instead")
         return self
 
-    def dequantized_t(self, scratch: bool = False) -> torch.Tensor:
-        """``W^T`` ``[in, out]`` in the activation dtype, from the kernel's layout (in this thread's scratch
-        buffers when ``scratch``: valid until the next call, so only for a result no graph keeps)."""
+    def dequantized_t(self, scratch: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W^T`` ``[in, out]`` in ``dtype`` (default: the activation dtype), from the kernel's layout (in this
+        thread's scratch buffers when ``scratch``: valid until the next call, so only for a result no graph keeps)."""
         k, n = self.in_features, self.out_features
+        dtype = dtype or self.scales_and_zeros.dtype
 
         def buffer(slot: int, dtype: torch.dtype) -> torch.Tensor:
             return _SCRATCH.get(slot, k * n, dtype) if scratch else torch.empty(k * n, dtype=dtype)
@@ -199,12 +204,12 @@ class Int4CpuLinear(nn.Module):
         for plane, (packed, sz) in enumerate(zip(self.weight, self.scales_and_zeros, strict=True)):
             codes = _int4pack_codes_t(packed, n, k, torch.uint8, out=buffer(0, torch.uint8))
             q = codes.view(torch.int8).sub_(8)  # exact on bytes: codes are below 16
-            part = buffer(1 + min(plane, 1), sz.dtype).view(-1, self.group, n)
+            part = buffer(1 + min(plane, 1), dtype).view(-1, self.group, n)
             part.copy_(q.view(-1, self.group, n))
             # (q - 8) s + z in float, rounded once to bf16 (q s + (z - 8 s) would round z - 8 s, up to 8 s,
             # and lose 2-bit weights' precision). Scale and zero as contiguous [groups, 1, N]: broadcasting a
             # strided view is several times slower.
-            scale, zero = sz[:, None, :, 0].contiguous(), sz[:, None, :, 1].contiguous()
+            scale, zero = (sz[:, None, :, i].to(dtype).contiguous() for i in (0, 1))
             torch.addcmul(zero, part, scale, out=part)
             w = part if w is None else w.add_(part)
         return w.view(k, n)
@@ -215,7 +220,8 @@ class Int4CpuLinear(nn.Module):
             x2 = x2.index_select(1, self.perm)
         if x2.shape[0] > DEQUANT_ABOVE_ROWS and _int4pack_block() is not None:
             # scratch only when autograd will not keep the weight for a backward pass
-            y = x2 @ self.dequantized_t(scratch=not (torch.is_grad_enabled() and x2.requires_grad))
+            dtype = gemm_dtype(x2.dtype, x2.device)
+            y = x2.to(dtype) @ self.dequantized_t(not (torch.is_grad_enabled() and x2.requires_grad), dtype)
         else:
             x2 = x2.contiguous()
             y = None
@@ -266,10 +272,11 @@ class Int8CpuLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)
         if x2.shape[0] > DEQUANT_ABOVE_ROWS:
-            w = self.weight.to(x2.dtype).mul_(self.scale[:, None])
+            dtype = gemm_dtype(x2.dtype, x2.device)
+            w = self.weight.to(dtype).mul_(self.scale[:, None])
             if self.offset is not None:
                 w.add_(self.offset[:, None])
-            y = F.linear(x2, w)
+            y = F.linear(x2.to(dtype), w)
         else:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale)
             if self.offset is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..device import gemm_dtype
 from ..pack import pack_rows, unpack_rows
 from ..qlinear import QuantLinear
 
@@ -61,7 +62,8 @@ class DequantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= WHOLE_WEIGHT_ROWS or x.device.type != "cpu":
-            y = x2 @ self.weight_rows(0, self.in_features, x.dtype)
+            dtype = gemm_dtype(x.dtype, x.device)  # float32 for bf16 on a CPU without native bf16 matmuls
+            y = (x2.to(dtype) @ self.weight_rows(0, self.in_features, dtype)).to(x.dtype)
         else:
             step = max(32, SLICE_VALUES // self.out_features // 32 * 32)  # slices start on packing blocks
             y = None
