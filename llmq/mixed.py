@@ -7,8 +7,12 @@ experts' gate/up, their down): linears that read the same input, which serving e
 Sensitivity (:func:`layer_sensitivity`): each unit is quantized alone at each candidate width, the rest of its
 layer in full precision, on the FP model's calibration inputs; its sensitivity at that width is the squared
 error it adds to the layer's output, summed over tokens. The residual stream carries each layer's output
-error on to the model's output on one scale, so sensitivities of different layers add up (the additive
-model that HAWQ and llama.cpp's k-quant mixtures rely on too).
+error on to the model's output, where sensitivities of different layers add up (the additive model that HAWQ
+and llama.cpp's k-quant mixtures rely on too); but the later layers read that error and amplify or damp it,
+more for early layers than for late ones. So each layer's error at the run's own width
+(:func:`layer_perturbation`) is also carried through the FP layers after it, and the layer's sensitivities
+are scaled by the ratio of what reaches the final hidden state (per token over its mean square, what the final
+RMSNorm divides by) to what left the layer: one gain per layer, on a few windows.
 
 Allocation (:func:`allocate`): the widths minimising the summed sensitivity with the total storage (codes,
 scales, zeros and g_idx, :func:`llmq.pack.gptq_storage_bits`) within the budget: a multiple-choice knapsack,
@@ -97,6 +101,18 @@ def layer_sensitivity(job: LayerJob, widths: list[tuple[Width, ...]], layer_erro
             for name, module in group.items():
                 module.weight.data = fp[name]
     return errors
+
+
+def layer_perturbation(job: LayerJob, run: Callable[[], None]) -> None:
+    """``run()`` with every one of ``job``'s groups quantized at the run's own width (by the probe method), the FP
+    weights restored after it."""
+    probe = METHOD_FNS["rtn" if job.cfg.method == "rtn" else "gptq"]
+    fp = {name: module.weight.data for group in job.groups for name, module in group.items()}
+    probe(dataclasses.replace(job, widths={}))
+    run()
+    for group in job.groups:
+        for name, module in group.items():
+            module.weight.data = fp[name]
 
 
 def allocate(units: list[Unit], budget_bits: float) -> list[Width]:

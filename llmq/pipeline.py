@@ -29,7 +29,15 @@ from .device import cast_tensors, compute_in, exact_float32, forward_dtype, reso
 from .distributed import SINGLE, Ranks, check_distributed
 from .killpoints import kill_point
 from .methods import METHOD_FNS, LayerJob, check_finite, needs_teacher
-from .mixed import allocate, check_budget, format_allocation, layer_sensitivity, linear_shapes, make_units
+from .mixed import (
+    allocate,
+    check_budget,
+    format_allocation,
+    layer_perturbation,
+    layer_sensitivity,
+    linear_shapes,
+    make_units,
+)
 from .quant import QuantizedWeight
 from .timing import StageTimes
 
@@ -258,6 +266,15 @@ def _output_error(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
 
 
 SENSITIVITY_WINDOWS = 32  # calibration windows the layer-output error of each candidate width is measured on
+CARRIED_WINDOWS = 8  # windows each layer's quantization error is carried on to the model's output
+
+
+def _final_error(carried: torch.Tensor, final: torch.Tensor) -> float:
+    """The squared difference between two final hidden states, each token's divided by its FP mean square (what
+    the final RMSNorm divides by), summed: the error the model's head sees."""
+    f = final.float()
+    scale = f.pow(2).mean(-1, keepdim=True).clamp_min(1e-12)
+    return ((carried.float() - f).pow(2) / scale).sum().item()
 
 
 def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidden: torch.Tensor,
@@ -270,7 +287,10 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
     stream = allocate_activations((n, *hidden.shape[1:]), hidden.dtype, hidden.device, offload_dir, "sensitivity")
     stream.copy_(hidden[:n])
     fp_outputs = torch.empty_like(stream)
-    units = []
+    units, layer_of_unit = [], []
+    m = min(CARRIED_WINDOWS, n)
+    carried: list[torch.Tensor] = []  # per layer: the FP model's stream with that layer quantized, carried on
+    local: list[float] = []  # the error each one had at its own layer's output
     for index in tqdm(range(len(get_layers(model, spec))), desc=f"sensitivity x {len(cfg.widths)} widths",
                       unit="layer"):
         with timer("load"):
@@ -294,16 +314,34 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
         for unit, err in zip(layer_units, errors, strict=True):
             unit.errors = err
         units += layer_units
+        layer_of_unit += [len(carried)] * len(layer_units)
+        with timer("sensitivity"):
+            for c in carried:  # earlier layers' errors through this FP layer
+                _propagate(layer, c, kwargs, batch_size)
+            c = allocate_activations((m, *stream.shape[1:]), stream.dtype, stream.device, offload_dir,
+                                     f"carried-{index}")
+            layer_perturbation(job, functools.partial(_propagate, layer, stream[:m], kwargs, batch_size, out=c))
+            local.append((c.float() - fp_outputs[:m].float()).pow(2).sum().item())
+            carried.append(c)
         with timer("propagate"):
             _propagate(layer, stream, kwargs, batch_size)
         restore()
         source.release_layer(index, layer)
         del job, experts, layer
+    # the residual stream carries a layer's error to the output, but later layers amplify it or damp it: each layer's
+    # sensitivities are scaled by how much of its own error (at the run's width) reached the final hidden state
+    gains = [_final_error(c, stream[:m]) / e if e > 0 else 0.0 for c, e in zip(carried, local, strict=True)]
+    log.info("sensitivity gain per layer (output error per unit of layer-output error): %s",
+             ", ".join(f"{g:.4g}" for g in gains))
+    for unit, i in zip(units, layer_of_unit, strict=True):
+        unit.errors = {w: e * gains[i] for w, e in unit.errors.items()}
+    del carried
     choice = allocate(units, check_budget(units, cfg))
     log.info("mixed precision within %.3f bits per weight:\n%s", cfg.bits_per_weight,
              format_allocation(units, choice))
     if offload_dir is not None:
-        (offload_dir / "sensitivity.bin").unlink(missing_ok=True)
+        for name in ("sensitivity", *(f"carried-{i}" for i in range(len(local)))):
+            (offload_dir / f"{name}.bin").unlink(missing_ok=True)
     return {name: width for unit, width in zip(units, choice, strict=True) for name in unit.linears}
 
 

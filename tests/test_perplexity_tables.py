@@ -72,8 +72,10 @@ def test_tiny_moe_gptq_beats_rtn_on_held_out_c4(report):
 def test_tiny_llama_mixed_precision_beats_uniform_and_naive_at_the_same_bits(report):
     """Issue 14: the automatic allocation at uniform W2 g64's effective bits per weight has a lower held-out C4
     perplexity than W2 g64 and than W2 g128 with the leftover spent on the first layers at W3, and stays within it;
-    at W3 g64's bits it beats uniform W3 g64. (At W3 the naive baseline is level with it: 122.466 against 122.494,
-    within GPTQ's run-to-run spread on this model; eval/ppl_table.py --only mixed prints that row.)"""
+    at W3 g64's bits it beats uniform W3 g64. (At W3 the naive baseline is close: with each layer's sensitivities
+    scaled by how much of its error reaches the output, auto 122.367 against naive 122.478 on an AVX2 machine, a
+    margin within what GPTQ's last-bit differences move from machine to machine on this model, so not asserted;
+    eval/ppl_table.py --only mixed prints that row.)"""
     shared_path("assets", "llmq-tiny-llama")
     for bits, naive_row in ((2, True), (3, False)):
         table, allocation = ppl_table.tiny_llama_mixed(SHARED, bits=bits, naive_row=naive_row)
