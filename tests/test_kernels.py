@@ -128,6 +128,24 @@ def test_prefill_scratch_buffers_never_reach_a_graph_autograd_keeps():
         assert rel_err(ya, reference(a_layer, x)) < 2e-6 and rel_err(yb, reference(b_layer, x)) < 2e-6
 
 
+@pytest.mark.parametrize("layout", ["read", "unknown"])
+def test_a_backward_through_an_int4_cpu_linear_gets_the_references_gradients_at_any_row_count(monkeypatch, layout):
+    """The int4 kernel has no backward: with gradients on, decode-sized inputs too take the dequantized weight,
+    and under a kernel layout llmq cannot read, W^T comes from the kernel itself (x = I)."""
+    if layout == "unknown":
+        monkeypatch.setattr(cpu_kernels, "_int4pack_block", lambda: None)
+    layer = packed_layer(4, 64, act_order=True, seed=4)
+    module = KERNELS["int4_cpu"](layer, torch.float32)
+    for rows in (3, 200):
+        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows), requires_grad=True)
+        y = module(x)
+        y.square().sum().backward()
+        want_x = x.detach().clone().requires_grad_(True)
+        want = reference(layer, want_x)
+        want.square().sum().backward()
+        assert rel_err(y.detach(), want.detach()) < 2e-6 and rel_err(x.grad, want_x.grad) < 1e-5, rows
+
+
 def test_int8_offsets_are_exact_in_float32():
     for sym in (False, True):
         layer = packed_layer(8, -1, sym=sym)

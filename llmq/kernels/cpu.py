@@ -214,20 +214,27 @@ class Int4CpuLinear(nn.Module):
             w = part if w is None else w.add_(part)
         return w.view(k, n)
 
+    def _kernel_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 @ W^T`` through ``_weight_int4pack_mm_for_cpu``, a call per plane (no autograd)."""
+        y = None
+        for packed, sz in zip(self.weight, self.scales_and_zeros, strict=True):
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group, sz)
+            y = part if y is None else y.add_(part)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        if x2.shape[0] > DEQUANT_ABOVE_ROWS and _int4pack_block() is not None:
+        grad = torch.is_grad_enabled() and x2.requires_grad  # the int4 kernel has no backward
+        if (x2.shape[0] > DEQUANT_ABOVE_ROWS or grad) and _int4pack_block() is not None:
             # scratch only when autograd will not keep the weight for a backward pass
             dtype = gemm_dtype(x2.dtype, x2.device)
-            y = x2.to(dtype) @ self.dequantized_t(not (torch.is_grad_enabled() and x2.requires_grad), dtype)
+            y = x2.to(dtype) @ self.dequantized_t(not grad, dtype)
+        elif grad:  # a layout llmq cannot read: W^T from the kernel itself (x = I), then a product autograd knows
+            y = x2 @ self._kernel_mm(torch.eye(self.in_features, dtype=x2.dtype))
         else:
-            x2 = x2.contiguous()
-            y = None
-            for packed, sz in zip(self.weight, self.scales_and_zeros, strict=True):
-                part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group, sz)
-                y = part if y is None else y.add_(part)
+            y = self._kernel_mm(x2.contiguous())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
