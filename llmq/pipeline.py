@@ -266,7 +266,7 @@ def _output_error(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
 
 
 SENSITIVITY_WINDOWS = 32  # calibration windows the layer-output error of each candidate width is measured on
-CARRIED_WINDOWS = 8  # windows each layer's quantization error is carried on to the model's output
+CARRIED_TOKENS = 2048  # tokens (whole windows, at least one) each layer's error is carried on to the model's output
 
 
 def _final_error(carried: torch.Tensor, final: torch.Tensor) -> float:
@@ -288,7 +288,7 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
     stream.copy_(hidden[:n])
     fp_outputs = torch.empty_like(stream)
     units, layer_of_unit = [], []
-    m = min(CARRIED_WINDOWS, n)
+    m = min(max(1, CARRIED_TOKENS // hidden.shape[1]), n)  # a 7B model's 32 carried streams: 0.5 GB in bf16
     carried: list[torch.Tensor] = []  # per layer: the FP model's stream with that layer quantized, carried on
     local: list[float] = []  # the error each one had at its own layer's output
     for index in tqdm(range(len(get_layers(model, spec))), desc=f"sensitivity x {len(cfg.widths)} widths",

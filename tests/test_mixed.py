@@ -165,12 +165,13 @@ def test_each_layers_sensitivity_gain_is_how_much_of_its_error_reaches_the_final
     import copy
     import re
 
-    from llmq.pipeline import CARRIED_WINDOWS, quantize_layers
+    from llmq.pipeline import CARRIED_TOKENS, quantize_layers
     from llmq.quant import rtn_quantize
 
     path = shared_path("assets", "llmq-tiny-llama")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    calib = torch.randint(0, 512, (CARRIED_WINDOWS, 32), generator=torch.Generator().manual_seed(0))
+    calib = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))  # all 8 carried
+    assert CARRIED_TOKENS >= 8 * 32
     cfg = QuantConfig(bits=3, group_size=128, method="rtn", bits_per_weight=3.6, mixed_widths=("3g128", "4g128"))
 
     def stop(index, layer, results, activations):
