@@ -145,9 +145,12 @@ def child(kind: str, path: Path, args: argparse.Namespace, decode_tokens: int) -
 
 
 def kernel_rows(args: argparse.Namespace) -> dict:
-    """Per linear shape and row count: bf16 GEMM, the int4 kernel, and dequantize + GEMM (ms)."""
+    """Per linear shape and row count (ms): bf16 and float32 GEMM, the int4 kernel, dequantize + GEMM in the dtype
+    the prefill path multiplies in (:func:`llmq.device.gemm_dtype`: float32 on CPUs without native bf16 matmuls),
+    and the int4_cpu linear's own forward (the kernel up to 128 rows, dequantize + GEMM above)."""
     import torch.nn.functional as F
 
+    from llmq.device import gemm_dtype
     from llmq.kernels.cpu import Int4CpuLinear
     from llmq.pack import pack_gptq
     from llmq.qlinear import QuantLinear
@@ -169,15 +172,19 @@ def kernel_rows(args: argparse.Namespace) -> dict:
             getattr(layer, key).copy_(t)
         m = Int4CpuLinear(layer, torch.bfloat16)
         w = torch.randn(n, k, dtype=torch.bfloat16)
+        w32 = w.float()
         sz = m.scales_and_zeros[0]
+        dtype = gemm_dtype(torch.bfloat16, torch.device("cpu"))
         for rows_ in (1, 16, 64, 128, 256, 512):
             x = torch.randn(rows_, k, dtype=torch.bfloat16)
             rows[f"{n}x{k}@{rows_}"] = {
                 "bf16": timed(lambda: F.linear(x, w)),  # noqa: B023
+                "fp32": timed(lambda: F.linear(x.float(), w32)),  # noqa: B023
                 "int4": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, m.weight[0], 128, sz)),  # noqa: B023
-                "dequant_gemm": timed(lambda: x @ m.dequantized_t()),  # noqa: B023
+                "dequant_gemm": timed(lambda: x.to(dtype) @ m.dequantized_t(dtype=dtype)),  # noqa: B023
+                "int4_cpu_linear": timed(lambda: m(x)),  # noqa: B023
             }
-    return rows
+    return {"gemm_dtype": str(dtype).removeprefix("torch."), **rows}
 
 
 def main() -> None:
