@@ -10,7 +10,7 @@ error it adds to the layer's output, summed over tokens. The residual stream car
 error on to the model's output, where sensitivities of different layers add up (the additive model that HAWQ
 and llama.cpp's k-quant mixtures rely on too); but the later layers read that error and amplify or damp it,
 more for early layers than for late ones. So each layer's error at the run's own width
-(:func:`layer_perturbation`) is also carried through the FP layers after it, and the layer's sensitivities
+(:func:`probed`) is also carried through the FP layers after it, and the layer's sensitivities
 are scaled by the ratio of what reaches the final hidden state (per token over its mean square, what the final
 RMSNorm divides by) to what left the layer: one gain per layer, on a few windows.
 
@@ -27,6 +27,7 @@ import heapq
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch.nn as nn
 
@@ -35,6 +36,7 @@ from .errors import ConfigError
 from .methods import METHOD_FNS, LayerJob
 from .pack import gptq_storage_bits
 
+T = TypeVar("T")
 Shapes = dict[str, tuple[int, int]]  # full linear name -> (out_features, in_features)
 
 
@@ -84,35 +86,27 @@ def make_units(groups: list[Shapes], widths: tuple[Width, ...]) -> list[Unit]:
             for shapes in groups]
 
 
-def layer_sensitivity(job: LayerJob, widths: list[tuple[Width, ...]], layer_error: Callable[[], float],
-                      ) -> list[dict[Width, float]]:
-    """For each of ``job``'s groups, ``layer_error()`` with only that group quantized at each of its ``widths``
-    (by GPTQ, or RTN when the run's method is RTN), the group's FP weights restored after each.
-
-    The layer's weights are full precision on entry and on return."""
-    probe = METHOD_FNS["rtn" if job.cfg.method == "rtn" else "gptq"]
-    errors = []
-    for group, candidates in zip(job.groups, widths, strict=True):
-        fp = {name: module.weight.data for name, module in group.items()}
-        errors.append({})
-        for width in candidates:
-            probe(dataclasses.replace(job, groups=(group,), cfg=job.cfg.at(width), widths={}))
-            errors[-1][width] = layer_error()
-            for name, module in group.items():
-                module.weight.data = fp[name]
-    return errors
-
-
-def layer_perturbation(job: LayerJob, run: Callable[[], None]) -> None:
-    """``run()`` with every one of ``job``'s groups quantized at the run's own width (by the probe method), the FP
-    weights restored after it."""
+def probed(job: LayerJob, run: Callable[[], T]) -> T:
+    """``run()``'s result with ``job``'s groups quantized at ``job.cfg``'s width (by GPTQ, or RTN when the run's
+    method is RTN), their FP weights restored after it."""
     probe = METHOD_FNS["rtn" if job.cfg.method == "rtn" else "gptq"]
     fp = {name: module.weight.data for group in job.groups for name, module in group.items()}
     probe(dataclasses.replace(job, widths={}))
-    run()
+    result = run()
     for group in job.groups:
         for name, module in group.items():
             module.weight.data = fp[name]
+    return result
+
+
+def layer_sensitivity(job: LayerJob, widths: list[tuple[Width, ...]], layer_error: Callable[[], float],
+                      ) -> list[dict[Width, float]]:
+    """For each of ``job``'s groups, ``layer_error()`` with only that group quantized at each of its ``widths``
+    (:func:`probed`).
+
+    The layer's weights are full precision on entry and on return."""
+    return [{width: probed(dataclasses.replace(job, groups=(group,), cfg=job.cfg.at(width)), layer_error)
+             for width in candidates} for group, candidates in zip(job.groups, widths, strict=True)]
 
 
 def allocate(units: list[Unit], budget_bits: float) -> list[Width]:

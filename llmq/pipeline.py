@@ -33,10 +33,10 @@ from .mixed import (
     allocate,
     check_budget,
     format_allocation,
-    layer_perturbation,
     layer_sensitivity,
     linear_shapes,
     make_units,
+    probed,
 )
 from .quant import QuantizedWeight
 from .timing import StageTimes
@@ -320,7 +320,7 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
                 _propagate(layer, c, kwargs, batch_size)
             c = allocate_activations((m, *stream.shape[1:]), stream.dtype, stream.device, offload_dir,
                                      f"carried-{index}")
-            layer_perturbation(job, functools.partial(_propagate, layer, stream[:m], kwargs, batch_size, out=c))
+            probed(job, functools.partial(_propagate, layer, stream[:m], kwargs, batch_size, out=c))
             local.append((c.float() - fp_outputs[:m].float()).pow(2).sum().item())
             carried.append(c)
         with timer("propagate"):
