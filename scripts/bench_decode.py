@@ -20,8 +20,10 @@ after the generations (``rss_after_mb``: activations, KV cache, logits and alloc
 beside the checkpoint's tensor bytes (``tensor_mb``: the packed size plus the unquantized tensors).
 The W4 checkpoint is also run on the reference ``kernel="pure"`` path (4 new tokens: it is slow), and, when torchao is
 installed, torchao's int4 weight-only CPU path on the bf16 model (``PrototypeInt4WeightOnlyConfig``,
-group 128) as the peer. ``--rounds`` (2) measures every model that many times, interleaved, and keeps
-the best rates. The line ends with each model's decode and prefill ratio to bf16.
+group 128) as the peer. ``--llmq-attention`` adds the bf16 model with the attention ``llmq.from_pretrained``
+gives its models (:mod:`llmq.kernels.attention`: float32 where bf16 matmuls are not native), which separates
+what the packed linears gain from what the attention does. ``--rounds`` (2) measures every model that many
+times, interleaved, and keeps the best rates. The line ends with each model's decode and prefill ratio to bf16.
 """
 
 from __future__ import annotations
@@ -71,8 +73,12 @@ def measure(kind: str, path: str, device: str, prompt_tokens: int, decode_tokens
     MODEL_FOR_CAUSAL_LM_MAPPING[type(transformers.AutoConfig.from_pretrained(path))]  # import its modeling code
     before = status_bytes("VmRSS")  # so that what follows is the model's memory, not the library's
     t = time.perf_counter()
-    if kind == "bf16" or kind == "torchao":
+    if kind in ("bf16", "bf16_llmq_attention", "torchao"):
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+        if kind == "bf16_llmq_attention":  # the attention llmq.from_pretrained gives its models, on the bf16 model
+            from llmq.kernels.attention import use_gemm_dtype_attention
+
+            use_gemm_dtype_attention(model, torch.bfloat16, torch.device(device))
         if kind == "torchao":
             from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
             from torchao.quantization import quantize_
@@ -145,12 +151,16 @@ def child(kind: str, path: Path, args: argparse.Namespace, decode_tokens: int) -
 
 
 def kernel_rows(args: argparse.Namespace) -> dict:
-    """Per linear shape and row count (ms): bf16 and float32 GEMM, the int4 kernel, dequantize + GEMM in the dtype
-    the prefill path multiplies in (:func:`llmq.device.gemm_dtype`: float32 on CPUs without native bf16 matmuls),
-    and the int4_cpu linear's own forward (the kernel up to 128 rows, dequantize + GEMM above)."""
+    """Per linear shape and row count (ms): bf16 and float32 GEMM, torch's int4 kernel, dequantize + GEMM in the
+    dtype the prefill path multiplies in (:func:`llmq.device.gemm_dtype`: float32 on CPUs without native bf16
+    matmuls), the int4_cpu linear's own forward (the kernel up to 128 rows, dequantize + GEMM above), and where
+    it builds, llmq's AVX2 kernel (``avx2_gemv``), its dequantize + GEMM and its linear's forward. One weight per
+    shape, so the codes sit in cache: decoding a whole model reads them from memory (the model runs above)."""
     import torch.nn.functional as F
 
     from llmq.device import gemm_dtype
+    from llmq.kernels import native
+    from llmq.kernels.avx2 import Int4Avx2Linear
     from llmq.kernels.cpu import Int4CpuLinear
     from llmq.pack import pack_gptq
     from llmq.qlinear import QuantLinear
@@ -171,19 +181,24 @@ def kernel_rows(args: argparse.Namespace) -> dict:
                                 torch.arange(k) // 128, 4, "gptq_v2").items():
             getattr(layer, key).copy_(t)
         m = Int4CpuLinear(layer, torch.bfloat16)
+        avx2 = None if native.unavailable() else Int4Avx2Linear(layer, torch.bfloat16)
         w = torch.randn(n, k, dtype=torch.bfloat16)
         w32 = w.float()
         sz = m.scales_and_zeros[0]
         dtype = gemm_dtype(torch.bfloat16, torch.device("cpu"))
-        for rows_ in (1, 16, 64, 128, 256, 512):
+        for rows_ in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
             x = torch.randn(rows_, k, dtype=torch.bfloat16)
-            rows[f"{n}x{k}@{rows_}"] = {
+            rows[f"{n}x{k}@{rows_}"] = row = {
                 "bf16": timed(lambda: F.linear(x, w)),  # noqa: B023
                 "fp32": timed(lambda: F.linear(x.float(), w32)),  # noqa: B023
                 "int4": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, m.weight[0], 128, sz)),  # noqa: B023
                 "dequant_gemm": timed(lambda: x.to(dtype) @ m.dequantized_t(dtype=dtype)),  # noqa: B023
                 "int4_cpu_linear": timed(lambda: m(x)),  # noqa: B023
             }
+            if avx2 is not None:
+                row["avx2_gemv"] = timed(lambda: avx2._gemv(x))  # noqa: B023
+                row["avx2_dequant_gemm"] = timed(lambda: x.to(dtype) @ avx2.dequantized_t(True).to(dtype))  # noqa: B023
+                row["int4_avx2_linear"] = timed(lambda: avx2(x))  # noqa: B023
     return {"gemm_dtype": str(dtype).removeprefix("torch."), **rows}
 
 
@@ -199,6 +214,9 @@ def main() -> None:
     p.add_argument("--no-pure", action="store_true", help="skip the reference path (minutes at this size)")
     p.add_argument("--rounds", type=int, default=2, help="measure every model this many times, interleaved")
     p.add_argument("--kernels", action="store_true", help="time the int4 kernel against dequantize + GEMM")
+    p.add_argument("--llmq-attention", action="store_true",
+                   help="also the bf16 model with the attention llmq.from_pretrained gives (float32 on CPUs without "
+                        "native bf16 matmuls), to split the packed model's gain into its linears' and attention's")
     p.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
@@ -213,6 +231,8 @@ def main() -> None:
         raise SystemExit(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
     base, packed = prepare(args)
     runs = {"bf16": ("bf16", base, args.decode_tokens)}
+    if args.llmq_attention:
+        runs["bf16_llmq_attention"] = ("bf16_llmq_attention", base, args.decode_tokens)
     runs.update({name: ("auto", folder, args.decode_tokens) for name, folder in packed.items()})
     if "w4_sym" in packed and not args.no_pure:
         runs["w4_sym_pure"] = ("pure", packed["w4_sym"], 4)

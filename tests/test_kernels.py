@@ -203,7 +203,8 @@ def test_prepare_swaps_modules_and_logs_the_fallbacks(caplog):
     assert {k: c.kernel for k, c in choices.items()} == {"0": "int4_cpu", "1": "dequant", "2": "int4_cpu"}
     assert [type(m).kernel for m in model] == ["int4_cpu", "dequant", "int4_cpu"]
     assert "2 x int4_cpu, 1 x dequant" in caplog.text
-    assert "1 linear(s) run on dequant (not int4_cpu: groups of 16" in caplog.text
+    assert ("1 linear(s) run on dequant (not int4_avx2: out_features 96 is not a multiple of 64; not int4_cpu: "
+            "groups of 16") in caplog.text
     pure = torch.nn.Sequential(packed_layer(4, 128))
     assert prepare(pure, torch.bfloat16, kernel="pure")["0"].kernel == "pure"
     assert isinstance(pure[0], QuantLinear)
@@ -226,3 +227,93 @@ def test_groups_of_96_with_a_partial_last_group():
         assert module.group == 32
         check(module, layer, torch.float32, shapes=[(3, K), (200, K)], tol=2e-6)
         check(KERNELS["dequant"](layer, torch.float32), layer, torch.float32)
+
+
+# --- int4_avx2: llmq's C kernel (built once per machine with the system compiler) ---------------------------
+
+from llmq.kernels import avx2, native  # noqa: E402
+
+AVX2_CASES = [(bits, gs, sym, fmt, act) for bits in (2, 3, 4) for gs in (32, 64, 128, -1) for sym in (False, True)
+              for fmt in ("gptq", "gptq_v2") for act in (False, True) if not (act and gs == -1)]
+# decode, a few rows, a batch, the GEMV's last row count, and the dequantize + GEMM branch above it
+AVX2_SHAPES = [(1, K), (3, K), (2, 5, K), (avx2.GEMV_ROWS, K), (avx2.GEMV_ROWS + 1, K), (200, K)]
+
+
+@pytest.fixture(scope="module")
+def avx2_built():
+    """The C kernel must build wherever it can run: a machine with AVX2 and no working compiler fails here."""
+    if not native.cpu_has_avx2():
+        pytest.skip("int4_avx2 runs on x86 CPUs with AVX2")
+    why = native.unavailable()
+    assert why is None, f"the int4_avx2 kernel did not build: {why}"
+
+
+@pytest.mark.parametrize("bits,gs,sym,fmt,act", AVX2_CASES)
+def test_the_avx2_kernel_equals_the_reference(avx2_built, bits, gs, sym, fmt, act):
+    """In float32 to summation error, on the GEMV and on the dequantize branch; its dequantized W^T is the
+    reference's bit for bit (the same (q - z) s in float32); auto picks it for 2-4-bit layers."""
+    layer = packed_layer(bits, gs, sym, fmt, act, n=128)  # two 64-row blocks
+    module = KERNELS["int4_avx2"](layer, torch.float32)
+    check(module, layer, torch.float32, shapes=AVX2_SHAPES, tol=2e-6)
+    check(module, layer, torch.bfloat16, shapes=AVX2_SHAPES)
+    w_t = module.dequantized_t()
+    if module.perm is not None:
+        w_t = w_t[torch.argsort(module.perm)]
+    assert torch.equal(w_t, layer.dequantized_weight().T)
+    assert choose(layer, torch.device("cpu"), torch.bfloat16).kernel == "int4_avx2"
+    assert choose(layer, torch.device("cpu"), torch.float32).kernel == "int4_avx2"
+
+
+def test_the_avx2_kernel_takes_the_awq_layout_and_keeps_its_float16_scales_through_a_dtype_cast(avx2_built):
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (128, K), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (128, K // 64), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(128, K // 64, generator=g) * 0.02 + 1e-3).half().float()
+    layer = AwqQuantLinear(K, 128, 64, bias=False, dtype=torch.float32)
+    for name, t in pack_awq(codes, zeros, scales).items():
+        getattr(layer, name).copy_(t)
+    module = KERNELS["int4_avx2"](layer, torch.bfloat16).to(torch.bfloat16)
+    assert module.scales.dtype == module.zeros.dtype == torch.float16
+    check(module, layer, torch.float32, shapes=AVX2_SHAPES, tol=2e-6)
+    with pytest.raises(RuntimeError, match="cannot move to meta"):
+        module.to("meta")
+
+
+def test_a_backward_through_an_avx2_linear_gets_the_references_gradients(avx2_built):
+    """The C kernel has no backward: with gradients on, every row count takes the dequantized weight (a fresh
+    tensor, not the scratch buffer the next layer overwrites); under no_grad two layers in a row each keep
+    their own output."""
+    a_layer, b_layer = packed_layer(4, 64, act_order=True, seed=4, n=K), packed_layer(3, 128, seed=5, n=K)
+    a, b = KERNELS["int4_avx2"](a_layer, torch.float32), KERNELS["int4_avx2"](b_layer, torch.float32)
+    for rows in (3, 200):
+        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows), requires_grad=True)
+        y = b(a(x))
+        y.square().sum().backward()
+        want_x = x.detach().clone().requires_grad_(True)
+        want = reference(b_layer, reference(a_layer, want_x))
+        want.square().sum().backward()
+        assert rel_err(y.detach(), want.detach()) < 1e-5 and rel_err(x.grad, want_x.grad) < 1e-5, rows
+        with torch.no_grad():
+            ya, yb = a(x), b(x)
+            assert rel_err(ya, reference(a_layer, x)) < 2e-6 and rel_err(yb, reference(b_layer, x)) < 2e-6
+
+
+def test_without_the_avx2_kernel_auto_falls_back_and_says_why(monkeypatch, tmp_path, caplog):
+    """A compiler that fails names itself and its error; auto then runs int4_cpu and logs the reason. Layers
+    the kernel cannot take (96 outputs, unequal groups) say so too."""
+    monkeypatch.setattr(native, "compiler", lambda: "false")  # `false`: a compiler that always fails
+    monkeypatch.setenv("LLMQ_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "cpu_has_avx2", lambda: True)
+    with pytest.raises(native.NativeUnavailable, match="false could not build int4_avx2.c"):
+        native._build_and_load()
+    monkeypatch.setattr(native, "_load", lambda: (None, "no C compiler (cc, gcc or clang) on PATH"))
+    model = torch.nn.Sequential(packed_layer(4, 128, n=128))
+    with caplog.at_level(logging.INFO, logger="llmq.kernels"):
+        choices = prepare(model, torch.bfloat16)
+    assert choices["0"].kernel == "int4_cpu" and "not int4_avx2: no C compiler" in choices["0"].reason
+    assert "1 linear(s) run on int4_cpu (not int4_avx2: no C compiler" in caplog.text
+    monkeypatch.undo()
+    cpu = torch.device("cpu")
+    assert "not int4_avx2: out_features 96 is not a multiple of 64" in choose(packed_layer(4, 128), cpu,
+                                                                               torch.bfloat16).reason
+    assert "not int4_avx2: groups of unequal sizes" in choose(packed_layer(4, 96, n=128), cpu, torch.bfloat16).reason

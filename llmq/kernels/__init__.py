@@ -13,6 +13,8 @@ debugging and for the tests.
 path       device  what it runs
 =========  ======  ==============================================================================
 int8_cpu   cpu     ``torch._weight_int8pack_mm``: 8 bits, one group per row, bfloat16
+int4_avx2  cpu     llmq's C kernel (built once per machine with the system compiler): 2/3/4 bits, any
+                   equal groups, act-order by a column permutation; x86 with AVX2; any dtype
 int4_cpu   cpu     ``_weight_int4pack_mm_for_cpu``: 2/3/4 bits (codes widened to 4), 8 bits as two
                    4-bit planes; groups of whole 32-256 column blocks; act-order by a column
                    permutation made once; bfloat16
@@ -36,15 +38,16 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..memory import malloc_trim
 from ..qlinear import QuantLinear
+from .avx2 import Int4Avx2Linear
 from .cpu import Int4CpuLinear, Int8CpuLinear
 from .dequant import DequantLinear
 from .gpu import TritonLinear
 
 log = logging.getLogger(__name__)
 
-KERNELS: dict[str, type[nn.Module]] = {k.kernel: k for k in (Int8CpuLinear, Int4CpuLinear, TritonLinear,
-                                                             DequantLinear)}
-PREFERENCE = {"cpu": ("int8_cpu", "int4_cpu", "dequant"), "cuda": ("triton", "dequant")}
+KERNELS: dict[str, type[nn.Module]] = {k.kernel: k for k in (Int8CpuLinear, Int4Avx2Linear, Int4CpuLinear,
+                                                             TritonLinear, DequantLinear)}
+PREFERENCE = {"cpu": ("int8_cpu", "int4_avx2", "int4_cpu", "dequant"), "cuda": ("triton", "dequant")}
 KERNEL_CHOICES = ("auto", "pure", *KERNELS)
 
 
