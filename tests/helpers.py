@@ -121,3 +121,11 @@ def c4_texts() -> list[str]:
 def tiny_llama_bf16(tmp_path_factory) -> Path:
     """llmq-tiny-llama saved again in bfloat16 (for a module-scoped fixture)."""
     return bf16_copy(shared_path("assets", "llmq-tiny-llama"), tmp_path_factory.mktemp("bf16") / "tiny-llama-bf16")
+
+
+def cpu_int4() -> str:
+    """The path auto picks for 2-4-bit layers on this CPU: llmq's int4_avx2 on x86 with AVX2 (tests/test_kernels.py
+    fails where it cannot build there), torch's int4_cpu elsewhere."""
+    from llmq.kernels import native
+
+    return "int4_avx2" if native.unavailable() is None else "int4_cpu"

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import shared_path, tiny_model
+from helpers import cpu_int4, shared_path, tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,8 +42,8 @@ def test_save_then_from_pretrained_gives_the_in_memory_model(tiny_llama, tmp_pat
     cfg = QuantConfig(bits=bits, group_size=128, sym=sym, act_order=act_order)
     results = quantize_layers(model, calib, cfg, device="cpu")
     save_packed(model, tok, results, tmp_path / "q", cfg)
-    loaded = llmq.from_pretrained(str(tmp_path / "q"), torch_dtype=torch.float32)  # float32: the dequant kernel
-    assert {c.kernel for c in loaded.llmq_kernels.values()} == {"dequant"}
+    loaded = llmq.from_pretrained(str(tmp_path / "q"), torch_dtype=torch.float32)
+    assert {c.kernel for c in loaded.llmq_kernels.values()} == {cpu_int4() if cpu_int4() == "int4_avx2" else "dequant"}
     qlinears = [m for m in llmq.from_pretrained(str(tmp_path / "q"), torch_dtype=torch.float32, kernel="pure").modules()
                 if isinstance(m, QuantLinear)]
     assert len(qlinears) == len(loaded.llmq_kernels) == len(results) == 6 * 7

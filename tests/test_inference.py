@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import c4_texts, shared_path
+from helpers import c4_texts, cpu_int4, shared_path
 from transformers import AutoTokenizer
 
 import llmq
@@ -33,11 +33,6 @@ def logits(folder, dtype, kernel, ids):
     model = llmq.from_pretrained(folder, torch_dtype=dtype, kernel=kernel)
     with torch.no_grad():
         return model(ids).logits.float(), model.llmq_kernels
-
-
-def cpu_int4() -> str:
-    """The 4-bit path auto picks on this CPU: llmq's AVX2 kernel on x86 (test_kernels fails where it cannot build)."""
-    return "int4_avx2" if native.unavailable() is None else "int4_cpu"
 
 
 @pytest.mark.parametrize("kernel", ["int4_cpu", "auto"])
