@@ -88,30 +88,37 @@ class Int4Avx2Linear(nn.Module):
         self.scales, self.zeros = scales, zeros
         return self
 
+    def _layer(self) -> native.Layer:
+        """The C kernel's description of this layer (made again only when a buffer moved)."""
+        ptrs = (self.weight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr())
+        if getattr(self, "_described", (None,))[0] != ptrs:
+            self._described = ptrs, native.Layer(*ptrs, self.in_features, self.out_features, self.group)
+        return self._described[1]
+
     def dequantized_t(self, scratch: bool = False) -> torch.Tensor:
         """``W^T`` ``[in, out]`` in float32 (in permuted input order under act-order); in this thread's scratch
         buffer when ``scratch`` (valid until the next call: a fresh tensor of a weight's size costs a page fault
         per 4 KB, 30 ms for a 5632 x 2048 weight, more than the dequantization)."""
         k, n = self.in_features, self.out_features
         out = (_SCRATCH.get(0, k * n, torch.float32) if scratch else torch.empty(k * n)).view(k, n)
-        native.library().llmq_int4_dequant_t(
-            self.weight.data_ptr(), self.in_features, self.out_features, self.scales.data_ptr(),
-            self.zeros.data_ptr(), self.group, out.data_ptr(), torch.get_num_threads())
+        native.library().llmq_int4_dequant_t(self._layer(), out.data_ptr(), torch.get_num_threads())
         return out
 
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
-        x2 = x2.to(torch.float32).contiguous()
-        y = torch.empty(x2.shape[0], self.out_features)
-        native.library().llmq_int4_mm(
-            x2.data_ptr(), x2.shape[0], self.in_features, self.weight.data_ptr(), self.out_features,
-            self.scales.data_ptr(), self.zeros.data_ptr(), self.group, y.data_ptr(), torch.get_num_threads())
+        """``x2 @ W^T`` by the C kernel, read and written in ``x2``'s dtype (float32 or bf16; others go by float32)."""
+        if x2.dtype not in native.DTYPES:
+            x2 = x2.float()
+        x2 = x2.contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype)
+        native.library().llmq_int4_mm(self._layer(), x2.data_ptr(), x2.shape[0], native.DTYPES[x2.dtype],
+                                      y.data_ptr(), torch.get_num_threads())
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        grad = torch.is_grad_enabled() and x2.requires_grad  # the C kernel has no backward
+        grad = x2.requires_grad and torch.is_grad_enabled()  # the C kernel has no backward
         if x2.shape[0] > GEMV_ROWS or grad:
             dtype = gemm_dtype(x.dtype, x.device)
             y = x2.to(dtype) @ self.dequantized_t(scratch=not grad).to(dtype)

@@ -29,6 +29,15 @@ FLAGS = ("-O3", "-std=c11", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
+class Layer(ctypes.Structure):
+    """``struct layer`` of ``int4_avx2.c``: a packed layer's buffers and sizes."""
+
+    _fields_ = [("packed", _PTR), ("scales", _PTR), ("zeros", _PTR), ("K", _I64), ("N", _I64), ("group", _I64)]
+
+
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the activation dtypes the kernel reads and writes
+
+
 class NativeUnavailable(RuntimeError):
     """The kernels cannot run here; the message says why and what would fix it."""
 
@@ -91,8 +100,8 @@ def _build_and_load() -> ctypes.CDLL:
                 raise NativeUnavailable(f"{cc} could not build {SOURCE.name}: {run.stderr.strip()[-500:]}")
             os.replace(built, path)
     lib = ctypes.CDLL(str(path))
-    lib.llmq_int4_mm.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int]
-    lib.llmq_int4_dequant_t.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int]
+    lib.llmq_int4_mm.argtypes = [ctypes.POINTER(Layer), _PTR, _I64, ctypes.c_int, _PTR, ctypes.c_int]
+    lib.llmq_int4_dequant_t.argtypes = [ctypes.POINTER(Layer), _PTR, ctypes.c_int]
     for fn in (lib.llmq_int4_mm, lib.llmq_int4_dequant_t):
         fn.restype = None
     return lib
