@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..device import gemm_dtype
 from ..qlinear import QuantLinear
 from . import native
-from .cpu import _SCRATCH, _group_order
+from .cpu import _SCRATCH, _group_order, grouped_codes, refuse_to_leave_the_cpu
 
 BLOCK = 64  # output rows per block of the layout
 GEMV_ROWS = 64  # scripts/bench_decode.py --kernels: from 64 to 128 rows dequantize + GEMM overtakes the GEMV
@@ -50,14 +50,10 @@ class Int4Avx2Linear(nn.Module):
     def __init__(self, layer: QuantLinear, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
-        order, g_sorted = _group_order(layer)
-        self.group = _uniform_group(g_sorted)
-        u = layer.unpacked()
-        codes = u.codes if order is None else u.codes[:, order]  # [N, K], groups contiguous
-        first = g_sorted[:: self.group]
+        order, self.group, codes, scales, zeros = grouped_codes(layer, _uniform_group)
         self.register_buffer("weight", pack(codes))
-        self.register_buffer("scales", u.scales[first].to(torch.float16).contiguous())  # [K / group, N]
-        self.register_buffer("zeros", u.zeros[first].to(torch.float16).contiguous())
+        self.register_buffer("scales", scales.to(torch.float16).contiguous())  # [K / group, N]
+        self.register_buffer("zeros", zeros.to(torch.float16).contiguous())
         self.register_buffer("perm", order)
         self.register_buffer("bias", layer.bias)
 
@@ -82,9 +78,7 @@ class Int4Avx2Linear(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (torch's signature)
         scales, zeros = self.scales, self.zeros  # a dtype cast of the model must not touch the kernel's float16
         super()._apply(fn, recurse)
-        if self.weight.device.type != "cpu":
-            raise RuntimeError("an int4_avx2 linear holds a CPU kernel's layout and cannot move to "
-                               f"{self.weight.device}: load the checkpoint on that device instead")
+        refuse_to_leave_the_cpu(self, self.kernel)
         self.scales, self.zeros = scales, zeros
         return self
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -71,6 +73,34 @@ def _group_order(layer: QuantLinear) -> tuple[torch.Tensor | None, torch.Tensor]
     if torch.equal(order, torch.arange(g.numel(), device=g.device)):
         return None, g
     return order, g[order]
+
+
+class GroupedCodes(NamedTuple):
+    """A layer's codes with its groups made contiguous, and each kernel group's scale and zero."""
+
+    order: torch.Tensor | None  # the input-column permutation applied (None: groups were already contiguous)
+    group: int  # columns per kernel group
+    codes: torch.Tensor  # [N, K] in that order
+    scales: torch.Tensor  # [K / group, N] float32
+    zeros: torch.Tensor
+
+
+def grouped_codes(layer: QuantLinear, group_of: Callable[[torch.Tensor], int | None]) -> GroupedCodes:
+    """:class:`GroupedCodes` of ``layer``, in kernel groups of ``group_of(sorted group index)`` columns."""
+    order, g_sorted = _group_order(layer)
+    group = group_of(g_sorted)
+    u = layer.unpacked()
+    first = g_sorted[::group]  # llmq group of each kernel group
+    return GroupedCodes(order, group, u.codes if order is None else u.codes[:, order], u.scales[first],
+                        u.zeros[first])
+
+
+def refuse_to_leave_the_cpu(module: nn.Module, kernel: str) -> None:
+    """For a module whose buffers hold a CPU kernel's layout (call after ``nn.Module._apply``)."""
+    device = next(module.buffers()).device
+    if device.type != "cpu":
+        raise RuntimeError(f"an {kernel} linear holds a CPU kernel's layout and cannot move to {device}: load the "
+                           "checkpoint on that device instead")
 
 
 def _bf16_only(dtype: torch.dtype, name: str) -> str | None:
@@ -146,12 +176,7 @@ class Int4CpuLinear(nn.Module):
     def __init__(self, layer: QuantLinear, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
-        order, g_sorted = _group_order(layer)
-        self.group = _kernel_groups(g_sorted)
-        u = layer.unpacked()
-        codes = u.codes if order is None else u.codes[:, order]  # [N, K], groups contiguous
-        first = g_sorted[:: self.group]  # llmq group of each kernel group
-        s, z = u.scales[first], u.zeros[first]  # [K / group, N] float32
+        order, self.group, codes, s, z = grouped_codes(layer, _kernel_groups)
         if self.bits <= 4:  # codes centred on the kernel's 8, so the zero term is no larger than the weights
             mid = 2 ** (self.bits - 1)
             planes = [(codes + (8 - mid), s, (mid - z) * s)]
@@ -186,9 +211,7 @@ class Int4CpuLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (torch's signature)
         super()._apply(fn, recurse)
-        if self.weight.device.type != "cpu":
-            raise RuntimeError("an int4_cpu linear holds the CPU kernel's layout and cannot move to "
-                               f"{self.weight.device}: load the checkpoint on that device instead")
+        refuse_to_leave_the_cpu(self, self.kernel)
         return self
 
     def dequantized_t(self, scratch: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
