@@ -66,9 +66,10 @@ class Int4Avx2Linear(nn.Module):
         _, g_sorted = _group_order(layer)
         if _uniform_group(g_sorted) is None:
             return "groups of unequal sizes"
-        for name, t in (("scales", layer.scales), ("zeros", layer._zeros())):
-            if not torch.equal(t.to(torch.float16).float(), t.float()):
-                return f"{name} not exact in float16"
+        # zero points are integer codes below 2^bits (+1 for GPTQ v1), always exact in float16; scales are
+        # float16 in GPTQ checkpoints, but the loader also takes bf16 and float32 ones
+        if not torch.equal(layer.scales.to(torch.float16).float(), layer.scales.float()):
+            return "scales not exact in float16"
         return native.unavailable()
 
     @classmethod

@@ -105,4 +105,3 @@ def _build_and_load() -> ctypes.CDLL:
     for fn in (lib.llmq_int4_mm, lib.llmq_int4_dequant_t):
         fn.restype = None
     return lib
-
