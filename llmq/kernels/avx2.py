@@ -34,10 +34,10 @@ def _uniform_group(g_sorted: torch.Tensor) -> int | None:
 def pack(codes: torch.Tensor) -> torch.Tensor:
     """``[N, K]`` codes below 16 -> ``[N / 64, K, 8]`` int32 words, nibble ``i`` of word ``l`` = row ``8 i + l``."""
     n, k = codes.shape
-    by_nibble = codes.to(torch.int32).view(n // BLOCK, 8, 8, k).permute(0, 3, 2, 1)  # [blocks, K, l, i]
+    by_nibble = codes.view(n // BLOCK, 8, 8, k).permute(0, 3, 2, 1)  # [blocks, K, l, i], still bytes
     words = torch.zeros(n // BLOCK, k, 8, dtype=torch.int32)
-    for i in range(8):
-        words |= by_nibble[..., i] << (4 * i)
+    for i in range(8):  # one eighth of the codes widened at a time: a whole int32 copy would be 4 bytes a weight
+        words |= by_nibble[..., i].to(torch.int32) << (4 * i)
     return words
 
 
