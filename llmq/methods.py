@@ -121,22 +121,35 @@ class LayerJob:
         return self.expert_policies()[self.experts.of[linear]]
 
     def observe_statistics(self, modules: dict[str, nn.Linear], fn: Callable[[str, torch.Tensor], None],
-                           windows: int | None = None) -> None:
+                           windows: int | None = None,
+                           common: Callable[[list[str], torch.Tensor], None] | None = None) -> None:
         """``observe`` for calibration statistics: an expert's inputs are those its policy names (its routed
         tokens, or with ``"all_tokens"`` every token of the first windows, then its routed tokens); ``"rtn"``
-        experts are not observed."""
+        experts are not observed. With ``common``, the first windows' tokens that several starved experts'
+        gate/up all read may come once as ``common(those linears, x)`` instead of to each through ``fn``."""
         by_policy: dict[str, dict[str, nn.Linear]] = {"routed": {}, "all_tokens": {}, "rtn": {}}
         for name, module in modules.items():
             by_policy[self.policy_of(name) or "routed"][name] = module
         observing = self.experts.observing if self.experts is not None else lambda names: contextlib.nullcontext()
+
+        def observe(modules: dict[str, nn.Linear]) -> None:  # from the experts' kept inputs where it can
+            if windows is not None or self.experts is None or not self.experts.observe(modules, fn):
+                self.observe(modules, fn, windows)
         if by_policy["routed"]:
             with observing(set(by_policy["routed"])):
-                self.observe(by_policy["routed"], fn, windows)
+                observe(by_policy["routed"])
         if by_policy["all_tokens"]:
-            experts = {self.experts.of[n] for n in by_policy["all_tokens"]}
+            names = list(by_policy["all_tokens"])
+            experts = {self.experts.of[n] for n in names}
+            sink = (lambda x: common(names, x)) if common is not None else None
             with self.experts.every_token(experts, self._fill_tokens, self._first_token), \
-                    observing(set(by_policy["all_tokens"])):
-                self.observe(by_policy["all_tokens"], fn, windows)
+                    observing(set(names)), self.experts.fill_shared(sink):
+                observe(by_policy["all_tokens"])
+
+    def expert_inputs_kept(self) -> contextlib.AbstractContextManager:
+        """Within this context the experts' statistics are observed from their inputs computed once (see
+        :meth:`LayerExperts.inputs_kept`): open it around one group of linears, which changes nothing before them."""
+        return self.experts.inputs_kept(self.observe) if self.experts is not None else contextlib.nullcontext()
 
 
 def check_finite(name: str, tensor: torch.Tensor, what: str = "weight") -> None:
@@ -181,6 +194,9 @@ class SharedHessians:
         self.last: dict[str, weakref.ref[torch.Tensor]] = {}
         self.done: dict[str, torch.Tensor] = {}  # owner -> H, while linears sharing it are being solved
         self.users: dict[str, int] = {}
+        # inputs that several linears read besides their own (starved experts' first windows), summed once
+        self.common: HessianAccumulator | None = None
+        self.with_common: set[str] = set()
 
     def add(self, name: str, x: torch.Tensor) -> None:
         if name not in self.owner:
@@ -197,13 +213,33 @@ class SharedHessians:
         with self.timer("hessian"):
             self.accs[name].add(x)
 
+    def add_common(self, names: list[str], x: torch.Tensor) -> None:
+        """``x`` is read by every one of ``names`` besides its own inputs: summed once here, added to each one's sum
+        before its Hessian is taken (``2/n sum x x^T`` is a sum over tokens, so the parts add)."""
+        if self.common is None:
+            self.common = self._accumulator(names[0])
+        self.with_common.update(names)
+        with self.timer("hessian"):
+            self.common.add(x)
+
+    def _add_common_to_owners(self) -> None:
+        if self.common is None:
+            return
+        for owner in dict.fromkeys(self.owner[n] for n in sorted(self.with_common)):
+            acc = self.accs[owner]
+            acc.sum += self.common.sum
+            acc.n_tokens += self.common.n_tokens
+        self.common, self.with_common = None, set()
+
     def _accumulator(self, name: str) -> HessianAccumulator:
         module = self.modules[name]
         return HessianAccumulator(module.in_features, module.weight.device, exact=self.exact)
 
     def reduce(self, ranks: Ranks, names: list[str]) -> None:
         """Sum every accumulator across ranks (``names``: the group's observed linears, in order). A rank where a
-        linear saw no token (an expert routed nothing from its windows) takes its sharing from the others'."""
+        linear saw no token (an expert routed nothing from its windows) takes its sharing from the others'. Inputs
+        added once for several linears (:meth:`add_common`) are first added to each one's own."""
+        self._add_common_to_owners()
         if not ranks.active:
             return
         owners: dict[str, str] = {}
@@ -277,31 +313,40 @@ def gptq_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     """
     groups = job.groups if job.cfg.true_sequential else ({k: v for g in job.groups for k, v in g.items()},)
     results = {}
-    for group in (chunk for g in groups for chunk in _chunks(job, g)):
-        for name, module in group.items():
-            check_finite(job.prefix + name, module.weight)
-        policy = {name: job.policy_of(name) for name in group}
-        hessians = SharedHessians(group, job.timer, check=lambda name, H: check_finite(
-            job.prefix + name, H, "calibration Hessian (inputs overflowed?)"), exact=job.cfg.exact_sums)
-        with job.timer("observe"):
-            job.observe_statistics(group, hessians.add)
-        hessians.reduce(job.ranks, [name for name in group if policy[name] != "rtn"])
-        done = {}
-        for names in _joint_solves(job, group, policy, hessians):
-            with job.timer("solve"):
-                if policy[names[0]] == "rtn":
-                    solved = {names[0]: rtn_quantize(group[names[0]].weight.data, job.cfg_for(names[0]))}
-                    log.info("layer %d %-22s RTN (no calibration tokens)", job.index, names[0])
-                else:  # with several ranks, each solves its share of the rows, and they are gathered
-                    solved = _gptq_joint(job, {n: group[n] for n in names}, hessians)
-            for name, qw in solved.items():
-                if job.ranks.active and policy[name] != "rtn":
-                    with job.timer("share"):
-                        qw = job.ranks.gather_weight(qw, group[name].out_features)
-                done[name] = qw
-                write_back(group[name], qw)
-        results.update((name, done[name]) for name in group)
+    for g in groups:
+        # a group's experts are observed chunk by chunk, from block inputs computed once for all chunks (in one
+        # group with the attention, as without true-sequential, those of the FP attention, as one pass sees)
+        with job.expert_inputs_kept():
+            for group in _chunks(job, g):
+                results.update(_gptq_group(job, group))
     return results
+
+
+def _gptq_group(job: LayerJob, group: dict[str, nn.Linear]) -> dict[str, QuantizedWeight]:
+    """GPTQ on the linears of ``group``, observed together."""
+    for name, module in group.items():
+        check_finite(job.prefix + name, module.weight)
+    policy = {name: job.policy_of(name) for name in group}
+    hessians = SharedHessians(group, job.timer, check=lambda name, H: check_finite(
+        job.prefix + name, H, "calibration Hessian (inputs overflowed?)"), exact=job.cfg.exact_sums)
+    with job.timer("observe"):
+        job.observe_statistics(group, hessians.add, common=hessians.add_common)
+    hessians.reduce(job.ranks, [name for name in group if policy[name] != "rtn"])
+    done = {}
+    for names in _joint_solves(job, group, policy, hessians):
+        with job.timer("solve"):
+            if policy[names[0]] == "rtn":
+                solved = {names[0]: rtn_quantize(group[names[0]].weight.data, job.cfg_for(names[0]))}
+                log.info("layer %d %-22s RTN (no calibration tokens)", job.index, names[0])
+            else:  # with several ranks, each solves its share of the rows, and they are gathered
+                solved = _gptq_joint(job, {n: group[n] for n in names}, hessians)
+        for name, qw in solved.items():
+            if job.ranks.active and policy[name] != "rtn":
+                with job.timer("share"):
+                    qw = job.ranks.gather_weight(qw, group[name].out_features)
+            done[name] = qw
+            write_back(group[name], qw)
+    return {name: done[name] for name in group}
 
 
 JOINT_BYTES = 128 << 20  # float32 weight rows solved together at most (one H, one pass of the column loop)

@@ -391,6 +391,68 @@ def test_observing_forwards_run_only_the_observed_experts_and_give_the_same_code
     assert rows["observing"] * 2 < rows["reference"], rows
 
 
+def test_a_group_of_experts_is_observed_from_block_inputs_computed_once_with_the_same_codes(monkeypatch):
+    """Within one group (chunked by the Hessian budget into one expert per chunk, each observed for its routed and
+    its filled tokens) the attention before the experts runs once per layer for the gate/up group and once for
+    the down group, plus the attention group's own passes; the codes equal those of a pass through the layer
+    for every chunk, bit for bit."""
+    import contextlib
+
+    import llmq.methods as methods
+    from llmq.methods import LayerJob
+
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(bits=4, group_size=32, expert_min_tokens=24, expert_fill_tokens=20)
+    monkeypatch.setattr(methods, "HESSIAN_BYTES", 1)
+    results, passes = {}, {}
+    for key in ("kept", "every pass"):
+        if key == "every pass":
+            monkeypatch.setattr(LayerJob, "expert_inputs_kept", lambda self: contextlib.nullcontext())
+        model = _moe_model("qwen3_moe", mlp_only_layers=[])
+        calls = passes.setdefault(key, [])
+        for layer in model.model.layers:  # batches of 2 windows, so a pass over the 4 windows is 2 calls
+            layer.self_attn.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(1))
+        notes = {}
+        results[key] = quantize_layers(model, ids, cfg, batch_size=2, notes=notes)
+        assert {v["policy"] for k, v in notes.items() if "experts" in k} == {"routed", "all_tokens"}
+    # per layer: q/k/v, o, the count and gate/up, down, and the final propagation
+    assert len(passes["kept"]) == 2 * 2 * 5, {k: len(v) for k, v in passes.items()}
+    assert len(passes["every pass"]) > 2 * len(passes["kept"]), {k: len(v) for k, v in passes.items()}
+    assert results["kept"].keys() == results["every pass"].keys()
+    for name, qw in results["every pass"].items():
+        for field in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(results["kept"][name], field), getattr(qw, field)), (name, field)
+
+
+def test_starved_experts_sum_their_common_first_windows_once(monkeypatch):
+    """The first windows' tokens, which every starved expert's gate/up reads, are summed into one Gram matrix and
+    added to each one's routed tokens after them: the Hessians equal those of each expert summing all its own
+    inputs, and the rows summed for the gate/up groups drop by the fill for every starved expert but one."""
+    import contextlib
+
+    from llmq.arch.experts import LayerExperts
+    from llmq.gptq import HessianAccumulator
+
+    cfg = QuantConfig(bits=4, group_size=32, expert_min_tokens=64, expert_fill_tokens=20)
+    add, runs = HessianAccumulator.add, {}
+    for key in ("shared", "each its own"):
+        rows = []
+        monkeypatch.setattr(HessianAccumulator, "add", lambda self, x, rows=rows: rows.append(
+            x.reshape(-1, x.shape[-1]).shape[0] if x.shape[-1] == 64 else 0) or add(self, x))
+        if key == "each its own":
+            monkeypatch.setattr(LayerExperts, "fill_shared", lambda self, sink: contextlib.nullcontext())
+        _, _, hessians, _, notes = _fixed_route_run(monkeypatch, cfg, batch_size=2)
+        runs[key] = hessians, sum(rows)
+    starved = [k for k, v in notes.items() if v["policy"] == "all_tokens"]
+    assert len(starved) == 2 * 4  # every expert of both layers
+    (shared, shared_rows), (own, own_rows) = runs.values()
+    assert shared.keys() == own.keys()
+    for name, H in own.items():
+        assert torch.allclose(shared[name], H, rtol=1e-5, atol=1e-6), name
+    fill = 32  # 20 tokens round up to 2 windows of 16
+    assert own_rows - shared_rows == 2 * (4 - 1) * fill, (own_rows, shared_rows)
+
+
 def test_starved_experts_sharing_every_token_are_solved_together_as_they_are_alone(monkeypatch):
     """Experts that all see every token share one Hessian: their gate/up rows are stacked into one GPTQ solve with
     each expert's own gate/up; the codes are those of one solve per linear, bit for bit."""
