@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,14 +73,17 @@ def forward_dtype(dtype: torch.dtype, device: torch.device, requested: str = "au
     return dtype
 
 
-def compute_in(layer: nn.Module, src: torch.dtype, dst: torch.dtype) -> Callable[[], None]:
+def compute_in(layer: nn.Module, src: torch.dtype, dst: torch.dtype, leave: Iterable[nn.Module] = ()
+               ) -> Callable[[], None]:
     """Make ``layer`` compute in ``dst``: its ``src`` parameters and buffers cast in place (the same objects), and
     its hidden-states input cast on entry. Returns the function that undoes it, casting the tensors back (rounding
     what was written meanwhile, e.g. dequantized weights, as a write in ``src`` would have). Tensors of other dtypes
-    (a float32 router bias in a bf16 model) are left alone."""
+    (a float32 router bias in a bf16 model) are left alone, and so are those of the ``leave`` modules, which cast
+    their own on use (a mixture of experts' experts, one at a time: not the whole layer in ``dst`` at once)."""
     if src == dst:
         return lambda: None
-    cast = [t for t in (*layer.parameters(), *layer.buffers()) if t.dtype == src]
+    left = {id(t) for m in leave for t in (*m.parameters(), *m.buffers())}
+    cast = [t for t in (*layer.parameters(), *layer.buffers()) if t.dtype == src and id(t) not in left]
     for t in cast:
         t.data = t.data.to(dst)
 

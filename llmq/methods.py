@@ -58,8 +58,8 @@ class LayerJob:
     # note(key, value): JSON-able facts for the checkpoint's metadata (each expert's tokens and policy)
     note: Callable[[str, Any], None] = lambda key, value: None
     _policies: dict[str, str] | None = None
-    _fill_tokens: int | None = None  # "all_tokens" experts see every one of the first tokens up to this (None: all)
     _first_token: int = 0  # where this rank's windows start in the calibration stream
+    _total_windows: int = 0  # calibration windows over all ranks
     # methods that tune against a teacher (``needs_teacher``) get the layer's inputs in the quantized model and
     # the FP layer's outputs on the FP model's inputs, both ``[windows, seqlen, hidden]``
     inputs: torch.Tensor | None = None
@@ -76,8 +76,8 @@ class LayerJob:
 
     def expert_policies(self) -> dict[str, str]:
         """Expert name -> where its calibration statistics come from: ``"routed"`` (its routed tokens),
-        ``"all_tokens"`` (every token of the first windows pushed through it, up to ``cfg.expert_fill_tokens``,
-        then its routed tokens) or ``"rtn"`` (none: round to nearest).
+        ``"all_tokens"`` (every token of the first windows pushed through it, see :meth:`fill_tokens`, then its
+        routed tokens) or ``"rtn"`` (none: round to nearest).
 
         Counted once per layer (after the attention before it is quantized, so on the tokens that reach
         it): experts with at least ``cfg.expert_min_tokens`` tokens (default: their input width, below
@@ -92,7 +92,7 @@ class LayerJob:
                 total = self.ranks.sum_(torch.tensor(list(counts.values()), dtype=torch.int64,
                                                      device=self.ranks.device))
                 counts = dict(zip(counts, total.tolist(), strict=True))
-            self._policies, starved, widest = {}, [], 0
+            self._policies, starved = {}, []
             for expert, n in counts.items():
                 width = self.layer.get_submodule(self.experts.members[expert][0]).in_features
                 if n >= (self.cfg.expert_min_tokens or width):
@@ -100,19 +100,28 @@ class LayerJob:
                 else:
                     policy = "rtn" if n == 0 and self.cfg.expert_policy == "routed" else self.cfg.expert_policy
                     starved.append(f"{expert} ({n}: {policy})")
-                    widest = max(widest, width)
                 self._policies[expert] = policy
                 self.note(self.prefix + expert, {"tokens": n, "policy": policy})
-            fill = -(-(self.cfg.expert_fill_tokens or 16 * widest) // self.seqlen)  # whole windows
-            first, total = self.ranks.place(self.windows)
+            first, self._total_windows = self.ranks.place(self.windows)
             self._first_token = first * self.seqlen
-            self._fill_tokens = None if fill >= total else fill * self.seqlen  # None: every window
             log.info("layer %d: tokens per expert %d to %d%s", self.index, min(counts.values()), max(counts.values()),
                      "; too few for " + ", ".join(starved) if starved else "")
-            if "all_tokens" in self._policies.values():
-                log.info("layer %d: starved experts see every token of %s", self.index, "every window"
-                         if self._fill_tokens is None else f"the first {fill} windows, then their routed tokens")
+            filled = [n for e, p in self._policies.items() if p == "all_tokens" for n in self.experts.members[e]]
+            if filled:
+                fills = {self.layer.get_submodule(n).in_features: self.fill_tokens([n]) for n in filled}
+                log.info("layer %d: starved experts see every token of %s, then their routed tokens", self.index,
+                         ", ".join(("every window" if fill is None else f"the first {fill // self.seqlen} windows")
+                                   + f" ({width}-wide inputs)" for width, fill in sorted(fills.items())))
         return self._policies
+
+    def fill_tokens(self, linears: list[str]) -> int | None:
+        """How many of the first calibration tokens (whole windows, over all ranks) ``"all_tokens"`` experts see
+        while ``linears`` are observed: ``cfg.expert_fill_tokens``, by default 16 times the widest of their input
+        widths (Qwen3-30B-A3B: 64 windows of 512 for gate/up, 24 for down, whose Hessian is 768 wide); None: every
+        window."""
+        want = self.cfg.expert_fill_tokens or 16 * max(self.layer.get_submodule(n).in_features for n in linears)
+        fill = -(-want // self.seqlen)
+        return None if fill >= self._total_windows else fill * self.seqlen
 
     def policy_of(self, linear: str) -> str | None:
         """The expert policy of ``linear`` (None when it is not an expert's)."""
@@ -142,7 +151,7 @@ class LayerJob:
             names = list(by_policy["all_tokens"])
             experts = {self.experts.of[n] for n in names}
             sink = (lambda x: common(names, x)) if common is not None else None
-            with self.experts.every_token(experts, self._fill_tokens, self._first_token), \
+            with self.experts.every_token(experts, self.fill_tokens(names), self._first_token), \
                     observing(set(names)), self.experts.fill_shared(sink):
                 observe(by_policy["all_tokens"])
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, get_layers, layer_linears, resolve_arch
-from .arch.experts import LayerExperts, split_experts
+from .arch.experts import LayerExperts, experts_of, split_experts
 from .config import QuantConfig, Width
 from .device import cast_tensors, compute_in, exact_float32, forward_dtype, resolve_device
 from .distributed import SINGLE, Ranks, check_distributed
@@ -295,7 +295,7 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
                       unit="layer"):
         with timer("load"):
             layer = source.load_layer(index).to(device)
-            restore = compute_in(layer, hidden.dtype, work)
+            restore = compute_in(layer, hidden.dtype, work, leave=experts_of(layer))
         prefix = f"{spec.layers}.{index}."
         groups = _layer_groups(layer, spec, model.config, index, keep_fp)
         layer_units = make_units([linear_shapes(g, prefix) for g in groups], cfg.widths)
@@ -445,7 +445,7 @@ def quantize_layers(
                       initial=start, total=n_layers, disable=None if ranks.writes else True):
         with timer("load"):
             layer = source.load_layer(index).to(device)
-            restore = compute_in(layer, hidden.dtype, work)
+            restore = compute_in(layer, hidden.dtype, work, leave=experts_of(layer))
         prefix = f"{spec.layers}.{index}."
         groups = _layer_groups(layer, spec, model.config, index, keep_fp)
 

@@ -101,7 +101,7 @@ def routed_tokens(n_tokens: int, n_experts: int, expert: int) -> torch.Tensor:
     return t[(t % (n_experts - 1) == expert) | ((t + 1) % (n_experts - 1) == expert)]
 
 
-def _fixed_route_run(monkeypatch, cfg: QuantConfig, caplog=None, batch_size: int = 4):
+def _fixed_route_run(monkeypatch, cfg: QuantConfig, caplog=None, batch_size: int = 4, windows: int = 4):
     """GPTQ on a tiny Qwen3-MoE whose routers are FixedRouter; every Hessian handed to the solver and every
     MoE block input, recorded."""
     model = _moe_model("qwen3_moe", mlp_only_layers=[])
@@ -115,7 +115,7 @@ def _fixed_route_run(monkeypatch, cfg: QuantConfig, caplog=None, batch_size: int
         hessians.update({n: H.clone() for n, owner in self.owner.items() if owner == self.owner[name]})
         return H
     monkeypatch.setattr(SharedHessians, "hessian", recording)
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 128, (windows, 16), generator=torch.Generator().manual_seed(2))
 
     def record(module, args, i):  # the first pass over all windows that reaches the block (batch by batch)
         seen = block_inputs.setdefault(i, [])
@@ -215,6 +215,28 @@ def test_a_starved_expert_s_hessian_is_every_token_of_the_first_windows_then_its
     # expert 3 (no routed token) gets windows 0-1 only
     assert torch.allclose(hessians["mlp.experts.3.gate_proj"].double(), 2 / 32 * x[:32].T @ x[:32], rtol=1e-4,
                           atol=1e-5)
+
+
+def test_a_starved_expert_s_default_fill_is_16_times_each_linear_s_own_input_width(monkeypatch, caplog):
+    """With the default fill, a starved expert's gate/up (64-wide inputs) see every token of 16 x 64 = 1024, more than
+    the 40 windows of 16 hold (every window), and its down (32-wide) those of the first 16 x 32 = 512 tokens, 32
+    windows: its down Hessian is that of act(gate(x)) * up(x) of the quantized gate/up over exactly those tokens."""
+    caplog.set_level(logging.INFO, logger="llmq")
+    cfg = QuantConfig(bits=4, group_size=32)
+    model, _, hessians, block_inputs, notes = _fixed_route_run(monkeypatch, cfg, batch_size=8, windows=40)
+    assert notes["model.layers.1.mlp.experts.3"] == {"tokens": 0, "policy": "all_tokens"}
+    x = block_inputs[1].reshape(-1, 64).double()
+    assert x.shape[0] == 640
+    assert torch.allclose(hessians["mlp.experts.3.gate_proj"].double(), 2 / 640 * x.T @ x, rtol=1e-4, atol=1e-5)
+    expert = model.model.layers[1].mlp.experts[3]
+    with torch.no_grad():
+        z = (expert.act(expert.gate_proj(x[:512].float())) * expert.up_proj(x[:512].float())).double()
+    assert expert.down_proj.in_features == 32
+    assert torch.allclose(hessians["mlp.experts.3.down_proj"].double(), 2 / 512 * z.T @ z, rtol=1e-3, atol=1e-5)
+    everything = (expert.act(expert.gate_proj(x.float())) * expert.up_proj(x.float())).double()
+    assert not torch.allclose(hessians["mlp.experts.3.down_proj"].double(), 2 / 640 * everything.T @ everything,
+                              rtol=1e-2, atol=1e-4)  # the check can tell the fills apart
+    assert "every window (64-wide inputs)" in caplog.text and "the first 32 windows (32-wide inputs)" in caplog.text
 
 
 @pytest.mark.parametrize("policy", ["all_tokens", "routed", "rtn"])
@@ -451,6 +473,46 @@ def test_starved_experts_sum_their_common_first_windows_once(monkeypatch):
         assert torch.allclose(shared[name], H, rtol=1e-5, atol=1e-6), name
     fill = 32  # 20 tokens round up to 2 windows of 16
     assert own_rows - shared_rows == 2 * (4 - 1) * fill, (own_rows, shared_rows)
+
+
+def test_a_bf16_moe_computing_in_float32_casts_one_expert_at_a_time_with_the_same_gate_up_codes(monkeypatch):
+    """A bf16 MoE whose layer forwards run in float32 (a CPU without bf16 matmuls): the attention, norms and router
+    are cast for the layer, but the experts stay bf16, each cast for its own call only, so at most one expert's
+    linears are float32 at any time. The gate/up codes equal those of casting the whole layer (same float32 values
+    either way). The downs, and the next layer, read gate/up written back in bf16, as a device computing in bf16
+    does: on held-out tokens the logits move from the whole layer's less than computing in bf16 moves them."""
+    import llmq.pipeline as pipeline
+    from llmq.arch.experts import Expert
+
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    held_out = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(9))
+    cfg = QuantConfig(bits=4, group_size=32, expert_min_tokens=24, expert_fill_tokens=20)
+    widest, runs, logits = [], {}, {}  # float32 expert linears whenever an expert linear runs
+    for key, work in (("one at a time", torch.float32), ("whole layer", torch.float32), ("bf16", torch.bfloat16)):
+        if key == "whole layer":
+            monkeypatch.setattr(pipeline, "experts_of", lambda layer: [])
+        model = _moe_model("qwen3_moe", mlp_only_layers=[]).to(torch.bfloat16)
+        split_experts(model, get_arch("qwen3_moe"))
+        experts = [m for m in model.modules() if isinstance(m, Expert)]
+
+        def count(module, args, experts=experts, key=key):
+            if key == "one at a time":
+                widest.append(sum(p.dtype == torch.float32 for e in experts for p in e.parameters()))
+        for e in experts:
+            for linear in e.children():
+                linear.register_forward_pre_hook(count)
+        runs[key] = quantize_layers(model, ids, cfg, batch_size=2, work_dtype=work)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        with torch.no_grad():
+            logits[key] = model(held_out).logits.float()
+    assert widest and max(widest) in (2, 3), max(widest)  # gate/up observed alone, or the whole expert
+    reference = runs["whole layer"]
+    gate_up = [n for n in reference if n.endswith(("gate_proj", "up_proj")) and n.startswith("model.layers.0.")]
+    assert len(gate_up) == 8
+    for name in gate_up:
+        assert torch.equal(runs["one at a time"][name].codes, reference[name].codes), name
+    moved = {k: (logits[k] - logits["whole layer"]).norm().item() for k in ("one at a time", "bf16")}
+    assert 0 < moved["one at a time"] < 0.75 * moved["bf16"], moved
 
 
 def test_starved_experts_sharing_every_token_are_solved_together_as_they_are_alone(monkeypatch):

@@ -33,13 +33,36 @@ class Expert(nn.Module):
             self.add_module(name, nn.Linear(n_in, n_out, bias=False, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, down: bool = True) -> torch.Tensor | None:
-        """The expert's output; with ``down=False`` only gate and up run (their inputs observed, nothing returned)."""
-        gate, up = self.get_submodule(self.names.gate), self.get_submodule(self.names.up)
-        if not down:
-            gate(x)
-            up(x)
-            return None
-        return self.get_submodule(self.names.down)(self.act(gate(x)) * up(x))
+        """The expert's output; with ``down=False`` only gate and up run (their inputs observed, nothing returned).
+        Weights held in another dtype than ``x``'s run on copies in its dtype, made for this call only."""
+        gate, up, down_ = (self.get_submodule(n) for n in (self.names.gate, self.names.up, self.names.down))
+        with _weights_in(x.dtype, (gate, up, down_) if down else (gate, up)):
+            if not down:
+                gate(x)
+                up(x)
+                return None
+            return down_(self.act(gate(x)) * up(x))
+
+
+@contextlib.contextmanager
+def _weights_in(dtype: torch.dtype, linears: tuple[nn.Module, ...]) -> Iterator[None]:
+    """Within this context ``linears``' weights are copies in ``dtype``; the stored tensors are put back after, as
+    they were. A bf16 model's experts computing in float32 (``llmq.device.compute_in`` leaves them) are thus cast
+    one expert at a time, not a whole layer's at once (Qwen3-30B-A3B: 2.4 GB of float32 a layer against 1.2)."""
+    held = [(m.weight, m.weight.data) for m in linears  # not a packed kernel's (a loaded checkpoint's) codes
+            if isinstance(m, nn.Linear) and m.weight.is_floating_point() and m.weight.dtype != dtype]
+    for weight, data in held:
+        weight.data = data.to(dtype)
+    try:
+        yield
+    finally:
+        for weight, data in held:
+            weight.data = data
+
+
+def experts_of(layer: nn.Module) -> list[ExpertLinears]:
+    """The :class:`ExpertLinears` modules in ``layer`` (whose experts cast their weights on use)."""
+    return [m for m in layer.modules() if isinstance(m, ExpertLinears)]
 
 
 class ExpertLinears(nn.ModuleList):
