@@ -29,7 +29,7 @@ from .checkpoint import read_tensor, shard_files
 from .dynamic import module_settings
 from .errors import CheckpointError
 from .kernels import KERNEL_CHOICES, prepare
-from .kernels.attention import use_gemm_dtype_attention
+from .kernels.attention import use_float32_attention
 from .pack import GPTQ_BITS
 from .qlinear import AwqQuantLinear, QuantLinear
 from .source import resolve_model
@@ -224,7 +224,7 @@ def from_pretrained(
     if device_map is None:
         model.to(target)  # buffers built outside the meta device (rotary tables) follow
         model.llmq_kernels = prepare(model, torch_dtype, kernel)
-        use_gemm_dtype_attention(model, torch_dtype, target)
+        use_float32_attention(model, torch_dtype, target)
         return model
     from accelerate import dispatch_model, infer_auto_device_map
 

@@ -21,7 +21,7 @@ beside the checkpoint's tensor bytes (``tensor_mb``: the packed size plus the un
 The W4 checkpoint is also run on the reference ``kernel="pure"`` path (4 new tokens: it is slow), and, when torchao is
 installed, torchao's int4 weight-only CPU path on the bf16 model (``PrototypeInt4WeightOnlyConfig``,
 group 128) as the peer. ``--llmq-attention`` adds the bf16 model with the attention ``llmq.from_pretrained``
-gives its models (:mod:`llmq.kernels.attention`: float32 where bf16 matmuls are not native), which separates
+gives its models (:mod:`llmq.kernels.attention`: float32 on the CPU), which separates
 what the packed linears gain from what the attention does. ``--rounds`` (2) measures every model that many
 times, interleaved, and keeps the best rates. The line ends with each model's decode and prefill ratio to bf16.
 """
@@ -76,9 +76,9 @@ def measure(kind: str, path: str, device: str, prompt_tokens: int, decode_tokens
     if kind in ("bf16", "bf16_llmq_attention", "torchao"):
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
         if kind == "bf16_llmq_attention":  # the attention llmq.from_pretrained gives its models, on the bf16 model
-            from llmq.kernels.attention import use_gemm_dtype_attention
+            from llmq.kernels.attention import use_float32_attention
 
-            use_gemm_dtype_attention(model, torch.bfloat16, torch.device(device))
+            use_float32_attention(model, torch.bfloat16, torch.device(device))
         if kind == "torchao":
             from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
             from torchao.quantization import quantize_
@@ -197,7 +197,7 @@ def kernel_rows(args: argparse.Namespace) -> dict:
             }
             if avx2 is not None:
                 row["avx2_gemv"] = timed(lambda: avx2._gemv(x))  # noqa: B023
-                row["avx2_dequant_gemm"] = timed(lambda: x.to(dtype) @ avx2.dequantized_t(True).to(dtype))  # noqa: B023
+                row["avx2_dequant_gemm"] = timed(lambda: x.to(dtype) @ avx2.dequantized_t(True, dtype).to(dtype))  # noqa: B023
                 row["int4_avx2_linear"] = timed(lambda: avx2(x))  # noqa: B023
     return {"gemm_dtype": str(dtype).removeprefix("torch."), **rows}
 
@@ -215,8 +215,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="measure every model this many times, interleaved")
     p.add_argument("--kernels", action="store_true", help="time the int4 kernel against dequantize + GEMM")
     p.add_argument("--llmq-attention", action="store_true",
-                   help="also the bf16 model with the attention llmq.from_pretrained gives (float32 on CPUs without "
-                        "native bf16 matmuls), to split the packed model's gain into its linears' and attention's")
+                   help="also the bf16 model with the attention llmq.from_pretrained gives (float32 on the CPU), "
+                        "to split the packed model's gain into its linears' and attention's")
     p.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:

@@ -1,5 +1,6 @@
 """Every fast path of a packed linear equals the reference: ``x @ dequantized_weight().T``."""
 
+import contextlib
 import logging
 
 import pytest
@@ -239,6 +240,16 @@ AVX2_CASES = [(bits, gs, sym, fmt, act) for bits in (2, 3, 4) for gs in (32, 64,
 AVX2_SHAPES = [(1, K), (3, K), (2, 5, K), (avx2.GEMV_ROWS, K), (avx2.GEMV_ROWS + 1, K), (200, K)]
 
 
+@contextlib.contextmanager
+def native_bf16_gemm():
+    """:func:`llmq.device.gemm_dtype` as on a CPU with native bf16 matmuls (AVX512-BF16, AMX), whatever this one is."""
+    from llmq import device
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(device, "_native_bf16_at", lambda d: True)
+        yield
+
+
 @pytest.fixture(scope="module")
 def avx2_built():
     """The C kernel must build wherever it can run: a machine with AVX2 and no working compiler fails here."""
@@ -260,6 +271,15 @@ def test_the_avx2_kernel_equals_the_reference(avx2_built, bits, gs, sym, fmt, ac
     if module.perm is not None:
         w_t = w_t[torch.argsort(module.perm)]
     assert torch.equal(w_t, layer.dequantized_weight().T)
+    w_t16 = module.dequantized_t(dtype=torch.bfloat16)  # what a native-bf16 CPU's prefill GEMM reads
+    if module.perm is not None:
+        w_t16 = w_t16[torch.argsort(module.perm)]
+    assert w_t16.dtype == torch.bfloat16 and torch.equal(w_t16, layer.dequantized_weight().T.bfloat16())
+    x = torch.randn(avx2.GEMV_ROWS + 3, K, generator=torch.Generator().manual_seed(1)).bfloat16()
+    order = module.perm if module.perm is not None else torch.arange(K)  # the GEMM sums in the kernel's order
+    want = x[:, order] @ layer.dequantized_weight().T[order].bfloat16() + layer.bias.bfloat16()
+    with native_bf16_gemm():  # prefill on a CPU with native bf16 matmuls: one bf16 GEMM on that W^T
+        assert torch.equal(module(x), want)
     assert choose(layer, torch.device("cpu"), torch.bfloat16).kernel == "int4_avx2"
     assert choose(layer, torch.device("cpu"), torch.float32).kernel == "int4_avx2"
 

@@ -1,12 +1,14 @@
-"""Attention of loaded models in :func:`llmq.device.gemm_dtype`: float32 for bf16 models on CPUs without native
-bf16 matmuls.
+"""Attention of loaded bf16 models on the CPU in float32.
 
-Torch's CPU flash attention in bfloat16 on AVX2 takes 1.5 ms for one decode query over 515 cached keys
-(TinyLlama's 32 heads), against 0.26 ms cast to float32 and back (``scripts/bench_decode.py``'s profile): a
-quarter of a W4 decode step there. :func:`use_gemm_dtype_attention` registers transformers' own SDPA attention,
-called on float32 copies of the query, keys and values with the output rounded to bf16 once, under
-:data:`NAME`, and switches a model to it; it rounds less than bf16 attention does, so outputs move by no more
-than bf16 rounding. Elsewhere (CUDA, CPUs with AVX512-BF16 or AMX) models keep their attention.
+Torch's CPU flash attention in bfloat16 is slow for the few queries of a decode step, whether or not the CPU
+multiplies bf16 natively: one decode query over 514 cached keys (TinyLlama's 32 heads) takes 1.5 ms in bf16
+against 0.26 ms cast to float32 and back on an AVX2 EPYC, and 1.14 ms against 0.15 ms (before the cast) on an
+AVX512-BF16 EPYC (Zen 4), where a W4 decode step went from 63-67 ms to 51-56 ms with it (``/tmp`` probes of
+``scripts/bench_decode.py``'s model, interleaved runs). At 512 queries (prefill) the two are within 5%.
+:func:`use_float32_attention` registers transformers' own SDPA attention, called on float32 copies of the
+query, keys and values with the output rounded to bf16 once, under :data:`NAME`, and switches a model to it; it
+rounds less than bf16 attention does, so outputs move by no more than bf16 rounding. On CUDA, and for models in
+other dtypes, models keep their attention.
 """
 
 from __future__ import annotations
@@ -18,16 +20,19 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..device import gemm_dtype
-
 log = logging.getLogger(__name__)
 
-NAME = "llmq_sdpa_gemm_dtype"
+NAME = "llmq_sdpa_float32"
 
 
-def sdpa_in_gemm_dtype(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
-    dtype = gemm_dtype(query.dtype, query.device)
+def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a loaded model's attention runs in: float32 for bf16 on the CPU, ``dtype`` otherwise."""
+    return torch.float32 if dtype == torch.bfloat16 and device.type == "cpu" else dtype
+
+
+def sdpa_in_float32(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    dtype = attention_dtype(query.dtype, query.device)
     if dtype == query.dtype:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
@@ -37,14 +42,14 @@ def sdpa_in_gemm_dtype(module: torch.nn.Module, query: torch.Tensor, key: torch.
     return out.to(query.dtype), weights
 
 
-def use_gemm_dtype_attention(model: PreTrainedModel, dtype: torch.dtype, device: torch.device) -> bool:
-    """Switch ``model`` (SDPA attention, ``dtype`` on ``device``) to attention in the gemm dtype where that differs;
-    returns whether it did."""
-    if model.config._attn_implementation != "sdpa" or gemm_dtype(dtype, device) == dtype:
+def use_float32_attention(model: PreTrainedModel, dtype: torch.dtype, device: torch.device) -> bool:
+    """Switch ``model`` (SDPA attention, ``dtype`` on ``device``) to float32 attention where
+    :func:`attention_dtype` says so; returns whether it did."""
+    if model.config._attn_implementation != "sdpa" or attention_dtype(dtype, device) == dtype:
         return False
-    AttentionInterface.register(NAME, sdpa_in_gemm_dtype)
+    AttentionInterface.register(NAME, sdpa_in_float32)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
-    log.info("attention runs in %s (%s matmuls are not native on this %s)", gemm_dtype(dtype, device),
-             str(dtype).removeprefix("torch."), device.type)
+    log.info("attention runs in %s (torch's %s CPU attention is slow per decode query)",
+             attention_dtype(dtype, device), str(dtype).removeprefix("torch."))
     return True

@@ -90,13 +90,17 @@ class Int4Avx2Linear(nn.Module):
             self._described = ptrs, native.Layer(*ptrs, self.in_features, self.out_features, self.group)
         return self._described[1]
 
-    def dequantized_t(self, scratch: bool = False) -> torch.Tensor:
-        """``W^T`` ``[in, out]`` in float32 (in permuted input order under act-order); in this thread's scratch
+    def dequantized_t(self, scratch: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``W^T`` ``[in, out]`` (in permuted input order under act-order): ``(q - z) s`` in float32, stored in
+        float32 or rounded to bfloat16 (``dtype``) as ``.to(torch.bfloat16)`` would; in this thread's scratch
         buffer when ``scratch`` (valid until the next call: a fresh tensor of a weight's size costs a page fault
         per 4 KB, 30 ms for a 5632 x 2048 weight, more than the dequantization)."""
+        if dtype not in native.DTYPES:
+            raise ValueError(f"int4_avx2 dequantizes to {', '.join(map(str, native.DTYPES))}, not {dtype}")
         k, n = self.in_features, self.out_features
-        out = (_SCRATCH.get(0, k * n, torch.float32) if scratch else torch.empty(k * n)).view(k, n)
-        native.library().llmq_int4_dequant_t(self._layer(), out.data_ptr(), torch.get_num_threads())
+        out = (_SCRATCH.get(0, k * n, dtype) if scratch else torch.empty(k * n, dtype=dtype)).view(k, n)
+        native.library().llmq_int4_dequant_t(self._layer(), out.data_ptr(), native.DTYPES[dtype],
+                                             torch.get_num_threads())
         return out
 
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
@@ -116,7 +120,8 @@ class Int4Avx2Linear(nn.Module):
         grad = x2.requires_grad and torch.is_grad_enabled()  # the C kernel has no backward
         if x2.shape[0] > GEMV_ROWS or grad:
             dtype = gemm_dtype(x.dtype, x.device)
-            y = x2.to(dtype) @ self.dequantized_t(scratch=not grad).to(dtype)
+            w_t = self.dequantized_t(not grad, dtype if dtype in native.DTYPES else torch.float32)
+            y = x2.to(dtype) @ w_t.to(dtype)
         else:
             y = self._gemv(x2)
         if self.bias is not None:

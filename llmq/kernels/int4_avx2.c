@@ -104,8 +104,16 @@ void llmq_int4_mm(const struct layer *L, const void *x, int64_t M, int dtype, vo
     free(xf);
 }
 
-/* out[K, N] = W^T in float32, (q - z) s exactly as the reference computes it */
-void llmq_int4_dequant_t(const struct layer *L, float *out, int threads) {
+/* 8 floats rounded to bfloat16 (to nearest even, as to_bf16; the products here are finite) in 8 int32 lanes */
+static inline __m256i bf16x8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+}
+
+/* out[K, N] = W^T, (q - z) s in float32 exactly as the reference computes it, stored in float32 or rounded to
+ * bfloat16 (`dtype`): a bf16 GEMM reads it without another pass over a float32 copy */
+void llmq_int4_dequant_t(const struct layer *L, void *out, int dtype, int threads) {
     const int64_t K = L->K, N = L->N, group = L->group;
     const uint16_t *scales = L->scales, *zeros = L->zeros;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -114,10 +122,19 @@ void llmq_int4_dequant_t(const struct layer *L, float *out, int threads) {
         for (int64_t k = 0; k < K; ++k) {
             const int64_t g = k / group;
             __m256i w = _mm256_loadu_si256((const __m256i *)(words + 8 * k));
+            __m256 v[8];
             for (int i = 0; i < 8; ++i) {
                 const int64_t n = b * BLOCK + 8 * i;
-                __m256 q = _mm256_sub_ps(codes8(w, i), half8(zeros + g * N + n));
-                _mm256_storeu_ps(out + k * N + n, _mm256_mul_ps(q, half8(scales + g * N + n)));
+                v[i] = _mm256_mul_ps(_mm256_sub_ps(codes8(w, i), half8(zeros + g * N + n)), half8(scales + g * N + n));
+            }
+            if (dtype == BFLOAT16) {
+                uint16_t *row = (uint16_t *)out + k * N + b * BLOCK;
+                for (int i = 0; i < 8; i += 2) {  /* packus interleaves 128-bit lanes; the permute restores order */
+                    __m256i pair = _mm256_packus_epi32(bf16x8(v[i]), bf16x8(v[i + 1]));
+                    _mm256_storeu_si256((__m256i *)(row + 8 * i), _mm256_permute4x64_epi64(pair, 0xD8));
+                }
+            } else {
+                for (int i = 0; i < 8; ++i) _mm256_storeu_ps((float *)out + k * N + b * BLOCK + 8 * i, v[i]);
             }
         }
     }

@@ -101,7 +101,7 @@ def _build_and_load() -> ctypes.CDLL:
             os.replace(built, path)
     lib = ctypes.CDLL(str(path))
     lib.llmq_int4_mm.argtypes = [ctypes.POINTER(Layer), _PTR, _I64, ctypes.c_int, _PTR, ctypes.c_int]
-    lib.llmq_int4_dequant_t.argtypes = [ctypes.POINTER(Layer), _PTR, ctypes.c_int]
+    lib.llmq_int4_dequant_t.argtypes = [ctypes.POINTER(Layer), _PTR, ctypes.c_int, ctypes.c_int]
     for fn in (lib.llmq_int4_mm, lib.llmq_int4_dequant_t):
         fn.restype = None
     return lib
