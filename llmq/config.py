@@ -120,9 +120,10 @@ class QuantConfig:
     # Mixed precision (llmq.mixed): a budget of effective bits per weight (scales, zeros and g_idx counted as
     # ``llmq info`` counts them) spread over ``mixed_widths`` ("<bits>g<group size>") by each group of linears'
     # measured sensitivity. None: every linear at ``bits``/``group_size``. Default widths: 2, 3, 4 and 8 bits at
-    # ``group_size``. Adding smaller groups moves llmq-tiny-llama's C4 at the W3 g64 budget by no more than the
-    # proxy's noise: 122.367 with the defaults, 122.226 with 2/3/4 bits at g64 added, 122.387 with g32 too (at
-    # W2: 124.877 either way), so the defaults stay the shorter sensitivity pass.
+    # ``group_size`` (those below the budget's floor, llmq.mixed.floor_bits, are not measured). Adding smaller
+    # groups moved llmq-tiny-llama's C4 at the W3 g64 budget by no more than the proxy's noise (122.367 with the
+    # defaults, 122.226 with 2/3/4 bits at g64 added, 122.387 with g32 too; at W2 124.877 either way), so the
+    # defaults stay the shorter sensitivity pass.
     bits_per_weight: float | None = None
     mixed_widths: tuple[str, ...] | None = None
 

@@ -32,6 +32,7 @@ from .methods import METHOD_FNS, LayerJob, check_finite, needs_teacher
 from .mixed import (
     allocate,
     check_budget,
+    floor_bits,
     format_allocation,
     layer_sensitivity,
     linear_shapes,
@@ -242,12 +243,15 @@ def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], b
 
 
 def _layer_groups(layer: nn.Module, spec: ArchSpec, config: Any, index: int,
-                  keep_fp: Callable[[str, nn.Linear], bool] | None) -> tuple[dict[str, nn.Linear], ...]:
-    """Layer ``index``'s linears to quantize, by name in the layer, in true-sequential groups (weights checked)."""
+                  keep_fp: Callable[[str, nn.Linear], bool] | None, check: bool = True
+                  ) -> tuple[dict[str, nn.Linear], ...]:
+    """Layer ``index``'s linears to quantize, by name in the layer, in true-sequential groups (weights checked
+    unless ``check`` is false: a skeleton's shapes)."""
     prefix = f"{spec.layers}.{index}."
     linears = layer_linears(layer, spec, config, index)
     for name, module in linears.items():
-        check_finite(prefix + name, module.weight)
+        if check:
+            check_finite(prefix + name, module.weight)
     if keep_fp is not None:
         linears = {name: m for name, m in linears.items() if not keep_fp(prefix + name, m)}
     return tuple(g for g in ({n: linears[n] for n in group if n in linears}
@@ -283,6 +287,13 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
                      timer: StageTimes, work: torch.dtype) -> Widths:
     """Mixed precision (:mod:`llmq.mixed`): one pass of the FP model over the first calibration windows measuring each
     group's sensitivity at each of ``cfg.widths``, then the allocation within ``cfg.bits_per_weight``."""
+    # the widths measured: those from the floor up (:func:`floor_bits`), found on the model's shapes
+    skeleton = make_units([linear_shapes(g, f"{spec.layers}.{i}.") for i, layer in enumerate(get_layers(model, spec))
+                           for g in _layer_groups(layer, spec, model.config, i, keep_fp, check=False)], cfg.widths)
+    floor = floor_bits(skeleton, check_budget(skeleton, cfg))
+    widths = tuple(w for w in cfg.widths if w.bits >= floor)
+    log.info("mixed precision candidates: %s (none below %d bits, what every group could take within the budget)",
+             ", ".join(map(str, widths)), floor)
     n = min(SENSITIVITY_WINDOWS, hidden.shape[0])  # only these windows are measured: only they are propagated
     stream = allocate_activations((n, *hidden.shape[1:]), hidden.dtype, hidden.device, offload_dir, "sensitivity")
     stream.copy_(hidden[:n])
@@ -298,7 +309,7 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
             restore = compute_in(layer, hidden.dtype, work, leave=experts_of(layer))
         prefix = f"{spec.layers}.{index}."
         groups = _layer_groups(layer, spec, model.config, index, keep_fp)
-        layer_units = make_units([linear_shapes(g, prefix) for g in groups], cfg.widths)
+        layer_units = make_units([linear_shapes(g, prefix) for g in groups], widths)
         kwargs = cast_tensors(layer_kwargs[index], hidden.dtype, work)
         with timer("propagate"):
             _propagate(layer, stream, kwargs, batch_size, out=fp_outputs)

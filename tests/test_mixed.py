@@ -15,7 +15,7 @@ from llmq.config import QuantConfig, Recipe, Width
 from llmq.dynamic import module_settings, override_rule, skip_rule
 from llmq.errors import ConfigError
 from llmq.info import checkpoint_info
-from llmq.mixed import Unit, allocate, check_budget, make_units
+from llmq.mixed import Unit, allocate, check_budget, floor_bits, make_units
 from llmq.pack import gptq_storage_bits
 from llmq.qlinear import QuantLinear
 
@@ -52,6 +52,32 @@ def test_the_allocation_stays_within_budget_and_is_near_the_exhaustive_optimum(s
                 assert err <= sum(u.errors[w] for u in units) + 1e-12
         assert err <= 1.25 * best, (err, best)  # the greedy hull walk is within a quarter of the optimum here
         assert choice == allocate(units, budget)  # deterministic
+
+
+def test_the_floor_is_the_widest_bits_every_unit_can_take_at_once_within_the_budget(caplog):
+    units = make_units([{"a": (128, 256)}, {"b": (256, 256)}, {"c": (128, 384)}], (*WIDTHS, Width(3, 64)))
+    weights = sum(u.weights for u in units)
+
+    def uniform(bits):  # each unit at its cheapest width of that many bits
+        return sum(min(c for w, c in u.costs.items() if w.bits == bits) for u in units)
+
+    assert uniform(3) == sum(u.costs[Width(3, 128)] for u in units)  # g128 is the cheaper 3-bit width
+    assert floor_bits(units, uniform(3)) == 3 and floor_bits(units, uniform(4) - 1) == 3
+    assert floor_bits(units, uniform(4)) == 4 and floor_bits(units, 16 * weights) == 8
+    assert floor_bits(units, uniform(2) - 1) == 2  # nothing fits: the narrowest, for check_budget to refuse
+    units[2].costs = {w: c for w, c in units[2].costs.items() if w.bits != 3}  # no 3-bit width for c
+    assert floor_bits(units, uniform(4) - 1) == 2
+    # a run measures and allocates from the floor up: at W3 g128's cost plus a little, no group goes to 2 bits
+    from llmq.pipeline import noted_widths, quantize_layers
+
+    model = AutoModelForCausalLM.from_pretrained(shared_path("assets", "llmq-tiny-llama"))
+    notes: dict = {}
+    with caplog.at_level("INFO", logger="llmq.pipeline"):
+        quantize_layers(model, torch.randint(0, 512, (4, 32)), QuantConfig(bits=3, group_size=128, method="rtn",
+                        bits_per_weight=3.3), device="cpu", notes=notes)
+    assert "mixed precision candidates: 3g128, 4g128, 8g128 (none below 3 bits" in caplog.text
+    widths = {f"{w.bits}g{w.group_size}" for w in noted_widths(notes).values()}
+    assert "3g128" in widths and "4g128" in widths and "2g128" not in widths
 
 
 def test_the_storage_count_is_the_one_llmq_info_reports():
