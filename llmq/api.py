@@ -35,9 +35,9 @@ from .killpoints import kill_point
 from .loader import from_pretrained
 from .memory import fix_malloc_mmap_threshold
 from .methods import awq_search_bytes, needs_teacher
-from .mixed import check_budget, make_units
+from .mixed import check_budget
 from .pack import can_pack
-from .pipeline import LayerResults, quantize_layers
+from .pipeline import LayerResults, quantize_layers, skeleton_units
 from .resume import WorkFolder
 from .source import resolve_model
 from .stream import (
@@ -100,10 +100,7 @@ def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec) -> None:
               for name, m in layer_linears(layer, spec, model.config, i).items()}
     check_layout(recipe.format, recipe.quant, shapes)
     if recipe.quant.bits_per_weight is not None:  # every group has a width, and the budget fits the narrowest
-        groups = [{name: shapes[name] for name in (f"{spec.layers}.{i}.{n}" for n in group)
-                   if can_pack(shapes[name][1], shapes[name][0], recipe.quant.bits)}
-                  for i in range(len(get_layers(model, spec))) for group in spec.groups(model.config, i)]
-        check_budget(make_units([g for g in groups if g], recipe.quant.widths), recipe.quant)
+        check_budget(skeleton_units(model, spec, recipe.quant, _keep_fp(recipe)), recipe.quant)
     if recipe.quant.method in ("awq", "awq+gptq") and not spec.scale_groups:
         raise ConfigError(
             f"AWQ needs to know where each scale folds, which model_type {model.config.model_type!r} does not show: "

@@ -30,6 +30,7 @@ from .distributed import SINGLE, Ranks, check_distributed
 from .killpoints import kill_point
 from .methods import METHOD_FNS, LayerJob, check_finite, needs_teacher
 from .mixed import (
+    Unit,
     allocate,
     check_budget,
     floor_bits,
@@ -258,6 +259,14 @@ def _layer_groups(layer: nn.Module, spec: ArchSpec, config: Any, index: int,
                              for group in spec.groups(config, index)) if g)
 
 
+def skeleton_units(model: nn.Module, spec: ArchSpec, cfg: QuantConfig,
+                   keep_fp: Callable[[str, nn.Linear], bool] | None) -> list[Unit]:
+    """The mixed-precision units of every layer at ``cfg.widths``, from the model's shapes alone (its skeleton on
+    the meta device will do): what the budget and the floor are checked against before any calibration."""
+    return make_units([linear_shapes(g, f"{spec.layers}.{i}.") for i, layer in enumerate(get_layers(model, spec))
+                       for g in _layer_groups(layer, spec, model.config, i, keep_fp, check=False)], cfg.widths)
+
+
 def _output_error(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
                   reference: torch.Tensor) -> float:
     """The squared difference between the layer's outputs for ``hidden`` and ``reference``, summed."""
@@ -288,8 +297,7 @@ def _allocate_widths(model: nn.Module, spec: ArchSpec, source: LayerSource, hidd
     """Mixed precision (:mod:`llmq.mixed`): one pass of the FP model over the first calibration windows measuring each
     group's sensitivity at each of ``cfg.widths``, then the allocation within ``cfg.bits_per_weight``."""
     # the widths measured: those from the floor up (:func:`floor_bits`), found on the model's shapes
-    skeleton = make_units([linear_shapes(g, f"{spec.layers}.{i}.") for i, layer in enumerate(get_layers(model, spec))
-                           for g in _layer_groups(layer, spec, model.config, i, keep_fp, check=False)], cfg.widths)
+    skeleton = skeleton_units(model, spec, cfg, keep_fp)
     floor = floor_bits(skeleton, check_budget(skeleton, cfg))
     widths = tuple(w for w in cfg.widths if w.bits >= floor)
     log.info("mixed precision candidates: %s (none below %d bits, what every group could take within the budget)",
