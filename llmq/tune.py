@@ -45,30 +45,43 @@ class TunableWeight(torch.nn.Module):
         self.start = start
         self.maxq = 2**start.bits - 1
         self.g = start.g_idx.long()
+        n_groups, width = start.scales.shape[1], w0.shape[1] // start.scales.shape[1]
+        natural = w0.shape[1] % n_groups == 0 and torch.equal(
+            self.g, torch.arange(w0.shape[1], device=self.g.device) // width)
+        self.group_width = width if natural else None
         self.register_buffer("w0", w0.float())
         self.register_buffer("scale0", start.scales.float())
         self.register_buffer("zero0", start.zeros.float())
+        self.register_buffer("step0", self.per_weight(self.scale0))  # offsets are in these units
         self.offset = torch.nn.Parameter(torch.zeros_like(self.w0))
         self.log_scale = torch.nn.Parameter(torch.zeros_like(self.scale0))
         self.zero_shift = torch.nn.Parameter(torch.zeros_like(self.zero0), requires_grad=not start.sym)
+
+    def per_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-group ``[out, groups]`` values at each weight ``[out, in]``. Contiguous equal groups broadcast, whose
+        backward is a sum over each group; other ``g_idx`` gather, whose backward is a scatter-add (on
+        llmq-tiny-llama the gathers and scatters took a sixth of a tuning step)."""
+        if self.group_width is None:
+            return t[:, self.g]
+        return t[:, :, None].expand(-1, -1, self.group_width).reshape(t.shape[0], -1)
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(w, scales, zeros)`` now: the continuous weight, float16-valued scales and integer zeros per group."""
         scale = self.scale0 * torch.exp(self.log_scale)
         scale = scale + (scale.half().float() - scale).detach()
         zero = round_ste(self.zero0 + self.zero_shift).clamp(0, self.maxq)
-        return self.w0 + self.offset * self.scale0[:, self.g], scale, zero
+        return self.w0 + self.offset * self.step0, scale, zero
 
     def forward(self) -> torch.Tensor:
         w, scale, zero = self.grid()
-        s, z = scale[:, self.g], zero[:, self.g]
+        s, z = self.per_weight(scale), self.per_weight(zero)
         return s * (torch.clamp(round_ste(w / s) + z, 0, self.maxq) - z)
 
     @torch.no_grad()
     def quantized(self) -> QuantizedWeight:
         """The tuned weight as codes, scales and zeros (its forward's values exactly)."""
         w, scale, zero = self.grid()
-        codes = torch.clamp(torch.round(w / scale[:, self.g]) + zero[:, self.g], 0, self.maxq)
+        codes = torch.clamp(torch.round(w / self.per_weight(scale)) + self.per_weight(zero), 0, self.maxq)
         st = self.start
         return QuantizedWeight(codes.to(torch.uint8), scale.clone(), zero.to(torch.uint8), st.g_idx,
                                st.bits, st.group_size, st.sym)

@@ -9,7 +9,7 @@ from helpers import tiny_model
 from llmq.config import QuantConfig
 from llmq.errors import ConfigError
 from llmq.pipeline import quantize_layers
-from llmq.quant import rtn_quantize
+from llmq.quant import QuantizedWeight, rtn_quantize
 from llmq.tune import TunableWeight, round_ste, tune_block
 
 
@@ -38,6 +38,34 @@ def test_a_tunable_weight_starts_at_its_start_and_rounds_to_its_own_forward(bits
     assert int(qw.codes.max()) <= 2**bits - 1
     if sym:
         assert torch.equal(qw.zeros, start.zeros)  # a symmetric grid keeps its fixed zero point
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_contiguous_groups_broadcast_to_the_weights_and_gradients_of_the_reference_gather(group_size):
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    start = rtn_quantize(w, QuantConfig(method="rtn", bits=3, group_size=group_size, sym=False))
+    fast, slow = TunableWeight(w, start), TunableWeight(w, start)
+    assert fast.group_width == (group_size if group_size > 0 else 128)
+    slow.group_width = None  # the reference: one gather per weight
+    assert torch.equal(fast.step0, slow.per_weight(slow.scale0))
+    for t in (fast, slow):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            t.offset.normal_(0, 0.7)
+            t.log_scale.normal_(0, 0.1)
+            t.zero_shift.normal_(0, 0.8)
+    upstream = torch.randn(48, 128)
+    outs = [t() for t in (fast, slow)]
+    assert torch.equal(outs[0], outs[1])
+    for y in outs:
+        (y * upstream).sum().backward()
+    for name in ("offset", "log_scale", "zero_shift"):  # a sum per group against a scatter-add: the order differs
+        torch.testing.assert_close(getattr(fast, name).grad, getattr(slow, name).grad, rtol=1e-5, atol=1e-6)
+    perm = torch.randperm(128)  # act-order groups are not contiguous: those gather
+    shuffled = QuantizedWeight(start.codes[:, perm], start.scales, start.zeros, start.g_idx[perm], 3, group_size, False)
+    if group_size > 0:
+        assert TunableWeight(w[:, perm], shuffled).group_width is None
 
 
 def _linear_block():
