@@ -33,9 +33,10 @@ def test_stories260k_gptq_keeps_less_than_rtn_loses_and_tuning_less_than_gptq(re
     # issue 16: the coarse-to-fine range search (26 of the 80 shrink factors) loses no perplexity to the full one
     assert ppl["W3 GPTQ"] <= ppl["W3 GPTQ full range search"]
 
-    def of_gptq(bits):  # issue 14: block-wise reconstruction's perplexity increase as a fraction of GPTQ's (400 steps:
-        # at the default 200 the W3 ratio is 0.58-0.63 from machine to machine, see eval/ppl_table.py)
-        return (ppl[f"W{bits} Tune 400 steps"] - ppl["FP"]) / (ppl[f"W{bits} GPTQ"] - ppl["FP"])
+    def of_gptq(bits):  # issue 14: block-wise reconstruction's perplexity increase as a fraction of GPTQ's (400 steps
+        # of 16 windows: at the default 4 windows a step the W3 ratio is 0.55-0.63 with the steps' noise, see
+        # eval/ppl_table.py)
+        return (ppl[f"W{bits} Tune 400 x 16"] - ppl["FP"]) / (ppl[f"W{bits} GPTQ"] - ppl["FP"])
 
     report(f"tune's perplexity increase as a fraction of GPTQ's: W3 {of_gptq(3):.3f}, W2 {of_gptq(2):.3f}")
     assert of_gptq(3) <= 0.6
