@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import QuantConfig
-from .quant import QuantizedWeight
+from .quant import QuantizedWeight, natural_g_idx
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,10 @@ class TunableWeight(torch.nn.Module):
         self.start = start
         self.maxq = 2**start.bits - 1
         self.g = start.g_idx.long()
-        n_groups, width = start.scales.shape[1], w0.shape[1] // start.scales.shape[1]
-        natural = w0.shape[1] % n_groups == 0 and torch.equal(
-            self.g, torch.arange(w0.shape[1], device=self.g.device) // width)
+        k = w0.shape[1]
+        width = start.group_size if start.group_size > 0 else k
+        natural = k == width * start.scales.shape[1] and torch.equal(
+            self.g, natural_g_idx(k, start.group_size, self.g.device).long())
         self.group_width = width if natural else None
         self.register_buffer("w0", w0.float())
         self.register_buffer("scale0", start.scales.float())
