@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 device=$(python -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')")
 log=$(mktemp)
-python -m pytest -m "gpu or triton" -q -rfEs -p no:cacheprovider tests > "$log" 2>&1
+python -m pytest -m "gpu or triton" -n 0 -q -rfEs -p no:cacheprovider tests > "$log" 2>&1
 status=$?
 tail -n 40 "$log" >&2
 summary=$(grep -E "^[0-9]+ (passed|failed|skipped|error)|(passed|failed|skipped|deselected)( in |,)" "$log" | tail -n 1)

@@ -65,6 +65,7 @@ def test_python_m_llmq_is_the_command_line_as_torchrun_m_llmq_needs_it():
     assert "bits=5 is not supported" in proc.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_and_shows_what_quantization_costs(tmp_path, capsys):
     """Issue 15: on the demo's own model (its default training steps) W3 RTN loses at least 5% and GPTQ keeps
     less than half of that, and at W2 the same with RTN further off; the table and plot come from llmq table's

@@ -92,7 +92,12 @@ def outs(tmp_path_factory) -> dict[str, Path]:
     return outs
 
 
+# the tests sharing the `outs` fixture (three quantization runs) run in one pytest-xdist worker
+OUTS = pytest.mark.xdist_group("distributed-outs")
+
+
 @pytest.mark.slow
+@OUTS
 def test_two_gloo_ranks_give_the_same_bytes_every_run_and_the_one_process_perplexity(outs, report):
     """Two ranks, twice, give the same bytes; their held-out C4 perplexity is within 0.2% of one process's. Not the
     same bytes: each rank sums its own windows' Hessian first, and GPTQ turns those last-bit differences into other
@@ -123,6 +128,7 @@ def test_two_gloo_ranks_give_the_one_process_bytes(tmp_path, method, extra):
 
 
 @pytest.mark.slow
+@OUTS
 def test_a_rank_killed_mid_run_fails_the_job_and_the_rerun_resumes_to_the_same_bytes(outs, tmp_path):
     out = tmp_path / "q"
     killed = run(quantize_args(out), nproc=2, LLMQ_KILL_AT="layer.solved@3", LLMQ_KILL_RANK="1")

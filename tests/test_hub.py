@@ -76,6 +76,7 @@ def offline_env(cache):
             "HF_DATASETS_OFFLINE": "1"}
 
 
+@pytest.mark.slow
 def test_dotted_hub_ids_work_offline_from_the_hub_cache(bf16_tiny_llama, tmp_path):
     cache = tmp_path / "hub"
     commit = lay_out_in_hub_cache(cache, MODEL_ID, bf16_tiny_llama)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from helpers import tiny_model
 
@@ -43,6 +44,7 @@ def measure(mode: str, path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_packed_w4_load_adds_well_under_half_the_fp16_memory(tmp_path, report):
     # ~420 MB in FP16, so the model, not the interpreter (~20 MB for a first forward), dominates
     model = tiny_model("llama", vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,

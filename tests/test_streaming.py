@@ -190,6 +190,7 @@ print(json.dumps({"layer_peaks": layer_peaks[:-1], "whole_run": max(layer_peaks)
 QUIET_HEAP = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
+@pytest.mark.slow
 def test_peak_memory_grows_far_less_than_the_extra_layers(tmp_path, report):
     # float32 layers of 12.6M parameters (50 MB) on 10 layers: from the first two layers' peak to the last two's,
     # eight layers (403 MB) have gone by. Min-max ranges: the MSE search's time, not its memory.
@@ -251,6 +252,7 @@ def killed_at(point: str, r: Recipe) -> None:
     assert not Path(r.out).exists(), "a killed run never leaves an output that looks complete"
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_point_then_rerun_gives_the_uninterrupted_bytes(small, tmp_path):
     reference = recipe(small, tmp_path / "ref", max_shard_size="40KB")
     quantize_to_disk(reference)
