@@ -8,7 +8,8 @@ if WORKERS > 1:
     # The cores are shared out: each worker computes on its share, and so do the processes its tests start (the
     # CLI, torchrun ranks). Two workers of one thread beat one of two: most tests multiply small matrices, which
     # a second thread barely speeds up.
-    THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
+    CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    THREADS = max(1, CORES // WORKERS)
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     torch.set_num_threads(THREADS)
 
