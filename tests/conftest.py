@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest-xdist's processes (pyproject: -n auto)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest-xdist's processes (pyproject.toml: -n 2)
 if WORKERS > 1:
     # The cores are shared out: each worker computes on its share, and so do the processes its tests start (the
     # CLI, torchrun ranks). Two workers of one thread beat one of two: most tests multiply small matrices, which
