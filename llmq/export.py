@@ -25,7 +25,7 @@ from .config import QuantConfig
 from .dynamic import override_rule, skip_rule
 from .errors import ConfigError
 from .pack import can_pack, pack_awq, pack_cols, pack_gptq, unpack_cols
-from .quant import QuantizedWeight
+from .quant import QuantizedWeight, natural_g_idx
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _awq_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     if qw.bits != 4 or qw.group_size <= 0 or k % qw.group_size:
         raise ConfigError(f"{name}: the AWQ GEMM layout holds 4-bit weights in whole groups only "
                           f"(bits={qw.bits}, group_size={qw.group_size}, in_features={k}); use --format gptq")
-    if not torch.equal(qw.g_idx.long().cpu(), torch.arange(k) // qw.group_size):
+    if not torch.equal(qw.g_idx.long().cpu(), natural_g_idx(k, qw.group_size).long()):
         raise ConfigError(f"{name}: act-order groups (a permuted g_idx) cannot be stored in the AWQ layout; "
                           "use --static-groups or --format gptq")
     return pack_awq(qw.codes, qw.zeros, qw.scales)
