@@ -37,8 +37,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from llmq.qlinear import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import SHARED, dir_bytes, make_checkpoint  # noqa: E402
@@ -153,6 +157,21 @@ def child(kind: str, path: Path, args: argparse.Namespace, decode_tokens: int) -
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def random_w4_layer(n: int, k: int, generator: torch.Generator | None = None) -> QuantLinear:
+    """A packed W4 g128 ``k -> n`` linear of random codes (scale 2^-7, zero 8): the kernels' work does not depend
+    on the values."""
+    from llmq.pack import pack_gptq
+    from llmq.qlinear import QuantLinear
+
+    g = k // 128
+    layer = QuantLinear(k, n, 4, g, bias=False, zero_offset=0)
+    codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
+    for key, t in pack_gptq(codes, torch.full((n, g), 2.0**-7), torch.full((n, g), 8, dtype=torch.uint8),
+                            torch.arange(k) // 128, 4, "gptq_v2").items():
+        getattr(layer, key).copy_(t)
+    return layer
+
+
 def kernel_rows(args: argparse.Namespace) -> dict:
     """Per linear shape and row count (ms): bf16 and float32 GEMM, torch's int4 kernel, dequantize + GEMM in the
     dtype the prefill path multiplies in (:func:`llmq.device.gemm_dtype`: float32 on CPUs without native bf16
@@ -165,8 +184,6 @@ def kernel_rows(args: argparse.Namespace) -> dict:
     from llmq.kernels import native
     from llmq.kernels.avx2 import Int4Avx2Linear
     from llmq.kernels.cpu import Int4CpuLinear
-    from llmq.pack import pack_gptq
-    from llmq.qlinear import QuantLinear
 
     def timed(fn, n=10):
         fn()
@@ -177,12 +194,7 @@ def kernel_rows(args: argparse.Namespace) -> dict:
 
     rows = {}
     for n, k in ((2048, 2048), (5632, 2048), (2048, 5632)):
-        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-        g = k // 128
-        layer = QuantLinear(k, n, 4, g, bias=False, zero_offset=0)
-        for key, t in pack_gptq(codes, torch.full((n, g), 2.0**-7), torch.full((n, g), 8, dtype=torch.uint8),
-                                torch.arange(k) // 128, 4, "gptq_v2").items():
-            getattr(layer, key).copy_(t)
+        layer = random_w4_layer(n, k)
         m = Int4CpuLinear(layer, torch.bfloat16)
         avx2 = None if native.unavailable() else Int4Avx2Linear(layer, torch.bfloat16)
         w = torch.randn(n, k, dtype=torch.bfloat16)

@@ -17,14 +17,21 @@ model's numbers with it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import random_w4_layer  # noqa: E402
+
+from llmq.device import native_bf16  # noqa: E402
 
 PEAK_HEAD = """#include <immintrin.h>
 #include <omp.h>
@@ -58,7 +65,8 @@ def _peak_source() -> str:
         for (long n = 0; n < N; ++n) {{ {step} }}
         {keep}
     }}
-    if (omp_get_wtime() - t < best) best = omp_get_wtime() - t;
+    t = omp_get_wtime() - t;
+    if (t < best) best = t;
     }}
     printf("\\"{name}\\": %.1f, ", N * 16.0 * {flops} * omp_get_max_threads() / best / 1e9);
     fprintf(stderr, "%g\\n", keep);
@@ -79,16 +87,14 @@ def peaks(threads: int) -> dict:
                                 str(src), "-o", str(exe)], capture_output=True, text=True)
         if build.returncode:
             raise SystemExit(f"{cc} could not build the peak loop: {build.stderr.strip()[-400:]}")
-        run = subprocess.run([str(exe)], capture_output=True, text=True, env={"OMP_NUM_THREADS": str(threads)},
-                             check=True)
+        run = subprocess.run([str(exe)], capture_output=True, text=True, check=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return json.loads(run.stdout)
 
 
 def gemm_rates(rows: int = 512) -> dict:
     """GFLOP/s of the 512-row products (best of 10) at TinyLlama-1.1B's linear shapes."""
     from llmq.kernels.avx2 import Int4Avx2Linear
-    from llmq.pack import pack_gptq
-    from llmq.qlinear import QuantLinear
 
     def best(fn, n: int = 10) -> float:
         fn()
@@ -106,12 +112,7 @@ def gemm_rates(rows: int = 512) -> dict:
         x = torch.randn(rows, k, generator=gen).bfloat16()
         w = torch.randn(n, k, generator=gen).bfloat16()
         x32, w32 = x.float(), w.float()
-        layer = QuantLinear(k, n, 4, k // 128, bias=False, zero_offset=0)
-        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-        for key, t in pack_gptq(codes, torch.full((n, k // 128), 2.0**-7), torch.full((n, k // 128), 8,
-                                dtype=torch.uint8), torch.arange(k) // 128, 4, "gptq_v2").items():
-            getattr(layer, key).copy_(t)
-        w4 = Int4Avx2Linear(layer, torch.bfloat16)
+        w4 = Int4Avx2Linear(random_w4_layer(n, k, gen), torch.bfloat16)
         with torch.no_grad():
             out[f"{n}x{k}"] = {
                 "bf16_linear": round(flop / best(lambda: F.linear(x, w)) / 1e9, 1),  # noqa: B023
@@ -122,8 +123,7 @@ def gemm_rates(rows: int = 512) -> dict:
 
 
 def main() -> None:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if "avx512_bf16" not in flags:
+    if not native_bf16(torch.device("cpu")):
         raise SystemExit("this CPU has no AVX512-BF16: its bf16 GEMM is emulated, and the prefill bound measured "
                          "here does not apply (llmq's W4 prefill multiplies in float32 there)")
     threads = torch.get_num_threads()
