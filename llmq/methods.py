@@ -635,6 +635,8 @@ def tune_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     so the offsets barely move them (stories260K W3: no better than this RTN start, at twice the time)."""
     fp_weights = {name: m.weight.data.clone() for g in job.groups for name, m in g.items()}
     start = rtn_layer(job)
+    if not start:  # every linear of the layer kept in full precision: nothing to tune
+        return start
     frozen = [p for p in job.layer.parameters() if p.requires_grad]
     for p in frozen:  # only the tunable copies get gradients
         p.requires_grad_(False)

@@ -119,3 +119,17 @@ def test_the_tuned_layers_lose_less_of_the_fp_output_than_their_rtn_start():
     losses = [notes[f"tune_loss/model.layers.{i}"] for i in range(2)]
     assert all(v["after"] < v["before"] for v in losses), losses
     assert errors["tune"] < 0.9 * errors["rtn"], errors
+
+
+def test_a_layer_whose_linears_all_stay_fp_passes_through_and_the_others_are_tuned():
+    """``keep_fp`` holding every linear of a layer left ``tune`` nothing to tune there (it raised StopIteration)."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2).eval()
+    fp = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, model.config.vocab_size, (4, 32))
+    notes = {}
+    cfg = QuantConfig(method="tune", bits=3, group_size=32, sym=False, tune_iters=5)
+    results = quantize_layers(model, ids, cfg, notes=notes, keep_fp=lambda name, m: name.startswith("model.layers.0."))
+    assert results and all(name.startswith("model.layers.1.") for name in results)
+    assert all(torch.equal(v, fp[k]) for k, v in model.state_dict().items() if k.startswith("model.layers.0."))
+    assert "tune_loss/model.layers.1" in notes and "tune_loss/model.layers.0" not in notes
