@@ -92,13 +92,26 @@ def load_model(
     return model, tokenizer
 
 
-def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec) -> None:
+def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec, packable_only: bool = True) -> None:
     """What the writer would refuse given the model's shapes, checked on its skeleton before any calibration
-    (the settings alone are checked by :func:`llmq.export.check_format`, before the model is even fetched)."""
+    (the settings alone are checked by :func:`llmq.export.check_format`, before the model is even fetched).
+    ``packable_only``: linears the layout cannot hold will stay in full precision (said here; refused when that
+    is all of them)."""
     shapes = {f"{spec.layers}.{i}.{name}": (m.out_features, m.in_features)
               for i, layer in enumerate(get_layers(model, spec))
               for name, m in layer_linears(layer, spec, model.config, i).items()}
     check_layout(recipe.format, recipe.quant, shapes)
+    kept = [name for name, (n, k) in shapes.items() if packable_only and not can_pack(k, n, recipe.quant.bits)]
+    if kept:
+        n, k = shapes[kept[0]]
+        why = (f"the GPTQ layout needs both dimensions of a linear to be multiples of 32 ({kept[0]} is {n} x {k}, "
+               f"hidden_size {getattr(model.config, 'hidden_size', '?')})")
+        if len(kept) == len(shapes):  # a checkpoint of the FP model under a quantization config: refuse it
+            raise ConfigError(f"none of the {len(shapes)} linears of the decoder layers can be packed: {why}, so "
+                              "nothing would be quantized. Quantize a model whose hidden and intermediate sizes are "
+                              "multiples of 32; to measure what quantization would cost this one, "
+                              "llmq.api.quantize(recipe, packable_only=False) quantizes every linear in memory")
+        log.warning("%d of %d linears stay in full precision: %s", len(kept), len(shapes), why)
     if recipe.quant.bits_per_weight is not None:  # every group has a width, and the budget fits the narrowest
         check_budget(skeleton_units(model, spec, recipe.quant, _keep_fp(recipe)), recipe.quant)
     if recipe.quant.method in ("awq", "awq+gptq") and not spec.scale_groups:
@@ -158,8 +171,9 @@ class Plan(NamedTuple):
     skeleton: nn.Module  # the model on the meta device
 
 
-def plan(recipe: Recipe) -> Plan:
-    """Resolve the model and check the whole job on its skeleton: fails before calibration or any write."""
+def plan(recipe: Recipe, packable_only: bool = True) -> Plan:
+    """Resolve the model and check the whole job on its skeleton: fails before calibration or any write
+    (``packable_only``: as :func:`check_plan`'s)."""
     check_format(recipe.format, recipe.quant)  # before a download
     folder = resolve_model(recipe.model, recipe.revision, trust_remote_code=recipe.trust_remote_code)
     config = load_config(folder, recipe.trust_remote_code)
@@ -172,7 +186,7 @@ def plan(recipe: Recipe) -> Plan:
     if spec is None:  # a dense decoder without an entry: its groups, from one forward of layer 0
         spec = discover_streamed(skeleton, ShardedCheckpoint(folder, disk_namer(skeleton)))
     split_experts(skeleton, spec)  # the streaming reader fills the experts' linears from the per-expert tensors
-    check_plan(recipe, skeleton, spec)
+    check_plan(recipe, skeleton, spec, packable_only)
     work = forward_dtype(dtype, resolve_device(recipe.device), recipe.compute_dtype)
     return Plan(folder, config, spec, stored, dtype, work, skeleton)
 
@@ -183,7 +197,7 @@ def quantize(recipe: Recipe, packable_only: bool = True) -> Quantized:
     With ``packable_only``, linears whose shape the output layout cannot hold stay in full
     precision, so the in-memory model is exactly the one the packed checkpoint decodes to.
     """
-    p = plan(recipe)
+    p = plan(recipe, packable_only)
     model, tokenizer = load_model(p.folder, dtype=p.dtype, trust_remote_code=recipe.trust_remote_code)
     calib = _calibration(recipe, tokenizer)
     awq_state = load_file(recipe.apply_awq) if recipe.apply_awq else None

@@ -84,3 +84,34 @@ def test_symmetry_defaults_follow_the_width_and_the_layout():
     assert Recipe.from_dict(dict(model="m", bits=4, format="awq")).quant.sym is False  # AWQ Marlin runs zero points
     assert Recipe.from_dict(dict(model="m", bits=4, format="awq", sym=True)).quant.sym is True
     assert Recipe.from_dict(dict(model="m", bits=4)).quant.sym is True
+
+
+def test_a_model_with_no_linear_the_layout_can_hold_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """Every dimension off the multiples of 32: the run would write the FP model under a quantization config."""
+    odd = make_model(tmp_path / "odd", hidden_size=48, intermediate_size=80, num_hidden_layers=2)
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran before the shapes were checked")
+    monkeypatch.setattr(llmq.api, "get_calibration", no_calibration)
+    out = tmp_path / "q"
+    assert main(["quantize", str(odd), "--group-size", "32", "--calib", text(), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 14 linears of the decoder layers can be packed" in err
+    assert "model.layers.0.self_attn.q_proj is 48 x 48" in err and "nothing would be quantized" in err
+    assert not out.exists()
+
+
+def test_linears_the_layout_cannot_hold_are_counted_in_the_plan_and_stay_fp(tmp_path, caplog):
+    """gate/up/down of a 64 x 80 MLP cannot be packed, attention can: the plan says so, the run keeps them FP."""
+    from llmq.api import plan
+
+    m = make_model(tmp_path / "m", hidden_size=64, intermediate_size=80, num_hidden_layers=2)
+    r = Recipe.from_dict(dict(model=str(m), out=str(tmp_path / "q"), bits=4, group_size=32, calib=text(),
+                              nsamples=4, seqlen=32))
+    with caplog.at_level("WARNING", logger="llmq.api"):
+        plan(r)
+    assert "6 of 14 linears stay in full precision" in caplog.text and "is 80 x 64" in caplog.text
+    quantize_to_disk(r)
+    unquantized = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["meta"]["llmq"][
+        "unquantized"]
+    assert len(unquantized) == 6 and all(".mlp." in name for name in unquantized)
