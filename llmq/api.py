@@ -104,7 +104,7 @@ def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec, packable_only: 
     kept = [name for name, (n, k) in shapes.items() if packable_only and not can_pack(k, n, recipe.quant.bits)]
     if kept:
         n, k = shapes[kept[0]]
-        why = (f"the GPTQ layout needs both dimensions of a linear to be multiples of 32 ({kept[0]} is {n} x {k}, "
+        why = (f"the packed layouts need both dimensions of a linear to be multiples of 32 ({kept[0]} is {n} x {k}, "
                f"hidden_size {getattr(model.config, 'hidden_size', '?')})")
         if len(kept) == len(shapes):  # a checkpoint of the FP model under a quantization config: refuse it
             raise ConfigError(f"none of the {len(shapes)} linears of the decoder layers can be packed: {why}, so "
