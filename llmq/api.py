@@ -97,11 +97,12 @@ def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec, packable_only: 
     (the settings alone are checked by :func:`llmq.export.check_format`, before the model is even fetched).
     ``packable_only``: linears the layout cannot hold will stay in full precision (said here; refused when that
     is all of them)."""
-    shapes = {f"{spec.layers}.{i}.{name}": (m.out_features, m.in_features)
-              for i, layer in enumerate(get_layers(model, spec))
-              for name, m in layer_linears(layer, spec, model.config, i).items()}
+    linears = {f"{spec.layers}.{i}.{name}": m for i, layer in enumerate(get_layers(model, spec))
+               for name, m in layer_linears(layer, spec, model.config, i).items()}
+    shapes = {name: (m.out_features, m.in_features) for name, m in linears.items()}
     check_layout(recipe.format, recipe.quant, shapes)
-    kept = [name for name, (n, k) in shapes.items() if packable_only and not can_pack(k, n, recipe.quant.bits)]
+    keep_fp = _keep_fp(recipe)
+    kept = [name for name, m in linears.items() if keep_fp(name, m)] if packable_only else []
     if kept:
         n, k = shapes[kept[0]]
         why = (f"the packed layouts need both dimensions of a linear to be multiples of 32 ({kept[0]} is {n} x {k}, "
@@ -113,7 +114,7 @@ def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec, packable_only: 
                               "llmq.api.quantize(recipe, packable_only=False) quantizes every linear in memory")
         log.warning("%d of %d linears stay in full precision: %s", len(kept), len(shapes), why)
     if recipe.quant.bits_per_weight is not None:  # every group has a width, and the budget fits the narrowest
-        check_budget(skeleton_units(model, spec, recipe.quant, _keep_fp(recipe)), recipe.quant)
+        check_budget(skeleton_units(model, spec, recipe.quant, keep_fp), recipe.quant)
     if recipe.quant.method in ("awq", "awq+gptq") and not spec.scale_groups:
         raise ConfigError(
             f"AWQ needs to know where each scale folds, which model_type {model.config.model_type!r} does not show: "
