@@ -88,6 +88,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="method tune: learning rate of the rounding offsets, in group scales (default 1e-3)")
     p.add_argument("--tune-lr-qparams", type=float,
                    help="method tune: learning rate of the log-scales and zero points (default 1e-3)")
+    p.add_argument("--tune-seed", type=int,
+                   help="method tune: seed of the window draws (layer i draws with seed + i; default 0)")
     p.add_argument("--bits-per-weight", type=float, metavar="B",
                    help="mixed precision: a budget of effective bits per weight (scales and zeros counted, as llmq "
                         "info counts them), spread over --mixed-widths by each group of linears' measured "
@@ -214,7 +216,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
             "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens",
             "expert_fill_tokens", "arch",
-            "tune_iters", "tune_batch", "tune_lr", "tune_lr_qparams", "bits_per_weight", "mixed_widths")
+            "tune_iters", "tune_batch", "tune_lr", "tune_lr_qparams", "tune_seed", "bits_per_weight", "mixed_widths")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
     if not recipe.out:

@@ -643,7 +643,7 @@ def tune_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     try:
         with job.timer("tune"):
             res = tune_block(_block_forward(job), job.inputs, job.targets, start, fp_weights, job.cfg,
-                             seed=job.index)
+                             seed=job.cfg.tune_seed + job.index)
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -99,6 +99,35 @@ def test_tuning_lowers_the_block_loss_deterministically_and_keeps_a_start_it_can
 def test_tune_settings_are_validated():
     with pytest.raises(ConfigError, match="tune_batch"):
         QuantConfig(method="tune", tune_batch=0)
+    with pytest.raises(ConfigError, match="tune_seed=-1"):
+        QuantConfig(method="tune", tune_seed=-1)
+
+
+def test_tune_seed_offsets_each_layers_window_draws(monkeypatch):
+    """Layer i draws with ``tune_seed + i``: the same seed gives the same codes, another seed other draws."""
+    import llmq.methods
+
+    seeds = []
+    real = llmq.methods.tune_block
+
+    def recording(*args, seed=0, **kwargs):
+        seeds.append(seed)
+        return real(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(llmq.methods, "tune_block", recording)
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny_model("llama").config.vocab_size, (8, 16))
+
+    def codes(tune_seed: int) -> dict[str, torch.Tensor]:
+        model = tiny_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2).eval()
+        cfg = QuantConfig(method="tune", bits=3, group_size=32, sym=False, tune_iters=20, tune_batch=2,
+                          tune_seed=tune_seed)
+        return {name: qw.codes for name, qw in quantize_layers(model, ids, cfg).items()}
+
+    first, again, other = codes(0), codes(0), codes(7)
+    assert seeds == [0, 1, 0, 1, 7, 8]
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert any(not torch.equal(first[n], other[n]) for n in first)
 
 
 def test_the_tuned_layers_lose_less_of_the_fp_output_than_their_rtn_start():

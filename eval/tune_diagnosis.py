@@ -1,0 +1,110 @@
+"""Where block-wise reconstruction's held-out loss sits on llmq-tiny-llama (issue 14's goal), as in README *Results*.
+
+    python eval/tune_diagnosis.py seeds --bits 3 --tune-seeds 0,1000     # the whole model under each seed of the draws
+    python eval/tune_diagnosis.py layers --method gptq --layers 0,1,2    # one layer quantized, the others FP
+    python eval/tune_diagnosis.py oracle --steps 1000                    # layer 0 fitted to the held-out text itself
+
+Protocol of eval/ppl_table.py (calibration 128 x 256 tokens of C4 records 0-899, asymmetric g128, held-out C4
+records 900-999 and WikiText-2 test). ``oracle`` is a diagnostic, not a method: it tunes layer 0's grid (the
+same :class:`llmq.tune.TunableWeight` as ``tune``) against the FP model's output distribution (KL) on the
+evaluation windows themselves, so it shows how close to FP layer 0 at this width gets when the calibration text
+and the objective are the evaluation's own. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from ppl_table import SHARED, _c4_data
+from transformers import AutoModelForCausalLM
+
+from llmq.config import QuantConfig
+from llmq.eval import perplexity
+from llmq.pipeline import quantize_layers
+from llmq.tune import TunableWeight
+
+MODEL = SHARED / "assets" / "llmq-tiny-llama"
+
+
+def _ppl(model, evals: dict) -> dict[str, float]:
+    return {name: round(perplexity(model, w, batch_size=8, progress=False)["ppl"], 3) for name, w in evals.items()}
+
+
+def _quantized(calib, cfg: QuantConfig, layer: int | None = None):
+    """The model with every layer (or only ``layer``) quantized by ``cfg``, and its quantized weights."""
+    model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
+    keep_fp = None if layer is None else (lambda name, mod: not name.startswith(f"model.layers.{layer}."))
+    return model, quantize_layers(model, calib, cfg, device="cpu", keep_fp=keep_fp)
+
+
+def seeds(args, calib, evals) -> dict:
+    out = {}
+    for seed in args.tune_seeds:
+        cfg = QuantConfig(method="tune", bits=args.bits, group_size=128, sym=False, tune_seed=seed)
+        t = time.time()
+        model, _ = _quantized(calib, cfg)
+        out[f"W{args.bits} tune, tune_seed {seed}"] = {**_ppl(model, evals), "seconds": round(time.time() - t)}
+    return out
+
+
+def layers(args, calib, evals) -> dict:
+    cfg = QuantConfig(method=args.method, bits=args.bits, group_size=128, sym=False)
+    return {f"W{args.bits} {args.method}, layer {i} only": _ppl(_quantized(calib, cfg, i)[0], evals)
+            for i in args.layers}
+
+
+def oracle(args, calib, evals) -> dict:
+    """Layer 0 from RTN (searched ranges), tuned by Adam through the straight-through grid against
+    ``KL(FP || quantized)`` of the whole model's next-token distributions on the held-out C4 windows."""
+    text = evals["C4 900-999"]
+    fp = AutoModelForCausalLM.from_pretrained(MODEL).eval()
+    cfg = QuantConfig(method="rtn", bits=args.bits, group_size=128, sym=False, mse=True)
+    model, start = _quantized(calib, cfg, 0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    grid = {name: TunableWeight(fp.get_submodule(name).weight.data.clone(), qw) for name, qw in start.items()}
+    optimizer = torch.optim.Adam([{"params": [t.offset for t in grid.values()], "lr": 1e-3},
+                                  {"params": [p for t in grid.values() for p in (t.log_scale, t.zero_shift)
+                                              if p.requires_grad], "lr": 1e-3}])
+    with torch.no_grad():
+        teacher = torch.cat([F.log_softmax(fp(text[i : i + 16]).logits.float(), -1) for i in range(0, len(text), 16)])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(args.steps):
+        idx = torch.randperm(len(text), generator=generator)[: args.batch]
+        logits = torch.func.functional_call(model, {n + ".weight": t() for n, t in grid.items()}, (text[idx],)).logits
+        loss = F.kl_div(F.log_softmax(logits.float(), -1).flatten(0, 1), teacher[idx].flatten(0, 1),
+                        log_target=True, reduction="batchmean")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        for name, t in grid.items():
+            model.get_submodule(name).weight.data = t.quantized().dequantize().to(model.dtype)
+    return {f"W{args.bits} layer 0 fitted to C4 900-999 ({args.steps} steps of {args.batch})":
+            _ppl(model, {"C4 900-999": text}), "final KL": round(loss.item(), 5)}
+
+
+def main() -> None:
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["seeds", "layers", "oracle"])
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--tune-seeds", type=ints, default=[0, 1000])
+    ap.add_argument("--method", default="tune")
+    ap.add_argument("--layers", type=ints, default=list(range(6)))
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--wikitext", action="store_true", help="evaluate WikiText-2 too (seeds, layers)")
+    args = ap.parse_args()
+    datasets = ("C4 900-999", "WikiText-2") if args.wikitext else ("C4 900-999",)
+    calib, evals = _c4_data(MODEL, SHARED, datasets)
+    fn = {"seeds": seeds, "layers": layers, "oracle": oracle}[args.what]
+    print(json.dumps({"FP": _ppl(AutoModelForCausalLM.from_pretrained(MODEL).eval(), evals), **fn(args, calib, evals)}))
+
+
+if __name__ == "__main__":
+    main()
