@@ -534,7 +534,10 @@ def _fold_scales(job: LayerJob, gptq_rounding: bool) -> None:
     """
     layer, state = job.layer, job.awq_state
     windows = search_windows(job.cfg, job.seqlen)
+    quantized = {name for g in job.groups for name in g}
     for sg in job.scale_groups:
+        if quantized.isdisjoint(sg.linears):  # every linear it feeds stays in full precision: keep their weights
+            continue
         prev = layer.get_submodule(sg.prev)
         linears = [layer.get_submodule(name) for name in sg.linears]
         also = [layer.get_submodule(name) for name in sg.also]

@@ -36,6 +36,24 @@ def test_saved_search_reapplies_to_the_same_weights(method):
         assert torch.equal(qw.codes, again[name].codes) and torch.equal(qw.scales, again[name].scales), name
 
 
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_a_scale_group_whose_linears_all_stay_fp_is_left_exact(method):
+    """Kept linears keep their weights to the bit, and the norm before them its own: a scale folded there would
+    change them (by rounding in bf16) for no quantized linear's sake; the groups around them are still scaled."""
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    record: dict[str, torch.Tensor] = {}
+    results = quantize_layers(model, CALIB, QuantConfig(method=method, bits=3, group_size=32), awq_record=record,
+                              keep_fp=lambda name, m: ".mlp." in name)
+    assert results and not any(".mlp." in name for name in results)
+    after = model.state_dict()
+    kept = [k for k in before if ".mlp." in k or "post_attention_layernorm" in k]
+    assert kept and all(torch.equal(after[k], before[k]) for k in kept)
+    assert not any("post_attention_layernorm" in k or ".mlp." in k for k in record)
+    norm = "model.layers.0.input_layernorm"  # the attention's scales are searched and folded as before
+    assert torch.allclose(after[f"{norm}.weight"], before[f"{norm}.weight"] / record[f"{norm}.awq_scale"])
+
+
 def test_fp_next_inputs_feed_each_layer_the_full_precision_states():
     """With next_inputs="fp", layer 1 sees what it sees when layer 0 is not quantized at all."""
     cfg_fp = QuantConfig(method="gptq", bits=3, group_size=32, next_inputs="fp")
