@@ -3,12 +3,14 @@
     python eval/tune_diagnosis.py seeds --bits 3 --tune-seeds 0,1000     # the whole model under each seed of the draws
     python eval/tune_diagnosis.py layers --method gptq --layers 0,1,2    # one layer quantized, the others FP
     python eval/tune_diagnosis.py oracle --steps 1000                    # layer 0 fitted to the held-out text itself
+    python eval/tune_diagnosis.py oracle --text calibration              # the same objective on the calibration text
 
 Protocol of eval/ppl_table.py (calibration 128 x 256 tokens of C4 records 0-899, asymmetric g128, held-out C4
 records 900-999 and WikiText-2 test). ``oracle`` is a diagnostic, not a method: it tunes layer 0's grid (the
 same :class:`llmq.tune.TunableWeight` as ``tune``) against the FP model's output distribution (KL) on the
 evaluation windows themselves, so it shows how close to FP layer 0 at this width gets when the calibration text
-and the objective are the evaluation's own. Prints one JSON line.
+and the objective are the evaluation's own; ``--text calibration`` fits the same objective on the calibration
+windows instead, which separates the objective's share from the text's. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ def layers(args, calib, evals) -> dict:
 
 def oracle(args, calib, evals) -> dict:
     """Layer 0 from RTN (searched ranges), tuned by Adam through the straight-through grid against
-    ``KL(FP || quantized)`` of the whole model's next-token distributions on the held-out C4 windows."""
-    text = evals["C4 900-999"]
+    ``KL(FP || quantized)`` of the whole model's next-token distributions on the held-out C4 windows (or on the
+    calibration windows)."""
+    text = evals["C4 900-999"] if args.text == "heldout" else calib
     fp = AutoModelForCausalLM.from_pretrained(MODEL).eval()
     cfg = QuantConfig(method="rtn", bits=args.bits, group_size=128, sym=False, mse=True)
     model, start = _quantized(calib, cfg, 0)
@@ -84,8 +87,9 @@ def oracle(args, calib, evals) -> dict:
     with torch.no_grad():
         for name, t in grid.items():
             model.get_submodule(name).weight.data = t.quantized().dequantize().to(model.dtype)
-    return {f"W{args.bits} layer 0 fitted to C4 900-999 ({args.steps} steps of {args.batch})":
-            _ppl(model, {"C4 900-999": text}), "final KL": round(loss.item(), 5)}
+    fitted = "C4 900-999" if args.text == "heldout" else "the calibration windows"
+    return {f"W{args.bits} layer 0 fitted to {fitted} ({args.steps} steps of {args.batch})":
+            _ppl(model, {"C4 900-999": evals["C4 900-999"]}), "final KL": round(loss.item(), 5)}
 
 
 def main() -> None:
@@ -98,6 +102,7 @@ def main() -> None:
     ap.add_argument("--layers", type=ints, default=list(range(6)))
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--text", choices=["heldout", "calibration"], default="heldout", help="oracle: the text it fits")
     ap.add_argument("--wikitext", action="store_true", help="evaluate WikiText-2 too (seeds, layers)")
     args = ap.parse_args()
     datasets = ("C4 900-999", "WikiText-2") if args.wikitext else ("C4 900-999",)
