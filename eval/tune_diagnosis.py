@@ -4,13 +4,16 @@
     python eval/tune_diagnosis.py layers --method gptq --layers 0,1,2    # one layer quantized, the others FP
     python eval/tune_diagnosis.py oracle --steps 1000                    # layer 0 fitted to the held-out text itself
     python eval/tune_diagnosis.py oracle --text calibration              # the same objective on the calibration text
+    python eval/tune_diagnosis.py oracle --text calibration --all-layers --wikitext --steps 500   # every layer so
 
 Protocol of eval/ppl_table.py (calibration 128 x 256 tokens of C4 records 0-899, asymmetric g128, held-out C4
 records 900-999 and WikiText-2 test). ``oracle`` is a diagnostic, not a method: it tunes layer 0's grid (the
 same :class:`llmq.tune.TunableWeight` as ``tune``) against the FP model's output distribution (KL) on the
 evaluation windows themselves, so it shows how close to FP layer 0 at this width gets when the calibration text
 and the objective are the evaluation's own; ``--text calibration`` fits the same objective on the calibration
-windows instead, which separates the objective's share from the text's. Prints one JSON line.
+windows instead, which separates the objective's share from the text's; ``--all-layers`` fits every layer's grid
+at once (end-to-end training of the grid: the whole model in memory, a forward and backward through it per
+step). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -60,13 +63,13 @@ def layers(args, calib, evals) -> dict:
 
 
 def oracle(args, calib, evals) -> dict:
-    """Layer 0 from RTN (searched ranges), tuned by Adam through the straight-through grid against
+    """Layer 0 (or every layer) from RTN (searched ranges), tuned by Adam through the straight-through grid against
     ``KL(FP || quantized)`` of the whole model's next-token distributions on the held-out C4 windows (or on the
     calibration windows)."""
     text = evals["C4 900-999"] if args.text == "heldout" else calib
     fp = AutoModelForCausalLM.from_pretrained(MODEL).eval()
     cfg = QuantConfig(method="rtn", bits=args.bits, group_size=128, sym=False, mse=True)
-    model, start = _quantized(calib, cfg, 0)
+    model, start = _quantized(calib, cfg, None if args.all_layers else 0)
     for p in model.parameters():
         p.requires_grad_(False)
     grid = {name: TunableWeight(fp.get_submodule(name).weight.data.clone(), qw) for name, qw in start.items()}
@@ -88,8 +91,9 @@ def oracle(args, calib, evals) -> dict:
         for name, t in grid.items():
             model.get_submodule(name).weight.data = t.quantized().dequantize().to(model.dtype)
     fitted = "C4 900-999" if args.text == "heldout" else "the calibration windows"
-    return {f"W{args.bits} layer 0 fitted to {fitted} ({args.steps} steps of {args.batch})":
-            _ppl(model, {"C4 900-999": evals["C4 900-999"]}), "final KL": round(loss.item(), 5)}
+    which = "every layer" if args.all_layers else "layer 0"
+    return {f"W{args.bits} {which} fitted to {fitted} ({args.steps} steps of {args.batch})": _ppl(model, evals),
+            "final KL": round(loss.item(), 5)}
 
 
 def main() -> None:
@@ -103,7 +107,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--text", choices=["heldout", "calibration"], default="heldout", help="oracle: the text it fits")
-    ap.add_argument("--wikitext", action="store_true", help="evaluate WikiText-2 too (seeds, layers)")
+    ap.add_argument("--all-layers", action="store_true", help="oracle: fit every layer's grid, not layer 0's")
+    ap.add_argument("--wikitext", action="store_true", help="evaluate WikiText-2 too")
     args = ap.parse_args()
     datasets = ("C4 900-999", "WikiText-2") if args.wikitext else ("C4 900-999",)
     calib, evals = _c4_data(MODEL, SHARED, datasets)
