@@ -22,6 +22,7 @@ import argparse
 import json
 import time
 
+import ppl_table
 import torch
 import torch.nn.functional as F
 from ppl_table import SHARED, _c4_data
@@ -30,13 +31,17 @@ from transformers import AutoModelForCausalLM
 from llmq.config import QuantConfig
 from llmq.eval import perplexity
 from llmq.pipeline import quantize_layers
-from llmq.tune import TunableWeight
+from llmq.tune import TunableWeight, param_groups
 
 MODEL = SHARED / "assets" / "llmq-tiny-llama"
 
 
+def _rounded(metrics: dict[str, float]) -> dict[str, float]:
+    return {name: round(ppl, 3) for name, ppl in metrics.items()}
+
+
 def _ppl(model, evals: dict) -> dict[str, float]:
-    return {name: round(perplexity(model, w, batch_size=8, progress=False)["ppl"], 3) for name, w in evals.items()}
+    return _rounded({name: perplexity(model, w, batch_size=8, progress=False)["ppl"] for name, w in evals.items()})
 
 
 def _quantized(calib, cfg: QuantConfig, layer: int | None = None):
@@ -51,8 +56,8 @@ def seeds(args, calib, evals) -> dict:
     for seed in args.tune_seeds:
         cfg = QuantConfig(method="tune", bits=args.bits, group_size=128, sym=False, tune_seed=seed)
         t = time.time()
-        model, _ = _quantized(calib, cfg)
-        out[f"W{args.bits} tune, tune_seed {seed}"] = {**_ppl(model, evals), "seconds": round(time.time() - t)}
+        metrics = ppl_table._ppl(MODEL, calib, cfg, evals)["metrics"]  # one table cell, in memory
+        out[f"W{args.bits} tune, tune_seed {seed}"] = {**_rounded(metrics), "seconds": round(time.time() - t)}
     return out
 
 
@@ -73,9 +78,7 @@ def oracle(args, calib, evals) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     grid = {name: TunableWeight(fp.get_submodule(name).weight.data.clone(), qw) for name, qw in start.items()}
-    optimizer = torch.optim.Adam([{"params": [t.offset for t in grid.values()], "lr": 1e-3},
-                                  {"params": [p for t in grid.values() for p in (t.log_scale, t.zero_shift)
-                                              if p.requires_grad], "lr": 1e-3}])
+    optimizer = torch.optim.Adam(param_groups(grid.values(), cfg))  # tune's groups and rates (1e-3 each)
     with torch.no_grad():
         teacher = torch.cat([F.log_softmax(fp(text[i : i + 16]).logits.float(), -1) for i in range(0, len(text), 16)])
     generator = torch.Generator().manual_seed(0)
@@ -113,7 +116,8 @@ def main() -> None:
     datasets = ("C4 900-999", "WikiText-2") if args.wikitext else ("C4 900-999",)
     calib, evals = _c4_data(MODEL, SHARED, datasets)
     fn = {"seeds": seeds, "layers": layers, "oracle": oracle}[args.what]
-    print(json.dumps({"FP": _ppl(AutoModelForCausalLM.from_pretrained(MODEL).eval(), evals), **fn(args, calib, evals)}))
+    fp = _rounded(ppl_table._ppl(MODEL, calib, None, evals)["metrics"])
+    print(json.dumps({"FP": fp, **fn(args, calib, evals)}))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Pure tensors and a block forward in, quantized weights out: nothing here knows a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +88,15 @@ class TunableWeight(torch.nn.Module):
                                st.bits, st.group_size, st.sym)
 
 
+def param_groups(tunable: Iterable[TunableWeight], cfg: QuantConfig) -> list[dict]:
+    """The optimiser's parameter groups: the weight offsets at ``cfg.tune_lr``, the log-scales and (asymmetric)
+    zero points at ``cfg.tune_lr_qparams``."""
+    tunable = list(tunable)
+    return [{"params": [t.offset for t in tunable], "lr": cfg.tune_lr},
+            {"params": [p for t in tunable for p in (t.log_scale, t.zero_shift) if p.requires_grad],
+             "lr": cfg.tune_lr_qparams}]
+
+
 @dataclass
 class TuneResult:
     weights: dict[str, QuantizedWeight]
@@ -120,9 +129,6 @@ def tune_block(forward: BlockForward, inputs: torch.Tensor, targets: torch.Tenso
     device = next(iter(fp_weights.values())).device  # the layer's; the activations may be memory-mapped on the CPU
     tunable = {name: TunableWeight(fp_weights[name], qw.to(device)).to(device)
                for name, qw in start.items()}
-    params = [{"params": [t.offset for t in tunable.values()], "lr": cfg.tune_lr},
-              {"params": [p for t in tunable.values() for p in (t.log_scale, t.zero_shift) if p.requires_grad],
-               "lr": cfg.tune_lr_qparams}]
 
     def weights() -> dict[str, torch.Tensor]:
         return {name: t().to(fp_weights[name].dtype) for name, t in tunable.items()}
@@ -131,7 +137,7 @@ def tune_block(forward: BlockForward, inputs: torch.Tensor, targets: torch.Tenso
     batch = min(cfg.tune_batch, n)
     loss_before = _loss(forward, weights, inputs, targets, batch, device)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(params)
+    optimizer = torch.optim.Adam(param_groups(tunable.values(), cfg))
     with torch.enable_grad():
         for _ in range(cfg.tune_iters):
             idx = torch.randperm(n, generator=generator)[:batch]  # drawn on the CPU: the same windows on any device
