@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmq.arch import get_layers, layer_linears, resolve_arch
 from llmq.config import QuantConfig, Width
 from llmq.data import calibration_windows, eval_windows
+from llmq.e2e import quantize_model
 from llmq.eval import perplexity
 from llmq.mixed import linear_shapes, make_units, widths_table
 from llmq.pack import gptq_storage_bits
@@ -47,6 +48,9 @@ RUNS = {
     # the steps (200 steps: 0.582 and 0.634 on two machines; 400 steps: 0.549, then 0.610 on the same machine once
     # only the summation order of the scales' gradients changed); 400 steps of 16 of its 64 windows: 0.477 and 0.509
     "Tune 400 x 16": dict(method="tune", tune_iters=400, tune_batch=16),
+    # the end-to-end phase after block-wise tune (llmq.e2e): every grid against the whole model's KL to FP
+    "Tune 400 x 16, e2e 200": dict(method="tune", tune_iters=400, tune_batch=16, e2e_steps=200),
+    "Tune, e2e 1000": dict(method="tune", e2e_steps=1000),
     "RTN sym": dict(method="rtn", sym=True),
     "GPTQ sym": dict(sym=True),
     "GPTQ act-order sym": dict(act_order=True, sym=True),
@@ -58,7 +62,7 @@ def _ppl(path: Path, calib, cfg: QuantConfig | None, evals: dict) -> dict[str, A
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     bits, weights = 16.0, 1
     if cfg is not None:
-        results = quantize_layers(model, calib, cfg, device="cpu")
+        results = quantize_model(model, calib, cfg, device="cpu")  # the layers, then any end-to-end phase
         bits = sum(gptq_storage_bits(qw.codes.shape[1], qw.codes.shape[0], qw.bits, qw.group_size)
                    for qw in results.values())
         weights = sum(qw.codes.numel() for qw in results.values())
@@ -95,8 +99,9 @@ def stories260k(shared: Path = SHARED, rows: dict[int, list[str]] | None = None)
     evals = {"TinyStories": eval_windows([text[third:]], tok, 128)}
     w4 = ["RTN", "GPTQ", "GPTQ act-order", "GPTQ min-max", "GPTQ act-order min-max", "AWQ"]
     # the sym rows are eval/sym_vs_asym.py's
-    w3 = [name for name in RUNS if not name.endswith(" sym") and name != "Tune"]
-    return _table(path, calib, evals, 32, rows or {4: w4, 3: w3, 2: ["RTN", "GPTQ", "Tune 400 x 16"]})
+    w3 = [name for name in RUNS if not name.endswith(" sym") and not name.startswith("Tune") or "400" in name]
+    return _table(path, calib, evals, 32,
+                  rows or {4: w4, 3: w3, 2: ["RTN", "GPTQ", "Tune 400 x 16", "Tune 400 x 16, e2e 200"]})
 
 
 def _c4_data(path: Path, shared: Path, datasets: tuple[str, ...]):
@@ -165,7 +170,8 @@ def tiny_llama_mixed(shared: Path = SHARED, datasets: tuple[str, ...] = ("C4 900
 def tiny_llama(shared: Path = SHARED, rows: dict[int, list[str]] | None = None,
                only: dict[str, set[str]] | None = None) -> dict[str, dict]:
     return _c4_protocol(shared / "assets" / "llmq-tiny-llama", shared,
-                        rows or {4: ["RTN", "GPTQ", "Tune"], 3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ", "Tune"]},
+                        rows or {4: ["RTN", "GPTQ", "Tune", "Tune, e2e 1000"],
+                                3: ["RTN", "GPTQ", "GPTQ act-order", "AWQ", "Tune", "Tune, e2e 1000"]},
                         ("WikiText-2", "C4 900-999"), only)
 
 

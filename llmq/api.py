@@ -29,6 +29,7 @@ from .config import Recipe
 from .data import get_calibration
 from .device import activation_budget, compute_dtype, forward_dtype, resolve_device
 from .distributed import SINGLE, Ranks, check_distributed, rank_device, ranks_from_env
+from .e2e import e2e_bytes, quantize_model
 from .errors import CheckpointError, ConfigError
 from .export import PackedWriter, check_format, check_layout, save_packed, write_metadata
 from .killpoints import kill_point
@@ -122,6 +123,14 @@ def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec, packable_only: 
             "the same layout (--arch), or add one in llmq/arch/table.py, e.g. ScaleGroup('input_layernorm', "
             "('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'), inspect='self_attn') for the norm "
             "in front of q/k/v, and one per norm or linear feeding the others")
+    if recipe.quant.e2e_steps:  # the whole model, its FP copy and the grids' optimiser state, all at once
+        device = resolve_device(recipe.device)
+        need = e2e_bytes(model, spec) + sum(t.numel() * t.element_size() for t in model.parameters())
+        free = 2 * activation_budget(device)
+        if need > free:
+            raise ConfigError(f"the end-to-end phase (--e2e-steps) holds the whole model at once: about "
+                              f"{need / 2**30:.1f} GiB, and {device} has {free / 2**30:.1f} GiB free. Drop --e2e-steps "
+                              "(block-wise --method tune streams one layer at a time) or run on a larger device")
     if recipe.apply_awq is not None:
         if recipe.quant.method not in ("awq", "awq+gptq"):
             raise ConfigError(f"apply_awq re-applies AWQ scales, but method is {recipe.quant.method!r}: "
@@ -143,7 +152,7 @@ class Quantized(NamedTuple):
 
 def _calibration(recipe: Recipe, tokenizer: Any) -> torch.Tensor:
     c = recipe.calib
-    if recipe.quant.method == "rtn":
+    if recipe.quant.method == "rtn" and not recipe.quant.e2e_steps:
         return torch.zeros(1, 2, dtype=torch.long)  # RTN reads no data; one dummy window fills the pipeline
     return get_calibration(c.calib, tokenizer, c.nsamples, c.seqlen, c.seed)
 
@@ -204,9 +213,9 @@ def quantize(recipe: Recipe, packable_only: bool = True) -> Quantized:
     awq_state = load_file(recipe.apply_awq) if recipe.apply_awq else None
     awq_record: dict[str, torch.Tensor] = {}
     notes: dict[str, Any] = {}
-    results = quantize_layers(model, calib, recipe.quant, device=resolve_device(recipe.device),
-                              keep_fp=_keep_fp(recipe) if packable_only else None, awq_state=awq_state,
-                              awq_record=awq_record, notes=notes, spec=p.spec, work_dtype=p.work_dtype)
+    results = quantize_model(model, calib, recipe.quant, device=resolve_device(recipe.device),
+                             keep_fp=_keep_fp(recipe) if packable_only else None, awq_state=awq_state,
+                             awq_record=awq_record, notes=notes, spec=p.spec, work_dtype=p.work_dtype)
     return Quantized(model, tokenizer, results, awq_record, half_dtype(p.stored_dtype, p.spec.fp16_ok), notes, p.spec)
 
 
@@ -267,6 +276,10 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
     """
     if not recipe.out:
         raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
+    if recipe.quant.e2e_steps:
+        raise ConfigError("the end-to-end phase (e2e_steps) holds the whole model in memory and does not stream: "
+                          "run it with llmq.api.quantize(recipe) and save(...) (what `llmq quantize --e2e-steps N` "
+                          "does), or set e2e_steps to 0")
     out = Path(recipe.out)
     check_output_free(out, overwrite)
     p = plan(recipe)

@@ -90,6 +90,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="method tune: learning rate of the log-scales and zero points (default 1e-3)")
     p.add_argument("--tune-seed", type=int,
                    help="method tune: seed of the window draws (layer i draws with seed + i; default 0)")
+    p.add_argument("--e2e-steps", type=int,
+                   help="after the layers, tune every linear's grid at once against the FP model's outputs for N Adam "
+                        "steps (any method; default 0: off). Holds the whole model in memory: not streamed, "
+                        "not resumable")
+    p.add_argument("--e2e-batch", type=int, help="--e2e-steps: calibration windows per step (default 8)")
     p.add_argument("--bits-per-weight", type=float, metavar="B",
                    help="mixed precision: a budget of effective bits per weight (scales and zeros counted, as llmq "
                         "info counts them), spread over --mixed-widths by each group of linears' measured "
@@ -216,12 +221,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
             "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens",
             "expert_fill_tokens", "arch",
-            "tune_iters", "tune_batch", "tune_lr", "tune_lr_qparams", "tune_seed", "bits_per_weight", "mixed_widths")
+            "tune_iters", "tune_batch", "tune_lr", "tune_lr_qparams", "tune_seed", "e2e_steps", "e2e_batch",
+            "bits_per_weight", "mixed_widths")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
     if not recipe.out:
         raise LlmqError("no output folder: pass --out DIR (or `out:` in the recipe)")
-    quantize_to_disk(recipe, overwrite=args.overwrite, offload_activations=args.offload_activations)
+    if recipe.quant.e2e_steps:  # the end-to-end phase needs the whole model: in memory, then written
+        from .api import quantize, save
+
+        save(quantize(recipe), recipe, overwrite=args.overwrite)
+    else:
+        quantize_to_disk(recipe, overwrite=args.overwrite, offload_activations=args.offload_activations)
     if int(os.environ.get("RANK", "0")):  # under torchrun rank 0 reports for the job
         return 0
     if recipe.quant.bits_per_weight is not None:

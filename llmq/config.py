@@ -120,6 +120,12 @@ class QuantConfig:
     tune_lr: float = 1e-3
     tune_lr_qparams: float = 1e-3
     tune_seed: int = 0
+    # The end-to-end phase (llmq.e2e; any method): after the layer pass, ``e2e_steps`` Adam steps of ``e2e_batch``
+    # windows tune every linear's grid at once against the FP model's next-token distributions (KL), at the rates
+    # ``tune_lr`` / ``tune_lr_qparams``, windows drawn with seed ``tune_seed``. 0: off. The whole model is in memory
+    # and a backward runs through all of it: it does not stream.
+    e2e_steps: int = 0
+    e2e_batch: int = 8
     # Mixed precision (llmq.mixed): a budget of effective bits per weight (scales, zeros and g_idx counted as
     # ``llmq info`` counts them) spread over ``mixed_widths`` ("<bits>g<group size>") by each group of linears'
     # measured sensitivity. None: every linear at ``bits``/``group_size``. Default widths: 2, 3, 4 and 8 bits at
@@ -168,6 +174,9 @@ class QuantConfig:
             raise ConfigError(f"tune_iters={self.tune_iters}, tune_batch={self.tune_batch}, tune_lr={self.tune_lr}, "
                               f"tune_lr_qparams={self.tune_lr_qparams}, tune_seed={self.tune_seed}: need iters >= 0, "
                               "batch >= 1, lr > 0, lr_qparams >= 0 and seed >= 0")
+        if self.e2e_steps < 0 or self.e2e_batch < 1:
+            raise ConfigError(f"e2e_steps={self.e2e_steps}, e2e_batch={self.e2e_batch}: need steps >= 0 (0: no "
+                              "end-to-end phase) and batch >= 1")
         if self.mixed_widths is None:
             object.__setattr__(self, "mixed_widths", tuple(f"{b}g{self.group_size}" for b in SUPPORTED_BITS))
         if isinstance(self.mixed_widths, str):

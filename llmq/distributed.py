@@ -205,6 +205,9 @@ def check_distributed(cfg: QuantConfig, ranks: Ranks) -> None:
     if cfg.bits_per_weight is not None:
         raise ConfigError("--bits-per-weight does not run under torch.distributed yet: run it in one process, "
                           "without torchrun")
+    if cfg.e2e_steps:
+        raise ConfigError("--e2e-steps does not run under torch.distributed: the end-to-end phase holds the whole "
+                          "model in one process; run it without torchrun")
 
 
 # how a dead peer shows in gloo's RuntimeErrors (e.g. "gloo/transport/tcp/pair.cc: Connection closed by peer ...

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .quant import QuantizedWeight, natural_g_idx
@@ -147,6 +148,77 @@ def tune_block(forward: BlockForward, inputs: torch.Tensor, targets: torch.Tenso
             loss.backward()
             optimizer.step()
     loss_after = _loss(forward, weights, inputs, targets, batch, device)
+    if not loss_after < loss_before:
+        return TuneResult(dict(start), loss_before, loss_before, kept_start=True)
+    return TuneResult({name: t.quantized() for name, t in tunable.items()}, loss_before, loss_after, False)
+
+
+def into_cells(w: torch.Tensor, start: QuantizedWeight, margin: float = 0.01) -> torch.Tensor:
+    """``w`` moved into the rounding cells of ``start``'s codes, so a :class:`TunableWeight` on it decodes to ``start``
+    exactly: each weight whose code differs from its own rounding goes to the edge of its code's cell (``margin`` of
+    a step inside); the others stay where they are. Codes 0 and ``2**bits - 1`` have open cells outward (the clamp).
+    A round-to-nearest start leaves the weights as they are; a tuned or GPTQ start puts the weights it moved at the
+    boundary they crossed, where the gradient can move them back."""
+    g = start.g_idx.long()
+    scales, zeros = start.scales.float()[:, g], start.zeros.float()[:, g]
+    codes, maxq = start.codes.float(), 2**start.bits - 1
+    u = w.float() / scales + zeros  # the continuous code
+    lo = torch.where(codes > 0, codes - 0.5 + margin, -torch.inf)
+    hi = torch.where(codes < maxq, codes + 0.5 - margin, torch.inf)
+    own = torch.clamp(torch.round(w.float() / scales) + zeros, 0, maxq)  # as TunableWeight rounds
+    return torch.where(own == codes, w.float(), (u.clamp(lo, hi) - zeros) * scales)
+
+
+# (weights, window indices) -> the model's next-token log-probabilities ``[windows, seqlen, vocab]``
+ModelLogProbs = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` per token, of log-probabilities ``[..., vocab]``."""
+    return torch.nn.functional.kl_div(student.flatten(0, -2).float(), teacher.flatten(0, -2).float(),
+                                      log_target=True, reduction="batchmean")
+
+
+def tune_end_to_end(student: ModelLogProbs, teacher: Callable[[torch.Tensor], torch.Tensor], windows: int,
+                    start: dict[str, QuantizedWeight], fp_weights: dict[str, torch.Tensor], cfg: QuantConfig,
+                    seed: int = 0) -> TuneResult:
+    """Tune every linear's grid at once so the whole model's next-token distributions match the FP model's.
+
+    The same grid as :func:`tune_block` (per-weight offsets, per-group log-scales and zeros, straight-through
+    rounding) over all ``start`` weights together, the continuous weights starting from ``fp_weights`` moved into
+    the start's cells (:func:`into_cells`), minimising ``KL(FP || quantized)`` per token of ``teacher(idx)`` and
+    ``student(weights, idx)`` on the calibration windows ``idx``: the end-to-end phase of EfficientQAT (E2E-QP;
+    Chen et al., 2024) with the FP model as teacher (a distillation loss, as LLM-QAT's) and the rounding tuned too.
+    Adam, ``cfg.e2e_steps`` steps of ``cfg.e2e_batch`` windows drawn with ``seed``; the KL over all windows is
+    measured before and after, and the start is kept if it is not lower.
+    """
+    tunable = {name: TunableWeight(into_cells(fp_weights[name], qw.to(fp_weights[name].device)),
+                                   qw.to(fp_weights[name].device)).to(fp_weights[name].device)
+               for name, qw in start.items()}
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {name: t().to(fp_weights[name].dtype) for name, t in tunable.items()}
+
+    batch = min(cfg.e2e_batch, windows)
+
+    @torch.no_grad()
+    def loss_all() -> float:
+        ws = weights()
+        kl = [_kl(student(ws, idx), teacher(idx)).item() * len(idx)
+              for idx in torch.arange(windows).split(batch)]
+        return sum(kl) / windows
+
+    loss_before = loss_all()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(param_groups(tunable.values(), cfg))
+    with torch.enable_grad():
+        for _ in tqdm(range(cfg.e2e_steps), desc="end-to-end", unit="step"):
+            idx = torch.randperm(windows, generator=generator)[:batch]
+            loss = _kl(student(weights(), idx), teacher(idx))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    loss_after = loss_all()
     if not loss_after < loss_before:
         return TuneResult(dict(start), loss_before, loss_before, kept_start=True)
     return TuneResult({name: t.quantized() for name, t in tunable.items()}, loss_before, loss_after, False)

@@ -14,6 +14,7 @@ import llmq
 from llmq.api import quantize, save
 from llmq.config import QuantConfig, Recipe
 from llmq.data import calibration_windows, eval_windows
+from llmq.e2e import quantize_model
 from llmq.errors import CheckpointError
 from llmq.eval import perplexity
 from llmq.export import save_packed
@@ -60,12 +61,15 @@ def test_save_then_from_pretrained_gives_the_in_memory_model(tiny_llama, tmp_pat
     assert torch.equal(generated, model.generate(evals[:1, :8], max_new_tokens=8, do_sample=False))
 
 
-def test_a_block_tuned_checkpoint_reloads_to_the_in_memory_model(tiny_llama, tmp_path):
-    """Issue 14: block-wise reconstruction writes plain codes, fp16 scales and zeros in the same layout."""
+@pytest.mark.parametrize("e2e_steps", [0, 10], ids=["block-wise", "then-end-to-end"])
+def test_a_tuned_checkpoint_reloads_to_the_in_memory_model(tiny_llama, tmp_path, e2e_steps):
+    """Issue 14: block-wise reconstruction, and the end-to-end phase after it, write plain codes, fp16 scales and
+    zeros in the same layout."""
     path, tok, calib, evals = tiny_llama
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    cfg = QuantConfig(method="tune", bits=3, group_size=128, sym=False, tune_iters=20)
-    results = quantize_layers(model, calib, cfg, device="cpu")
+    cfg = QuantConfig(method="tune", bits=3, group_size=128, sym=False, tune_iters=20, e2e_steps=e2e_steps,
+                      e2e_batch=4)
+    results = quantize_model(model, calib, cfg, device="cpu")
     save_packed(model, tok, results, tmp_path / "q", cfg)
     loaded = llmq.from_pretrained(str(tmp_path / "q"), torch_dtype=torch.float32)
     with torch.no_grad():
@@ -79,7 +83,9 @@ def test_a_block_tuned_checkpoint_reloads_to_the_in_memory_model(tiny_llama, tmp
 
 
 @pytest.mark.parametrize("method", [dict(method="gptq", act_order=True), dict(method="awq"),
-                                    dict(method="tune", tune_iters=10)], ids=["gptq", "awq", "tune"])
+                                    dict(method="tune", tune_iters=10),
+                                    dict(method="tune", tune_iters=10, e2e_steps=5, e2e_batch=4)],
+                         ids=["gptq", "awq", "tune", "tune-then-end-to-end"])
 def test_same_recipe_and_seed_give_identical_bytes(tmp_path, method):
     recipe = dict(model=str(shared_path("assets", "stories260K")), **method, bits=3, group_size=32,
                   nsamples=8, seqlen=64, max_shard_size="100KB",

@@ -45,6 +45,22 @@ def test_quantize_info_and_ppl_from_the_command_line(tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+def test_quantize_with_the_end_to_end_phase_runs_in_memory_and_records_its_kl(tmp_path):
+    """``--e2e-steps`` cannot stream: the command line quantizes in memory, then writes the same checkpoint layout,
+    with the phase's KL to the FP model before and after in the metadata."""
+    model = str(shared_path("assets", "stories260K"))
+    text = str(shared_path("assets", "tinystories-text", "tinystories_sample.cs336.txt"))
+    out = tmp_path / "q"
+    assert main(["quantize", model, "--method", "tune", "--bits", "3", "--group-size", "32", "--calib", text,
+                 "--nsamples", "8", "--seqlen", "64", "--tune-iters", "5", "--e2e-steps", "10", "--e2e-batch", "4",
+                 "--out", str(out)]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    kl = qc["meta"]["llmq"]["e2e"]["kl"]
+    assert kl["after"] < kl["before"]
+    assert qc["meta"]["llmq"]["recipe"]["e2e_steps"] == 10
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no work folder left beside it
+
+
 @pytest.mark.parametrize("argv, message", [
     (["quantize", "x", "--bits", "5", "--out", "o"], "bits=5 is not supported"),
     (["quantize", "x", "--group-size", "0", "--out", "o"], "group_size=0 is invalid"),

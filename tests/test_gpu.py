@@ -128,3 +128,21 @@ def test_block_tuning_on_cuda_lowers_each_layers_loss_and_reloads(bf16_model, tm
     ppl = {dev: perplexity(llmq.from_pretrained(str(tmp_path / "q"), device_map=dev), evals, batch_size=4,
                            progress=False)["ppl"] for dev in ("cuda", "cpu")}
     assert ppl["cuda"] == pytest.approx(ppl["cpu"], rel=1e-2)
+
+
+def test_the_end_to_end_phase_on_cuda_lowers_the_kl_and_reloads(bf16_model, tmp_path):
+    """``--e2e-steps`` on CUDA from the bf16 checkpoint, in memory (it does not stream): the KL to the FP model falls
+    (the metadata's record) and the checkpoint decodes to the same perplexity on CUDA and on the CPU."""
+    from llmq.api import quantize, save
+
+    r = Recipe.from_dict(dict(model=str(bf16_model), out=str(tmp_path / "q"), method="tune", bits=3, group_size=128,
+                              calib=str(shared_path("assets", "c4-sample", "c4_train_00000_first1000.jsonl")),
+                              nsamples=16, seqlen=128, tune_iters=20, e2e_steps=30, e2e_batch=4, device="cuda"))
+    save(quantize(r), r)
+    kl = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["meta"]["llmq"]["e2e"]["kl"]
+    assert kl["after"] < kl["before"], kl
+    tok = AutoTokenizer.from_pretrained(tmp_path / "q")
+    evals = eval_windows(c4_texts()[900:], tok, 256)[:16]
+    ppl = {dev: perplexity(llmq.from_pretrained(str(tmp_path / "q"), device_map=dev), evals, batch_size=4,
+                           progress=False)["ppl"] for dev in ("cuda", "cpu")}
+    assert ppl["cuda"] == pytest.approx(ppl["cpu"], rel=1e-2)

@@ -43,6 +43,12 @@ def test_stories260k_gptq_keeps_less_than_rtn_loses_and_tuning_less_than_gptq(re
     report(f"tune's perplexity increase as a fraction of GPTQ's: W3 {of_gptq(3):.3f}, W2 {of_gptq(2):.3f}")
     assert of_gptq(3) <= 0.6
     assert of_gptq(2) <= 0.5
+    # the end-to-end phase after it (--e2e-steps, llmq.e2e: every grid against the whole model's KL to FP on the
+    # calibration windows) loses less again on the held-out text at both widths
+    for bits in (3, 2):
+        e2e, block = ppl[f"W{bits} Tune 400 x 16, e2e 200"], ppl[f"W{bits} Tune 400 x 16"]
+        report(f"W{bits}: tune {block:.3f}, then 200 end-to-end steps {e2e:.3f} (FP {ppl['FP']:.3f})")
+        assert e2e < block
 
 
 def test_tiny_llama_gptq_beats_rtn_on_held_out_c4(report):

@@ -4,13 +4,14 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import shared_path, tiny_model
 
 from llmq.config import QuantConfig
+from llmq.e2e import quantize_model
 from llmq.errors import ConfigError
 from llmq.pipeline import quantize_layers
 from llmq.quant import QuantizedWeight, rtn_quantize
-from llmq.tune import TunableWeight, round_ste, tune_block
+from llmq.tune import TunableWeight, into_cells, round_ste, tune_block
 
 
 def test_round_ste_rounds_forward_and_passes_the_gradient_through():
@@ -162,3 +163,79 @@ def test_a_layer_whose_linears_all_stay_fp_passes_through_and_the_others_are_tun
     assert results and all(name.startswith("model.layers.1.") for name in results)
     assert all(torch.equal(v, fp[k]) for k, v in model.state_dict().items() if k.startswith("model.layers.0."))
     assert "tune_loss/model.layers.1" in notes and "tune_loss/model.layers.0" not in notes
+
+
+def test_into_cells_leaves_an_rtn_start_alone_and_makes_any_start_decode_to_itself():
+    """The end-to-end phase starts its continuous weights from the FP ones moved into the start's rounding cells."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    cfg = QuantConfig(method="rtn", bits=3, group_size=32, sym=False, mse=True)
+    rtn = rtn_quantize(w, cfg)
+    assert torch.equal(into_cells(w, rtn), w)
+    # another start (as GPTQ's or tune's codes): a fifth of the codes one step away, clamped to the grid
+    codes = rtn.codes.long()
+    moved = torch.rand(codes.shape) < 0.2
+    codes = torch.where(moved, codes + torch.where(torch.rand(codes.shape) < 0.5, -1, 1), codes).clamp(0, 7)
+    other = QuantizedWeight(codes.to(torch.uint8), rtn.scales, rtn.zeros, rtn.g_idx, 3, 32, False)
+    inside = into_cells(w, other)
+    assert torch.equal(TunableWeight(inside, other)().detach(), other.dequantize())
+    same = codes == rtn.codes.long()
+    assert torch.equal(inside[same], w[same]) and not torch.equal(inside[~same], w[~same])
+
+
+def _kl_to(fp_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    return torch.nn.functional.kl_div(logits.log_softmax(-1).flatten(0, 1), fp_logits.log_softmax(-1).flatten(0, 1),
+                                      log_target=True, reduction="batchmean").item()
+
+
+def test_the_end_to_end_phase_lowers_the_models_kl_to_fp_deterministically():
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny_model("llama").config.vocab_size, (8, 32))
+    with torch.no_grad():
+        fp = tiny_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2).eval()(ids).logits
+
+    def run(steps: int):
+        model = tiny_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2).eval()
+        notes = {}
+        cfg = QuantConfig(method="tune", bits=2, group_size=32, sym=False, tune_iters=20, e2e_steps=steps,
+                          e2e_batch=4)
+        results = quantize_model(model, ids, cfg, notes=notes)
+        with torch.no_grad():
+            kl = _kl_to(fp, model(ids).logits)
+        for name, qw in results.items():  # the model holds the returned codes' values
+            assert torch.equal(model.get_submodule(name).weight, qw.dequantize()), name
+        return results, notes, kl
+
+    block, _, kl_block = run(0)
+    tuned, notes, kl_tuned = run(40)
+    again, _, _ = run(40)
+    e2e = notes["e2e/kl"]
+    assert e2e["before"] == pytest.approx(kl_block, rel=1e-4)  # it starts from the block-wise result
+    assert e2e["after"] == pytest.approx(kl_tuned, rel=1e-4)  # and the exported codes are what it measured
+    assert kl_tuned < 0.8 * kl_block, (kl_tuned, kl_block)
+    assert any(not torch.equal(tuned[n].codes, block[n].codes) for n in tuned)
+    assert all(torch.equal(getattr(tuned[n], k), getattr(again[n], k)) for n in tuned for k in ("codes", "scales",
+                                                                                             "zeros"))
+
+
+def test_end_to_end_settings_are_validated_and_refused_where_the_model_is_streamed(tmp_path, monkeypatch):
+    from llmq.api import plan, quantize_to_disk
+    from llmq.config import Recipe
+    from llmq.distributed import Ranks, check_distributed
+
+    with pytest.raises(ConfigError, match="e2e_batch=0"):
+        QuantConfig(e2e_steps=10, e2e_batch=0)
+    with pytest.raises(ConfigError, match="e2e_steps=-1"):
+        QuantConfig(e2e_steps=-1)
+    with pytest.raises(ConfigError, match="torch.distributed"):
+        check_distributed(QuantConfig(method="gptq", e2e_steps=10), Ranks(0, 2))
+    recipe = Recipe.from_dict(dict(model=str(shared_path("assets", "llmq-tiny-llama")), method="tune", e2e_steps=10,
+                                   out=str(tmp_path / "q")))
+    with pytest.raises(ConfigError, match="does not stream"):
+        quantize_to_disk(recipe)
+    assert not (tmp_path / "q").exists()
+    import llmq.api
+
+    monkeypatch.setattr(llmq.api, "activation_budget", lambda device: 2**20)  # 2 MiB free: the phase cannot fit
+    with pytest.raises(ConfigError, match="holds the whole model at once"):
+        plan(recipe)
