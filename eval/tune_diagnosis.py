@@ -12,8 +12,8 @@ same :class:`llmq.tune.TunableWeight` as ``tune``) against the FP model's output
 evaluation windows themselves, so it shows how close to FP layer 0 at this width gets when the calibration text
 and the objective are the evaluation's own; ``--text calibration`` fits the same objective on the calibration
 windows instead, which separates the objective's share from the text's; ``--all-layers`` fits every layer's grid
-at once (end-to-end training of the grid: the whole model in memory, a forward and backward through it per
-step). Prints one JSON line.
+at once (end-to-end training of the grid, what ``--method rtn --e2e-steps`` runs: the whole model in memory, a
+forward and backward through it per step). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from llmq.config import QuantConfig
 from llmq.eval import perplexity
 from llmq.pipeline import quantize_layers
-from llmq.tune import TunableWeight, param_groups
+from llmq.tune import tune_end_to_end
 
 MODEL = SHARED / "assets" / "llmq-tiny-llama"
 
@@ -68,35 +68,33 @@ def layers(args, calib, evals) -> dict:
 
 
 def oracle(args, calib, evals) -> dict:
-    """Layer 0 (or every layer) from RTN (searched ranges), tuned by Adam through the straight-through grid against
-    ``KL(FP || quantized)`` of the whole model's next-token distributions on the held-out C4 windows (or on the
-    calibration windows)."""
+    """Layer 0 (or every layer) from RTN (searched ranges), tuned by :func:`llmq.tune.tune_end_to_end` (the end-to-end
+    phase's loop: Adam through the straight-through grid) against ``KL(FP || quantized)`` of the whole model's
+    next-token distributions on the held-out C4 windows (or on the calibration windows, where every layer at once is
+    ``--method rtn --e2e-steps``)."""
     text = evals["C4 900-999"] if args.text == "heldout" else calib
     fp = AutoModelForCausalLM.from_pretrained(MODEL).eval()
-    cfg = QuantConfig(method="rtn", bits=args.bits, group_size=128, sym=False, mse=True)
+    cfg = QuantConfig(method="rtn", bits=args.bits, group_size=128, sym=False, mse=True, e2e_steps=args.steps,
+                      e2e_batch=args.batch)
     model, start = _quantized(calib, cfg, None if args.all_layers else 0)
     for p in model.parameters():
         p.requires_grad_(False)
-    grid = {name: TunableWeight(fp.get_submodule(name).weight.data.clone(), qw) for name, qw in start.items()}
-    optimizer = torch.optim.Adam(param_groups(grid.values(), cfg))  # tune's groups and rates (1e-3 each)
     with torch.no_grad():
         teacher = torch.cat([F.log_softmax(fp(text[i : i + 16]).logits.float(), -1) for i in range(0, len(text), 16)])
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(args.steps):
-        idx = torch.randperm(len(text), generator=generator)[: args.batch]
-        logits = torch.func.functional_call(model, {n + ".weight": t() for n, t in grid.items()}, (text[idx],)).logits
-        loss = F.kl_div(F.log_softmax(logits.float(), -1).flatten(0, 1), teacher[idx].flatten(0, 1),
-                        log_target=True, reduction="batchmean")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+    def student(weights, idx):
+        logits = torch.func.functional_call(model, {n + ".weight": w for n, w in weights.items()}, (text[idx],)).logits
+        return F.log_softmax(logits.float(), -1)
+
+    fp_weights = {name: fp.get_submodule(name).weight.data for name in start}
+    res = tune_end_to_end(student, lambda idx: teacher[idx], len(text), start, fp_weights, cfg)
     with torch.no_grad():
-        for name, t in grid.items():
-            model.get_submodule(name).weight.data = t.quantized().dequantize().to(model.dtype)
+        for name, qw in res.weights.items():
+            model.get_submodule(name).weight.data = qw.dequantize().to(model.dtype)
     fitted = "C4 900-999" if args.text == "heldout" else "the calibration windows"
     which = "every layer" if args.all_layers else "layer 0"
     return {f"W{args.bits} {which} fitted to {fitted} ({args.steps} steps of {args.batch})": _ppl(model, evals),
-            "final KL": round(loss.item(), 5)}
+            "KL before / after": [round(res.loss_before, 5), round(res.loss_after, 5)]}
 
 
 def main() -> None:

@@ -153,7 +153,8 @@ class QuantConfig:
         if self.sym is None:
             object.__setattr__(self, "sym", self.bits in SYMMETRIC_BY_DEFAULT)
         if self.mse is None:
-            object.__setattr__(self, "mse", self.method in ("gptq", "awq+gptq", "tune"))
+            # the end-to-end phase was measured from RTN with searched ranges (README, Results)
+            object.__setattr__(self, "mse", self.method in ("gptq", "awq+gptq", "tune") or self.e2e_steps > 0)
         if self.range_search not in RANGE_SEARCHES:
             raise ConfigError(f"range_search={self.range_search!r} is unknown: choose one of "
                               f"{', '.join(RANGE_SEARCHES)}")
