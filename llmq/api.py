@@ -232,6 +232,18 @@ def save(run: Quantized, recipe: Recipe, overwrite: bool = False) -> Path:
                        dtype=run.dtype, notes=run.notes, spec=run.spec)
 
 
+def write_quantized(recipe: Recipe, overwrite: bool = False, offload_activations: str | Path | None = None) -> Path:
+    """Quantize ``recipe`` into ``recipe.out`` as ``llmq quantize`` does: streamed (:func:`quantize_to_disk`), or, when
+    its end-to-end phase needs the whole model (``e2e_steps``), in memory and then written (not resumable)."""
+    if not recipe.quant.e2e_steps:
+        return quantize_to_disk(recipe, overwrite=overwrite, offload_activations=offload_activations)
+    if not recipe.out:
+        raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
+    check_output_free(Path(recipe.out), overwrite)  # before the run, not after it
+    log.info("the end-to-end phase holds the whole model: quantizing in memory (not streamed, not resumable)")
+    return save(quantize(recipe), recipe, overwrite=overwrite)
+
+
 def _settings(recipe: Recipe, calib: torch.Tensor, ckpt: ShardedCheckpoint) -> str:
     """What must match for a partial run to be resumed at all: settings, calibration tokens, input shards."""
     inputs = {p.name: p.stat().st_size for p in sorted(set(ckpt.where.values()))}

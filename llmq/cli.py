@@ -213,7 +213,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import quantize_to_disk
+    from .api import write_quantized
     from .config import Recipe
 
     keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "range_search",
@@ -227,12 +227,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
     if not recipe.out:
         raise LlmqError("no output folder: pass --out DIR (or `out:` in the recipe)")
-    if recipe.quant.e2e_steps:  # the end-to-end phase needs the whole model: in memory, then written
-        from .api import quantize, save
-
-        save(quantize(recipe), recipe, overwrite=args.overwrite)
-    else:
-        quantize_to_disk(recipe, overwrite=args.overwrite, offload_activations=args.offload_activations)
+    write_quantized(recipe, overwrite=args.overwrite, offload_activations=args.offload_activations)
     if int(os.environ.get("RANK", "0")):  # under torchrun rank 0 reports for the job
         return 0
     if recipe.quant.bits_per_weight is not None:

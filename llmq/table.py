@@ -189,10 +189,11 @@ def run_cells(cells: list[Cell], measure: Measure, settings: dict[str, Any], res
 def checkpoint_measure(model: str, base: dict[str, Any], datasets: list[str], seqlen: int, out: Path,
                        keep_checkpoints: bool = False, device: str | None = None, tasks: Sequence[str] = (),
                        include_path: str | None = None, revision: str | None = None) -> Measure:
-    """Measure a cell as a user would: quantize to a packed checkpoint in ``out/checkpoints/<cell>`` (streamed;
-    a killed cell's partial run resumes), load it and evaluate it exactly as ``llmq ppl`` (and ``llmq eval`` for
-    ``tasks``) do. The FP row evaluates the model itself. Checkpoints are removed afterwards unless kept."""
-    from .api import load_model, quantize_to_disk
+    """Measure a cell as a user would: quantize to a packed checkpoint in ``out/checkpoints/<cell>`` (streamed, so
+    a killed cell's partial run resumes; in memory with an end-to-end phase), load it and evaluate it exactly as
+    ``llmq ppl`` (and ``llmq eval`` for ``tasks``) do. The FP row evaluates the model itself. Checkpoints are
+    removed afterwards unless kept."""
+    from .api import load_model, write_quantized
     from .data import eval_windows
     from .device import resolve_device
     from .eval import perplexity, run_lm_eval
@@ -206,7 +207,7 @@ def checkpoint_measure(model: str, base: dict[str, Any], datasets: list[str], se
         if not cell.is_fp:
             folder = str(out / "checkpoints" / cell.slug)
             if not (Path(folder) / "config.json").is_file():  # a finished checkpoint appears whole, or not at all
-                quantize_to_disk(Recipe.from_dict({**base, **cell.recipe_keys(), "model": model, "out": folder,
+                write_quantized(Recipe.from_dict({**base, **cell.recipe_keys(), "model": model, "out": folder,
                                                    "revision": revision}))
             bpw = checkpoint_info(folder)["effective_bits_per_weight"]
         m, tokenizer = load_model(folder, revision=revision if cell.is_fp else None, device=dev)

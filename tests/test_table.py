@@ -112,3 +112,22 @@ def test_without_matplotlib_the_table_is_written_and_the_plot_skipped(monkeypatc
 def test_every_table_recipe_validates(path):
     spec = TableSpec.from_yaml(path)
     assert len(spec.cells()) > 1 and spec.datasets
+
+
+def test_a_cell_with_the_end_to_end_phase_is_quantized_in_memory_and_measured(tmp_path):
+    """``llmq table`` streams its cells, but one with ``e2e_steps`` needs the whole model: it is quantized in memory
+    (as ``llmq quantize --e2e-steps`` does) rather than refused, and its checkpoint records the phase's KL."""
+    out = tmp_path / "t"
+    args = table_args(out)
+    args[args.index("--methods") + 1] = "tune:tune_iters=5:e2e_steps=10"
+    args[args.index("--bits") + 1] = "3"
+    assert cli_main([*args, "--keep-checkpoints"]) == 0
+    rows = records(out)
+    assert [r["name"] for r in rows][0] == "FP" and len(rows) == 2
+    ppl = {r["name"]: r["metrics"]["tinystories_sample.cs336"] for r in rows}
+    quantized = rows[1]
+    assert ppl["FP"] < ppl[quantized["name"]]
+    cell = Cell(**{**quantized["cell"], "extra": tuple(map(tuple, quantized["cell"]["extra"]))})
+    folder = out / "checkpoints" / cell.slug
+    kl = json.loads((folder / "config.json").read_text())["quantization_config"]["meta"]["llmq"]["e2e"]["kl"]
+    assert kl["after"] < kl["before"]
