@@ -239,3 +239,19 @@ def test_end_to_end_settings_are_validated_and_refused_where_the_model_is_stream
     monkeypatch.setattr(llmq.api, "activation_budget", lambda device: 2**20)  # 2 MiB free: the phase cannot fit
     with pytest.raises(ConfigError, match="holds the whole model at once"):
         plan(recipe)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gemma2", "phi3"])
+def test_the_end_to_end_phase_runs_on_experts_and_other_families(model_type):
+    """The phase names no architecture: the experts' linears (split from fused tensors), Gemma 2's soft-capped head
+    and Phi-3's fused projections are tuned like a LLaMA's linears."""
+    torch.manual_seed(0)
+    model = tiny_model(model_type)
+    ids = torch.randint(0, model.config.vocab_size, (8, 32))
+    notes = {}
+    cfg = QuantConfig(method="rtn", bits=3, group_size=32, sym=False, e2e_steps=20, e2e_batch=4)
+    results = quantize_model(model, ids, cfg, notes=notes)
+    assert notes["e2e/kl"]["after"] < notes["e2e/kl"]["before"]
+    assert all(torch.equal(model.get_submodule(n).weight, qw.dequantize()) for n, qw in results.items())
+    if model_type in ("qwen3_moe", "mixtral"):
+        assert any(".experts." in n for n in results)
