@@ -101,7 +101,7 @@ def param_groups(tunable: Iterable[TunableWeight], cfg: QuantConfig) -> list[dic
 @dataclass
 class TuneResult:
     weights: dict[str, QuantizedWeight]
-    loss_before: float  # mean squared error of the block's outputs against the teacher's, over all windows
+    loss_before: float  # over all windows: the block's output MSE against the teacher's, or (end to end) the KL
     loss_after: float
     kept_start: bool  # tuning did not lower the loss: the starting solution is returned
 
@@ -192,9 +192,10 @@ def tune_end_to_end(student: ModelLogProbs, teacher: Callable[[torch.Tensor], to
     Adam, ``cfg.e2e_steps`` steps of ``cfg.e2e_batch`` windows drawn with ``seed``; the KL over all windows is
     measured before and after, and the start is kept if it is not lower.
     """
-    tunable = {name: TunableWeight(into_cells(fp_weights[name], qw.to(fp_weights[name].device)),
-                                   qw.to(fp_weights[name].device)).to(fp_weights[name].device)
-               for name, qw in start.items()}
+    tunable = {}
+    for name, qw in start.items():
+        w, qw = fp_weights[name], qw.to(fp_weights[name].device)
+        tunable[name] = TunableWeight(into_cells(w, qw), qw).to(w.device)
 
     def weights() -> dict[str, torch.Tensor]:
         return {name: t().to(fp_weights[name].dtype) for name, t in tunable.items()}
