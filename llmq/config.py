@@ -122,8 +122,8 @@ class QuantConfig:
     tune_seed: int = 0
     # The end-to-end phase (llmq.e2e; any method): after the layer pass, ``e2e_steps`` Adam steps of ``e2e_batch``
     # windows tune every linear's grid at once against the FP model's next-token distributions (KL), at the rates
-    # ``tune_lr`` / ``tune_lr_qparams``, windows drawn with seed ``tune_seed``. 0: off. The whole model is in memory
-    # and a backward runs through all of it: it does not stream.
+    # ``tune_lr`` / ``tune_lr_qparams`` decayed along a cosine, windows drawn with seed ``tune_seed``. 0: off. The
+    # whole model is in memory and a backward runs through all of it: it does not stream.
     e2e_steps: int = 0
     e2e_batch: int = 8
     # Mixed precision (llmq.mixed): a budget of effective bits per weight (scales, zeros and g_idx counted as

@@ -14,6 +14,7 @@ Pure tensors and a block forward in, quantized weights out: nothing here knows a
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -189,8 +190,8 @@ def tune_end_to_end(student: ModelLogProbs, teacher: Callable[[torch.Tensor], to
     the start's cells (:func:`into_cells`), minimising ``KL(FP || quantized)`` per token of ``teacher(idx)`` and
     ``student(weights, idx)`` on the calibration windows ``idx``: the end-to-end phase of EfficientQAT (E2E-QP;
     Chen et al., 2024) with the FP model as teacher (a distillation loss, as LLM-QAT's) and the rounding tuned too.
-    Adam, ``cfg.e2e_steps`` steps of ``cfg.e2e_batch`` windows drawn with ``seed``; the KL over all windows is
-    measured before and after, and the start is kept if it is not lower.
+    Adam with cosine-decayed rates, ``cfg.e2e_steps`` steps of ``cfg.e2e_batch`` windows drawn with ``seed``; the KL
+    over all windows is measured before and after, and the start is kept if it is not lower.
     """
     tunable = {}
     for name, qw in start.items():
@@ -212,6 +213,11 @@ def tune_end_to_end(student: ModelLogProbs, teacher: Callable[[torch.Tensor], to
     loss_before = loss_all()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(param_groups(tunable.values(), cfg))
+    # both rates decay to 0 along a cosine (EfficientQAT's schedule), so the last steps' noise does not decide the
+    # rounding: on llmq-tiny-llama W4 the held-out C4 gap fell from 0.139 to 0.035, on stories260K W2 from 5.46 to
+    # 5.02 over FP (README, Results)
+    steps = max(cfg.e2e_steps, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     with torch.enable_grad():
         for _ in tqdm(range(cfg.e2e_steps), desc="end-to-end", unit="step"):
             idx = torch.randperm(windows, generator=generator)[:batch]
@@ -219,6 +225,7 @@ def tune_end_to_end(student: ModelLogProbs, teacher: Callable[[torch.Tensor], to
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
     loss_after = loss_all()
     if not loss_after < loss_before:
         return TuneResult(dict(start), loss_before, loss_before, kept_start=True)

@@ -44,8 +44,8 @@ def test_stories260k_gptq_keeps_less_than_rtn_loses_and_tuning_less_than_gptq(re
     assert of_gptq(3) <= 0.6
     assert of_gptq(2) <= 0.5
     # the end-to-end phase after it (--e2e-steps, llmq.e2e: every grid against the whole model's KL to FP on the
-    # calibration windows) loses less again on the held-out text: at W2 by 0.62 (12.190 to 11.572); at W3 by 0.03
-    # (6.973 to 6.944), too close to assert across machines, so that row is eval/ppl_table.py's
+    # calibration windows) loses less again on the held-out text: at W2 by 1.05 (12.190 to 11.137); at W3 by 0.09
+    # (6.973 to 6.882), near the machines' spread of tune's own W3 row, so that row is eval/ppl_table.py's
     report(f"W2: tune {ppl['W2 Tune 400 x 16']:.3f}, then 200 end-to-end steps {ppl['W2 Tune 400 x 16, e2e 200']:.3f}")
     assert ppl["W2 Tune 400 x 16, e2e 200"] < ppl["W2 Tune 400 x 16"] - 0.3
 
