@@ -290,8 +290,8 @@ def quantize_to_disk(recipe: Recipe, overwrite: bool = False, offload_activation
         raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
     if recipe.quant.e2e_steps:
         raise ConfigError("the end-to-end phase (e2e_steps) holds the whole model in memory and does not stream: "
-                          "run it with llmq.api.quantize(recipe) and save(...) (what `llmq quantize --e2e-steps N` "
-                          "does), or set e2e_steps to 0")
+                          "run it with llmq.api.write_quantized(recipe) (what `llmq quantize --e2e-steps N` does), "
+                          "or set e2e_steps to 0")
     out = Path(recipe.out)
     check_output_free(out, overwrite)
     p = plan(recipe)

@@ -22,6 +22,7 @@ from .arch import ArchSpec, resolve_arch
 from .arch.experts import split_experts
 from .config import QuantConfig
 from .device import resolve_device
+from .methods import write_back
 from .pipeline import LayerResults, quantize_layers
 from .quant import QuantizedWeight
 from .tune import tune_end_to_end
@@ -59,12 +60,16 @@ def _head_input(model: nn.Module, input_ids: torch.Tensor, params: dict[str, tor
     return seen[0]
 
 
+def _decoder_linears(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
+    """Every linear inside the decoder layers, by full name: the ones the pass may quantize."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith(spec.layers + ".")}
+
+
 def e2e_bytes(model: nn.Module, spec: ArchSpec) -> int:
     """Memory the phase adds, roughly: per weight of the decoder layers' linears the FP copy, the offset, its
     gradient and Adam's two moments, float32 each (the per-weight step and the grid's forward come on top)."""
-    n = sum(m.weight.numel() for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.startswith(spec.layers + "."))
-    return 20 * n
+    return 20 * sum(m.weight.numel() for m in _decoder_linears(model, spec).values())
 
 
 @torch.no_grad()
@@ -72,8 +77,7 @@ def capture_teacher(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, d
                     batch_size: int = 8) -> Teacher:
     """The FP linears' weights and the FP model's final hidden states on ``input_ids``, before quantizing."""
     split_experts(model, spec)  # the linears the pass quantizes, named as its results are
-    weights = {name: m.weight.detach().clone() for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.startswith(spec.layers + ".")}
+    weights = {name: m.weight.detach().clone() for name, m in _decoder_linears(model, spec).items()}
     model.to(device)
     try:
         hidden = torch.cat([_head_input(model, ids.to(device)).cpu() for ids in input_ids.split(batch_size)])
@@ -103,8 +107,7 @@ def fit_end_to_end(model: nn.Module, input_ids: torch.Tensor, results: dict[str,
                 return torch.log_softmax(head(teacher.hidden[idx].to(device)).float(), -1)
 
         fp = {name: teacher.weights[name].to(device) for name in results}
-        res = tune_end_to_end(student, target, input_ids.shape[0], {n: qw for n, qw in results.items()}, fp, cfg,
-                              seed=cfg.tune_seed)
+        res = tune_end_to_end(student, target, input_ids.shape[0], results, fp, cfg, seed=cfg.tune_seed)
     finally:
         model.to("cpu")
         for p in frozen:
@@ -114,8 +117,7 @@ def fit_end_to_end(model: nn.Module, input_ids: torch.Tensor, results: dict[str,
     if notes is not None:
         notes["e2e/kl"] = {"before": res.loss_before, "after": res.loss_after}
     for name, qw in res.weights.items():
-        module = model.get_submodule(name)
-        module.weight.data = qw.dequantize().to(module.weight.dtype)
+        write_back(model.get_submodule(name), qw)
     return {name: qw.to("cpu") for name, qw in res.weights.items()}
 
 

@@ -163,10 +163,11 @@ def into_cells(w: torch.Tensor, start: QuantizedWeight, margin: float = 0.01) ->
     g = start.g_idx.long()
     scales, zeros = start.scales.float()[:, g], start.zeros.float()[:, g]
     codes, maxq = start.codes.float(), 2**start.bits - 1
-    u = w.float() / scales + zeros  # the continuous code
+    steps = w.float() / scales
+    u = steps + zeros  # the continuous code
     lo = torch.where(codes > 0, codes - 0.5 + margin, -torch.inf)
     hi = torch.where(codes < maxq, codes + 0.5 - margin, torch.inf)
-    own = torch.clamp(torch.round(w.float() / scales) + zeros, 0, maxq)  # as TunableWeight rounds
+    own = torch.clamp(torch.round(steps) + zeros, 0, maxq)  # as TunableWeight rounds
     return torch.where(own == codes, w.float(), (u.clamp(lo, hi) - zeros) * scales)
 
 
