@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llmq
-from llmq.qlinear import QuantLinear
+from llmq.runtime.qlinear import QuantLinear
 
 
 def compare(folder: str, tokens: torch.Tensor) -> dict:

@@ -27,9 +27,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmq.arch import get_arch
 from llmq.arch.experts import ExpertLinears, split_experts
 from llmq.config import EXPERT_POLICIES, QuantConfig
-from llmq.data import calibration_windows, eval_windows
-from llmq.eval import perplexity
-from llmq.pipeline import quantize_layers
+from llmq.eval.ppl import perplexity
+from llmq.io.data import calibration_windows, eval_windows
+from llmq.job.pipeline import quantize_layers
 
 # (row label, policy, expert_fill_tokens): all_tokens at its default fill (16 x 256 tokens: 16 windows), at 4 x 256,
 # and with every window (a fill past any calibration set)

@@ -23,13 +23,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmq.arch import get_layers, layer_linears, resolve_arch
 from llmq.config import QuantConfig, Width
-from llmq.data import calibration_windows, eval_windows
-from llmq.e2e import quantize_model
-from llmq.eval import perplexity
-from llmq.mixed import linear_shapes, make_units, widths_table
-from llmq.pack import gptq_storage_bits
-from llmq.pipeline import noted_widths, quantize_layers
-from llmq.table import Cell, run_cells
+from llmq.eval.ppl import perplexity
+from llmq.eval.table import Cell, run_cells
+from llmq.formats.pack import gptq_storage_bits
+from llmq.io.data import calibration_windows, eval_windows
+from llmq.job.e2e import quantize_model
+from llmq.job.mixed import linear_shapes, make_units, widths_table
+from llmq.job.pipeline import noted_widths, quantize_layers
 
 SHARED = Path(os.environ.get("LLMQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 # The tables follow the papers' protocol: asymmetric groups, whatever llmq's per-width default.
@@ -48,7 +48,7 @@ RUNS = {
     # the steps (200 steps: 0.582 and 0.634 on two machines; 400 steps: 0.549, then 0.610 on the same machine once
     # only the summation order of the scales' gradients changed); 400 steps of 16 of its 64 windows: 0.477 and 0.509
     "Tune 400 x 16": dict(method="tune", tune_iters=400, tune_batch=16),
-    # the end-to-end phase after block-wise tune (llmq.e2e): every grid against the whole model's KL to FP
+    # the end-to-end phase after block-wise tune (llmq.job.e2e): every grid against the whole model's KL to FP
     "Tune 400 x 16, e2e 200": dict(method="tune", tune_iters=400, tune_batch=16, e2e_steps=200),
     "Tune, e2e 1000": dict(method="tune", e2e_steps=1000),
     "RTN, e2e 1000": dict(method="rtn", e2e_steps=1000),  # RTN's ranges searched (mse), the start measured best here
@@ -74,7 +74,7 @@ def _ppl(path: Path, calib, cfg: QuantConfig | None, evals: dict) -> dict[str, A
 def _table(path: Path, calib, evals: dict, group_size: int, rows: dict[int, list[str]],
            only: dict[str, set[str]] | None = None) -> dict[str, dict]:
     """``{"FP": {eval: ppl}, "W3 GPTQ": {eval: ppl}, ...}`` for the ``rows`` (bits -> run names): the cells of
-    ``llmq table`` (:func:`llmq.table.run_cells`), each measured in memory. ``only`` limits an evaluation to
+    ``llmq table`` (:func:`llmq.eval.table.run_cells`), each measured in memory. ``only`` limits an evaluation to
     some rows (``{"WikiText-2": {"FP", "W3 GPTQ"}}``); the others leave that column out."""
     only = only or {}
     names = {Cell(): "FP"}

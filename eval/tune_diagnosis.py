@@ -8,7 +8,7 @@
 
 Protocol of eval/ppl_table.py (calibration 128 x 256 tokens of C4 records 0-899, asymmetric g128, held-out C4
 records 900-999 and WikiText-2 test). ``oracle`` is a diagnostic, not a method: it tunes layer 0's grid (the
-same :class:`llmq.tune.TunableWeight` as ``tune``) against the FP model's output distribution (KL) on the
+same :class:`llmq.algorithms.tune.TunableWeight` as ``tune``) against the FP model's output distribution (KL) on the
 evaluation windows themselves, so it shows how close to FP layer 0 at this width gets when the calibration text
 and the objective are the evaluation's own; ``--text calibration`` fits the same objective on the calibration
 windows instead, which separates the objective's share from the text's; ``--all-layers`` fits every layer's grid
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from ppl_table import SHARED, _c4_data
 from transformers import AutoModelForCausalLM
 
+from llmq.algorithms.tune import tune_end_to_end
 from llmq.config import QuantConfig
-from llmq.eval import perplexity
-from llmq.pipeline import quantize_layers
-from llmq.tune import tune_end_to_end
+from llmq.eval.ppl import perplexity
+from llmq.job.pipeline import quantize_layers
 
 MODEL = SHARED / "assets" / "llmq-tiny-llama"
 
@@ -68,10 +68,10 @@ def layers(args, calib, evals) -> dict:
 
 
 def oracle(args, calib, evals) -> dict:
-    """Layer 0 (or every layer) from RTN (searched ranges), tuned by :func:`llmq.tune.tune_end_to_end` (the end-to-end
-    phase's loop: Adam through the straight-through grid) against ``KL(FP || quantized)`` of the whole model's
-    next-token distributions on the held-out C4 windows (or on the calibration windows, where every layer at once is
-    ``--method rtn --e2e-steps``)."""
+    """Layer 0 (or every layer) from RTN (searched ranges), tuned by :func:`llmq.algorithms.tune.tune_end_to_end` (the
+    end-to-end phase's loop: Adam through the straight-through grid) against ``KL(FP || quantized)`` of the whole
+    model's next-token distributions on the held-out C4 windows (or on the calibration windows, where every layer at
+    once is ``--method rtn --e2e-steps``)."""
     text = evals["C4 900-999"] if args.text == "heldout" else calib
     fp = AutoModelForCausalLM.from_pretrained(MODEL).eval()
     cfg = QuantConfig(method="rtn", bits=args.bits, group_size=128, sym=False, mse=True, e2e_steps=args.steps,

@@ -1,9 +1,22 @@
-"""llmq: layer-by-layer low-bit weight quantization of open LLMs."""
+"""llmq: low-bit weight quantization of open LLMs.
 
-__version__ = "0.1.0"
+The one-call API (:mod:`llmq.api`)::
 
-from .config import CalibConfig, QuantConfig, Recipe
-from .errors import (
+    import llmq
+
+    out = llmq.quantize("Qwen/Qwen2.5-0.5B", "qwen-w4", method="gptq", bits=4, group_size=128)
+    model = llmq.from_pretrained(out)
+    print(llmq.perplexity(out, "wikitext2", seqlen=2048)["ppl"])
+
+``quantize``, ``perplexity`` and ``from_pretrained`` are imported on first use, so ``import llmq`` stays light;
+the recipe objects (:class:`Recipe`, :class:`QuantConfig`, :class:`CalibConfig`) and the errors are here too.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from llmq._version import __version__
+from llmq.config import CalibConfig, QuantConfig, Recipe
+from llmq.errors import (
     CalibrationError,
     CheckpointError,
     ConfigError,
@@ -11,14 +24,22 @@ from .errors import (
     UnsupportedArchitectureError,
     WeightError,
 )
-from .quant import QuantizedWeight
+
+if TYPE_CHECKING:
+    from llmq.algorithms.quant import QuantizedWeight
+    from llmq.api import from_pretrained, perplexity, quantize
+
+_LAZY = {"quantize": "llmq.api", "perplexity": "llmq.api", "from_pretrained": "llmq.runtime.loader",
+         "QuantizedWeight": "llmq.algorithms.quant"}
 
 
-def from_pretrained(*args, **kwargs):
-    """Load a packed GPTQ-layout checkpoint; see :func:`llmq.loader.from_pretrained`."""
-    from .loader import from_pretrained as _from_pretrained
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
 
-    return _from_pretrained(*args, **kwargs)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llmq' has no attribute {name!r}")
+
 
 __all__ = [
     "CalibConfig",
@@ -31,5 +52,8 @@ __all__ = [
     "Recipe",
     "UnsupportedArchitectureError",
     "WeightError",
+    "__version__",
     "from_pretrained",
+    "perplexity",
+    "quantize",
 ]

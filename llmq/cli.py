@@ -8,9 +8,9 @@ import logging
 import os
 import sys
 
-from .config import COMPUTE_DTYPES, METHODS, RANGE_SEARCHES
-from .errors import LlmqError
-from .kernels import KERNEL_CHOICES
+from llmq.config import COMPUTE_DTYPES, METHODS, RANGE_SEARCHES
+from llmq.errors import LlmqError
+from llmq.runtime.kernels import KERNEL_CHOICES
 
 log = logging.getLogger("llmq")
 
@@ -24,6 +24,15 @@ The model is streamed: each decoder layer is read from the input safetensors sha
 quantized and its packed tensors are appended to the output, so memory holds about one layer plus
 the calibration activations. The run can be killed at any point: the same command continues from
 the first unfinished layer (state in .<out>.partial beside --out) and writes the same bytes."""
+
+
+# the quantize options that are recipe keys (the rest: --recipe, --overwrite, --offload-activations)
+QUANTIZE_KEYS = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "range_search",
+                 "damp_percent", "exact_sums", "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code",
+                 "out", "format", "max_shard_size", "apply_awq", "next_inputs", "revision", "compute_dtype",
+                 "expert_policy", "expert_min_tokens", "expert_fill_tokens", "arch", "tune_iters", "tune_batch",
+                 "tune_lr", "tune_lr_qparams", "tune_seed", "e2e_steps", "e2e_batch", "bits_per_weight",
+                 "mixed_widths")
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -208,44 +217,35 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline end-to-end demo on a small LLaMA trained on the spot")
     p.add_argument("--out", default="llmq-demo", help="working folder (default ./llmq-demo)")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="training steps of the demo model (default: llmq.demo_model.DEMO_STEPS, about a minute)")
+                   help="training steps of the demo model (default: llmq.eval.demo_model.DEMO_STEPS, about a minute)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import write_quantized
-    from .config import Recipe
+    from llmq.api import quantize, recipe_from
 
-    keys = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "range_search",
-            "damp_percent", "exact_sums",
-            "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code", "out", "format", "max_shard_size",
-            "apply_awq", "next_inputs", "revision", "compute_dtype", "expert_policy", "expert_min_tokens",
-            "expert_fill_tokens", "arch",
-            "tune_iters", "tune_batch", "tune_lr", "tune_lr_qparams", "tune_seed", "e2e_steps", "e2e_batch",
-            "bits_per_weight", "mixed_widths")
-    given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    recipe = Recipe.from_yaml(args.recipe, **given) if args.recipe else Recipe.from_dict(given)
+    recipe = recipe_from(recipe=args.recipe, **{k: getattr(args, k) for k in QUANTIZE_KEYS})
     if not recipe.out:
         raise LlmqError("no output folder: pass --out DIR (or `out:` in the recipe)")
-    write_quantized(recipe, overwrite=args.overwrite, offload_activations=args.offload_activations)
+    out = quantize(recipe=recipe, overwrite=args.overwrite, offload_activations=args.offload_activations)
     if int(os.environ.get("RANK", "0")):  # under torchrun rank 0 reports for the job
         return 0
     if recipe.quant.bits_per_weight is not None:
-        from .info import checkpoint_info
-        from .mixed import widths_table
+        from llmq.formats.info import checkpoint_info
+        from llmq.job.mixed import widths_table
 
-        info = checkpoint_info(recipe.out)
+        info = checkpoint_info(out)
         print(widths_table({name: f"{w['bits']}g{w['group_size']}" for name, w in info["allocation"].items()}))
         print(f"effective bits per weight {info['effective_bits_per_weight']:.4f} "
               f"(budget {recipe.quant.bits_per_weight})")
-    print(f"wrote {recipe.out}")
+    print(f"wrote {out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .api import load_model
-    from .device import resolve_device
-    from .eval import run_lm_eval
+    from llmq.eval.ppl import run_lm_eval
+    from llmq.runtime.loader import load_model
+    from llmq.utils.device import resolve_device
 
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, revision=args.revision, dtype=_dtype(args.dtype), kernel=args.kernel,
@@ -261,7 +261,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from .table import TableSpec, run_table
+    from llmq.eval.table import TableSpec, run_table
 
     raw: dict = {}
     if args.recipe:
@@ -291,15 +291,15 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .info import checkpoint_info, format_info
-    from .source import resolve_model
+    from llmq.formats.info import checkpoint_info, format_info
+    from llmq.io.source import resolve_model
 
     folder = resolve_model(args.checkpoint, args.revision)
     info = checkpoint_info(folder)
     if args.load:
-        from .device import resolve_device
-        from .info import kernel_info
-        from .loader import default_dtype, from_pretrained
+        from llmq.formats.info import kernel_info
+        from llmq.runtime.loader import default_dtype, from_pretrained
+        from llmq.utils.device import resolve_device
 
         device = resolve_device(args.device)
         dtype = _dtype(args.dtype) or default_dtype(device)
@@ -310,26 +310,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    from .api import load_model
-    from .data import eval_windows
-    from .device import resolve_device
-    from .eval import perplexity
+    from llmq.api import perplexity
 
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, revision=args.revision, dtype=_dtype(args.dtype), kernel=args.kernel,
-                                  device=device)
-    result = perplexity(model, eval_windows(args.dataset, tokenizer, args.seqlen), device=device)
-    result.update(model=args.model, dataset=args.dataset)
+    result = perplexity(args.model, args.dataset, args.seqlen, revision=args.revision, device=args.device,
+                        dtype=_dtype(args.dtype), kernel=args.kernel)
     print(json.dumps(result) if args.json else f"{args.dataset} perplexity {result['ppl']:.4f} "
           f"({result['windows']} windows of {result['seqlen']} tokens)")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .api import load_model
-    from .device import resolve_device
-    from .generate import generate
-    from .loader import default_dtype
+    from llmq.runtime.generate import generate
+    from llmq.runtime.loader import default_dtype, load_model
+    from llmq.utils.device import resolve_device
 
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, revision=args.revision, dtype=_dtype(args.dtype) or default_dtype(device),
@@ -341,14 +334,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from llmq.eval.demo import run_demo
 
     kwargs = {} if args.train_steps is None else {"train_steps": args.train_steps}
     run_demo(args.out, seed=args.seed, **kwargs)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: ``llmq`` and its subcommands (the docs' CLI reference is rendered from it)."""
     parser = argparse.ArgumentParser(prog="llmq", description="Low-bit weight quantization of open LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each module's loss")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -359,7 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_info(sub)
     _add_demo(sub)
     _add_table(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info,

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from .arch.table import ARCHITECTURES
-from .errors import ConfigError
+from llmq.arch.table import ARCHITECTURES
+from llmq.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # float16 is refused: activations of some models overflow it
@@ -23,7 +23,7 @@ SYMMETRIC_BY_DEFAULT = (4, 8)  # the widths vLLM's Marlin kernels serve (symmetr
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "tune")
 # where a mixture-of-experts expert with too few routed tokens gets its calibration statistics
 EXPERT_POLICIES = ("all_tokens", "routed", "rtn")
-RANGE_SEARCHES = ("coarse_to_fine", "full")  # llmq.quant.row_qparams
+RANGE_SEARCHES = ("coarse_to_fine", "full")  # llmq.algorithms.quant.row_qparams
 
 
 @dataclass(frozen=True, order=True)
@@ -85,8 +85,8 @@ class QuantConfig:
     # reference GPTQ and AutoGPTQ default), so static groups are opt-in.
     static_groups: bool = False
     damp_percent: float = 0.01
-    # Sum each batch's float32 Hessian part in float64 (llmq.gptq.HessianAccumulator): the sums no longer depend
-    # on the order of the batches, so under torchrun every number of ranks gives one process's bytes (at the same
+    # Sum each batch's float32 Hessian part in float64 (llmq.algorithms.gptq.HessianAccumulator): the sums no longer
+    # depend on the order of the batches, so under torchrun every number of ranks gives one process's bytes (at the same
     # threads per process). Costs twice the accumulators' memory (+485 MB at a 7B down_proj) and a float64 add per
     # batch; without it two ranks' perplexity is within 0.2% of one process's (tests/test_distributed.py).
     exact_sums: bool = False
@@ -111,7 +111,7 @@ class QuantConfig:
     # as good as every window on llmq-tiny-moe (eval/moe_starved.py) without running every starved expert on every
     # token (66 of a Qwen3-30B-A3B-shaped layer's 128 experts on 65,536 tokens each took over half an hour)
     expert_fill_tokens: int = 0
-    # Block-wise reconstruction (method tune; llmq.tune): Adam steps per layer, windows per step, and
+    # Block-wise reconstruction (method tune; llmq.algorithms.tune): Adam steps per layer, windows per step, and
     # the learning rates of the weight offsets (in units of the group scale) and of the log-scales and zeros.
     # Layer i draws its windows with seed ``tune_seed + i``; on llmq-tiny-llama the draws alone move held-out C4 by
     # 0.06-0.19 at W3 g128 and 0.09 at W4 (README, Results), so compare settings over more than one seed.
@@ -120,16 +120,16 @@ class QuantConfig:
     tune_lr: float = 1e-3
     tune_lr_qparams: float = 1e-3
     tune_seed: int = 0
-    # The end-to-end phase (llmq.e2e; any method): after the layer pass, ``e2e_steps`` Adam steps of ``e2e_batch``
+    # The end-to-end phase (llmq.job.e2e; any method): after the layer pass, ``e2e_steps`` Adam steps of ``e2e_batch``
     # windows tune every linear's grid at once against the FP model's next-token distributions (KL), at the rates
     # ``tune_lr`` / ``tune_lr_qparams`` decayed along a cosine, windows drawn with seed ``tune_seed``. 0: off. The
     # whole model is in memory and a backward runs through all of it: it does not stream.
     e2e_steps: int = 0
     e2e_batch: int = 8
-    # Mixed precision (llmq.mixed): a budget of effective bits per weight (scales, zeros and g_idx counted as
+    # Mixed precision (llmq.job.mixed): a budget of effective bits per weight (scales, zeros and g_idx counted as
     # ``llmq info`` counts them) spread over ``mixed_widths`` ("<bits>g<group size>") by each group of linears'
     # measured sensitivity. None: every linear at ``bits``/``group_size``. Default widths: 2, 3, 4 and 8 bits at
-    # ``group_size`` (those below the budget's floor, llmq.mixed.floor_bits, are not measured). Adding smaller
+    # ``group_size`` (those below the budget's floor, llmq.job.mixed.floor_bits, are not measured). Adding smaller
     # groups moved llmq-tiny-llama's C4 at the W3 g64 budget by no more than the proxy's noise (122.367 with the
     # defaults, 122.226 with 2/3/4 bits at g64 added, 122.387 with g32 too; at W2 124.877 either way), so the
     # defaults stay the shorter sensitivity pass.
@@ -236,7 +236,7 @@ class Recipe:
     apply_awq: str | None = None  # AWQ search results to re-apply instead of searching
     max_shard_size: str = "5GB"
     revision: str | None = None  # hub branch, tag or commit of ``model``
-    # dtype of the layer forwards: auto = the checkpoint's when bfloat16, else float32 (see llmq.device)
+    # dtype of the layer forwards: auto = the checkpoint's when bfloat16, else float32 (see llmq.utils.device)
     compute_dtype: str = "auto"
     # the table entry to use when the model's model_type shares another's layout (None: its own entry, or
     # one inferred from the model when it has none)

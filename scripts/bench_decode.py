@@ -22,7 +22,7 @@ unquantized tensors).
 The W4 checkpoint is also run on the reference ``kernel="pure"`` path (4 new tokens: it is slow), and, when torchao is
 installed, torchao's int4 weight-only CPU path on the bf16 model (``PrototypeInt4WeightOnlyConfig``,
 group 128) as the peer. ``--llmq-attention`` adds the bf16 model with the attention ``llmq.from_pretrained``
-gives its models (:mod:`llmq.kernels.attention`: float32 on the CPU), which separates what the packed
+gives its models (:mod:`llmq.runtime.kernels.attention`: float32 on the CPU), which separates what the packed
 linears gain from what the attention does. ``--rounds`` (2) measures every model that many times,
 interleaved (each process generating twice), and keeps the best rates. The line ends with each model's
 decode and prefill ratio to bf16.
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from llmq.qlinear import QuantLinear
+    from llmq.runtime.qlinear import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import SHARED, dir_bytes, make_checkpoint  # noqa: E402
@@ -74,7 +74,7 @@ def measure(kind: str, path: str, device: str, prompt_tokens: int, decode_tokens
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     import llmq
-    from llmq.generate import generate
+    from llmq.runtime.generate import generate
 
     MODEL_FOR_CAUSAL_LM_MAPPING[type(transformers.AutoConfig.from_pretrained(path))]  # import its modeling code
     before = status_bytes("VmRSS")  # so that what follows is the model's memory, not the library's
@@ -82,7 +82,7 @@ def measure(kind: str, path: str, device: str, prompt_tokens: int, decode_tokens
     if kind in ("bf16", "bf16_llmq_attention", "torchao"):
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
         if kind == "bf16_llmq_attention":  # the attention llmq.from_pretrained gives its models, on the bf16 model
-            from llmq.kernels.attention import use_float32_attention
+            from llmq.runtime.kernels.attention import use_float32_attention
 
             use_float32_attention(model, torch.bfloat16, torch.device(device))
         if kind == "torchao":
@@ -118,14 +118,14 @@ def measure(kind: str, path: str, device: str, prompt_tokens: int, decode_tokens
 
 
 def tensor_mb(folder: Path) -> float:
-    from llmq.info import checkpoint_info
+    from llmq.formats.info import checkpoint_info
 
     return round(checkpoint_info(folder)["tensor_bytes"] / 2**20)
 
 
 def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
-    from llmq.api import quantize_to_disk
     from llmq.config import Recipe
+    from llmq.job.runner import quantize_to_disk
 
     cache = Path(args.cache_dir)
     if args.model:
@@ -160,8 +160,8 @@ def child(kind: str, path: Path, args: argparse.Namespace, decode_tokens: int) -
 def random_w4_layer(n: int, k: int, generator: torch.Generator | None = None) -> QuantLinear:
     """A packed W4 g128 ``k -> n`` linear of random codes (scale 2^-7, zero 8): the kernels' work does not depend
     on the values."""
-    from llmq.pack import pack_gptq
-    from llmq.qlinear import QuantLinear
+    from llmq.formats.pack import pack_gptq
+    from llmq.runtime.qlinear import QuantLinear
 
     g = k // 128
     layer = QuantLinear(k, n, 4, g, bias=False, zero_offset=0)
@@ -174,16 +174,16 @@ def random_w4_layer(n: int, k: int, generator: torch.Generator | None = None) ->
 
 def kernel_rows(args: argparse.Namespace) -> dict:
     """Per linear shape and row count (ms): bf16 and float32 GEMM, torch's int4 kernel, dequantize + GEMM in the
-    dtype the prefill path multiplies in (:func:`llmq.device.gemm_dtype`: float32 on CPUs without native bf16
+    dtype the prefill path multiplies in (:func:`llmq.utils.device.gemm_dtype`: float32 on CPUs without native bf16
     matmuls), the int4_cpu linear's own forward (the kernel up to 128 rows, dequantize + GEMM above), and where
     it builds, llmq's AVX2 kernel (``avx2_gemv``), its dequantize + GEMM and its linear's forward. One weight per
     shape, so the codes sit in cache: decoding a whole model reads them from memory (the model runs above)."""
     import torch.nn.functional as F
 
-    from llmq.device import gemm_dtype
-    from llmq.kernels import native
-    from llmq.kernels.avx2 import Int4Avx2Linear
-    from llmq.kernels.cpu import Int4CpuLinear
+    from llmq.runtime.kernels import native
+    from llmq.runtime.kernels.avx2 import Int4Avx2Linear
+    from llmq.runtime.kernels.cpu import Int4CpuLinear
+    from llmq.utils.device import gemm_dtype
 
     def timed(fn, n=10):
         fn()

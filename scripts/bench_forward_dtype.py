@@ -1,5 +1,5 @@
 """One Llama-2-7B-shaped decoder layer's forward over 8 windows of 512 tokens in bfloat16 and in float32, on the
-CPU; prints one JSON line. Why llmq.device runs a bf16 model's layer forwards in float32 on CPUs without native
+CPU; prints one JSON line. Why llmq.utils.device runs a bf16 model's layer forwards in float32 on CPUs without native
 bf16 matmuls (AVX512-BF16 or AMX).
 
     python scripts/bench_forward_dtype.py
@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from llmq.device import native_bf16
+from llmq.utils.device import native_bf16
 
 
 def main() -> None:

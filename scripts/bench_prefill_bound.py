@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import random_w4_layer  # noqa: E402
 
-from llmq.device import native_bf16  # noqa: E402
+from llmq.utils.device import native_bf16  # noqa: E402
 
 PEAK_HEAD = """#include <immintrin.h>
 #include <omp.h>
@@ -94,7 +94,7 @@ def peaks(threads: int) -> dict:
 
 def gemm_rates(rows: int = 512) -> dict:
     """GFLOP/s of the 512-row products (best of 10) at TinyLlama-1.1B's linear shapes."""
-    from llmq.kernels.avx2 import Int4Avx2Linear
+    from llmq.runtime.kernels.avx2 import Int4Avx2Linear
 
     def best(fn, n: int = 10) -> float:
         fn()

@@ -36,12 +36,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from llmq.api import load_model
     from llmq.config import QuantConfig
-    from llmq.data import get_calibration
-    from llmq.device import resolve_device
-    from llmq.pipeline import quantize_layers
-    from llmq.timing import StageTimes
+    from llmq.io.data import get_calibration
+    from llmq.job.pipeline import quantize_layers
+    from llmq.runtime.loader import load_model
+    from llmq.utils.device import resolve_device
+    from llmq.utils.timing import StageTimes
 
     start = time.perf_counter()
     cfg = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, act_order=args.act_order,

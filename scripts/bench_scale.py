@@ -66,7 +66,7 @@ def make_checkpoint(folder: Path, layers: int, shapes: dict = LLAMA2_7B) -> None
 
     from llmq.arch import get_arch
     from llmq.arch.experts import split_experts
-    from llmq.checkpoint import write_shards
+    from llmq.io.checkpoint import write_shards
 
     shapes = dict(shapes)
     model_type = shapes.pop("model_type", "llama")
@@ -96,7 +96,7 @@ def make_checkpoint(folder: Path, layers: int, shapes: dict = LLAMA2_7B) -> None
 
 
 class StageMemory:
-    """Peak RSS per stage: wraps a :class:`~llmq.timing.StageTimes` and samples /proc/self/statm every
+    """Peak RSS per stage: wraps a :class:`~llmq.utils.timing.StageTimes` and samples /proc/self/statm every
     ``every`` seconds from a thread, charging each sample to the innermost stage running then (``"other"``
     outside any). Each ``load`` stage starts a new span (the head's, then one per decoder layer): the lowest
     and highest RSS of each span show whether memory grows with depth. Sampling misses spikes shorter than
@@ -262,7 +262,7 @@ def main() -> None:
     p.add_argument("--offload-activations", metavar="DIR", help="as llmq quantize --offload-activations")
     p.add_argument("--keep", action="store_true", help="keep the quantized output")
     p.add_argument("--hessian-mb", type=int, help="float32 Hessians an MoE group gathers at once "
-                   "(llmq.methods.HESSIAN_BYTES; smaller: less memory, more observe passes)")
+                   "(llmq.job.methods.HESSIAN_BYTES; smaller: less memory, more observe passes)")
     p.add_argument("--method", default="gptq",
                    help="gptq, awq, awq+gptq or rtn; several, comma-separated, run one after the other, each in its "
                         "own process (so each peak RSS is its own), one JSON line each")
@@ -310,14 +310,14 @@ def main() -> None:
         for method in methods:
             subprocess.run([sys.executable, __file__, *argv, f"--method={method}"], check=True)
         return
-    import llmq.methods
-    from llmq.api import quantize_to_disk
+    import llmq.job.methods
     from llmq.config import Recipe
-    from llmq.device import forward_dtype
-    from llmq.timing import StageTimes
+    from llmq.job.runner import quantize_to_disk
+    from llmq.utils.device import forward_dtype
+    from llmq.utils.timing import StageTimes
 
     if args.hessian_mb:
-        llmq.methods.HESSIAN_BYTES = args.hessian_mb << 20
+        llmq.job.methods.HESSIAN_BYTES = args.hessian_mb << 20
 
     calib = SHARED / "assets" / "tinystories-text" / "TinyStories-valid.Ahmedessaa-30k.txt"
     method = methods[0]
@@ -343,7 +343,7 @@ def main() -> None:
         "intermediate": SHAPES[args.shape].get("moe_intermediate_size", SHAPES[args.shape]["intermediate_size"]),
         "experts": SHAPES[args.shape].get("num_experts", 0), "method": method,
         "bits": args.bits, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
-        "hessian_mb": llmq.methods.HESSIAN_BYTES >> 20, "mse": recipe.quant.mse, "device": args.device,
+        "hessian_mb": llmq.job.methods.HESSIAN_BYTES >> 20, "mse": recipe.quant.mse, "device": args.device,
         "range_search": recipe.quant.range_search, "threads": torch.get_num_threads(),
         "forward_dtype": str(forward_dtype(torch.bfloat16, torch.device(args.device), args.compute_dtype)).removeprefix(
             "torch."),
@@ -363,7 +363,7 @@ def main() -> None:
             sys.exit("--peer compares GPTQ runs: use it with --method gptq")
         from transformers import AutoTokenizer
 
-        from llmq.data import get_calibration
+        from llmq.io.data import get_calibration
 
         c = recipe.calib  # the windows llmq drew, drawn again the same way
         calib_ids = get_calibration(c.calib, AutoTokenizer.from_pretrained(model_dir), c.nsamples, c.seqlen, c.seed)

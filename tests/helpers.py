@@ -126,6 +126,6 @@ def tiny_llama_bf16(tmp_path_factory) -> Path:
 def cpu_int4() -> str:
     """The path auto picks for 2-4-bit layers on this CPU: llmq's int4_avx2 on x86 with AVX2 (tests/test_kernels.py
     fails where it cannot build there), torch's int4_cpu elsewhere."""
-    from llmq.kernels import native
+    from llmq.runtime.kernels import native
 
     return "int4_avx2" if native.unavailable() is None else "int4_cpu"

@@ -3,11 +3,11 @@ import torch
 from helpers import shared_path, tiny_model
 from transformers import AutoModelForCausalLM
 
+from llmq.algorithms.awq import can_fold, fold_scales, search_clip, search_scale
+from llmq.algorithms.quant import _minmax_qparams, quantize, rtn_quantize
 from llmq.arch import ARCHITECTURES, get_arch, get_layers
 from llmq.arch.experts import split_experts
-from llmq.awq import can_fold, fold_scales, search_clip, search_scale
 from llmq.config import QuantConfig
-from llmq.quant import _minmax_qparams, quantize, rtn_quantize
 
 CALIB = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
 CFG3 = QuantConfig(method="rtn", bits=3, group_size=32)

@@ -8,14 +8,15 @@ from helpers import shared_path, tiny_model
 from safetensors.torch import load_file, save_file
 
 import llmq
-from llmq.api import AWQ_SEARCH_FILE, quantize, save
 from llmq.arch import ARCHITECTURES
 from llmq.config import QuantConfig, Recipe
 from llmq.errors import ConfigError
-from llmq.export import save_packed
-from llmq.info import checkpoint_info
-from llmq.pipeline import quantize_layers
-from llmq.qlinear import AwqQuantLinear
+from llmq.formats.export import save_packed
+from llmq.formats.info import checkpoint_info
+from llmq.job.pipeline import quantize_layers
+from llmq.job.plan import AWQ_SEARCH_FILE
+from llmq.job.runner import quantize, save
+from llmq.runtime.qlinear import AwqQuantLinear
 
 CALIB = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(3))
 
@@ -119,9 +120,9 @@ def test_awq_recipe_writes_its_search_and_apply_awq_reproduces_the_bytes(tmp_pat
 def test_searched_scales_fold_exactly_in_every_architecture(model_type):
     """The scales the AWQ search picks, folded into a fresh copy without any rounding, leave the logits as they were
     (in a mixture of experts the router's columns are scaled with the experts' gate/up)."""
+    from llmq.algorithms.awq import fold_scales
     from llmq.arch import get_arch, get_layers
     from llmq.arch.experts import split_experts
-    from llmq.awq import fold_scales
 
     record: dict[str, torch.Tensor] = {}
     quantize_layers(tiny_model(model_type), CALIB, QuantConfig(method="awq", bits=3, group_size=32),

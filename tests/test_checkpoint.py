@@ -11,16 +11,16 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmq
-from llmq.api import quantize, save
 from llmq.config import QuantConfig, Recipe
-from llmq.data import calibration_windows, eval_windows
-from llmq.e2e import quantize_model
 from llmq.errors import CheckpointError
-from llmq.eval import perplexity
-from llmq.export import save_packed
-from llmq.info import checkpoint_info
-from llmq.pipeline import quantize_layers
-from llmq.qlinear import QuantLinear
+from llmq.eval.ppl import perplexity
+from llmq.formats.export import save_packed
+from llmq.formats.info import checkpoint_info
+from llmq.io.data import calibration_windows, eval_windows
+from llmq.job.e2e import quantize_model
+from llmq.job.pipeline import quantize_layers
+from llmq.job.runner import quantize, save
+from llmq.runtime.qlinear import QuantLinear
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +272,7 @@ def test_reads_checkpoints_packed_the_autogptq_way(tmp_path, bits, fmt):
 @pytest.mark.parametrize("in_features", [96, 160, 640])
 def test_sliced_forward_matches_the_full_dequantized_reference(bits, in_features):
     """QuantLinear's forward (a slice of rows at a time) equals x @ W^T with the whole weight unpacked."""
-    from llmq.pack import pack_gptq
+    from llmq.formats.pack import pack_gptq
 
     g = torch.Generator().manual_seed(bits)
     n, gs = 64, 32
@@ -287,13 +287,13 @@ def test_sliced_forward_matches_the_full_dequantized_reference(bits, in_features
     x = torch.randn(3, 5, in_features, generator=g)
     want = torch.nn.functional.linear(x, layer.dequantized_weight(torch.float32), layer.bias)
     assert torch.allclose(layer(x), want, rtol=1e-5, atol=1e-3)  # float32, another summation order
-    from llmq.quant import dequantize
+    from llmq.algorithms.quant import dequantize
 
     assert torch.equal(layer.dequantized_weight(torch.float32), dequantize(codes, scales, zeros, g_idx))
 
 
 def test_streamed_shards_are_the_bytes_save_file_writes(tmp_path):
-    from llmq.checkpoint import save_tensors
+    from llmq.io.checkpoint import save_tensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {"w": torch.randn(5, 7, generator=g).half(), "b": torch.randn(3, generator=g).bfloat16(),
@@ -306,7 +306,7 @@ def test_streamed_shards_are_the_bytes_save_file_writes(tmp_path):
 
 
 def test_spool_resumed_from_a_commit_discards_what_came_after(tmp_path):
-    from llmq.checkpoint import SpoolWriter
+    from llmq.io.checkpoint import SpoolWriter
 
     tensors = {f"t{i}": torch.randn(100, 10 + i) for i in range(6)}
     (tmp_path / "ref").mkdir()
@@ -343,7 +343,7 @@ def test_spool_resumed_from_a_commit_discards_what_came_after(tmp_path):
     (dict(quant_method="awq", bits=4, group_size=128, zero_point=True), {"a": (256, 256)}, "awq_marlin", []),
 ])
 def test_info_says_which_vllm_kernel_a_checkpoint_gets(qc, shapes, kernel, why):
-    from llmq.info import vllm_kernel
+    from llmq.formats.info import vllm_kernel
 
     got = vllm_kernel(qc, shapes)
     assert got["kernel"] == kernel

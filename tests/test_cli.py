@@ -11,7 +11,7 @@ from helpers import shared_path
 
 from llmq.cli import main
 from llmq.config import Recipe
-from llmq.export import check_format
+from llmq.formats.export import check_format
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -86,7 +86,7 @@ def test_demo_runs_offline_and_shows_what_quantization_costs(tmp_path, capsys):
     """Issue 15: on the demo's own model (its default training steps) W3 RTN loses at least 5% and GPTQ keeps
     less than half of that, and at W2 the same with RTN further off; the table and plot come from llmq table's
     code. A rerun reuses the cached model and the finished cells."""
-    from llmq.demo import run_demo
+    from llmq.eval.demo import run_demo
 
     table = run_demo(tmp_path)
     out = capsys.readouterr().out
@@ -101,6 +101,13 @@ def test_demo_runs_offline_and_shows_what_quantization_costs(tmp_path, capsys):
         assert gptq - fp < 0.5 * (rtn - fp), (bits, fp, gptq, rtn)
     assert fp < table["W4 g128 RTN"] < table["W3 g128 RTN"] < table["W2 g128 RTN"]
     assert (tmp_path / "table.md").is_file() and (tmp_path / "plot.png").is_file()
+    # the plot is a real picture (issue 42): a PNG that decodes to one 640 x 480 panel of drawn pixels
+    from matplotlib.image import imread
+
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = imread(tmp_path / "plot.png")
+    assert pixels.shape[:2] == (480, 640) and pixels[..., :3].std() > 0.05
+    assert "checkpoints, table.md, table.csv, plot.png in" in out
 
     assert run_demo(tmp_path) == table  # cached: the same model and cells
     assert "training the demo model" not in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Calibration and evaluation windows (llmq.data) on the real shared text and tokenizers."""
+"""Calibration and evaluation windows (llmq.io.data) on the real shared text and tokenizers."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 import torch
 from helpers import shared_path
 
-from llmq.data import (
+from llmq.errors import CalibrationError
+from llmq.io.data import (
     c4_eval_windows,
     calibration_windows,
     eval_windows,
     get_calibration,
     load_texts,
 )
-from llmq.errors import CalibrationError
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_overlapping_windows_warn_not_fail(stories_tok, caplog):
     text = shared_path("assets", "tinystories-text", "tinystories_sample.cs336.txt").read_text()
     ntok = len(stories_tok(text)["input_ids"])
     assert 64 < ntok < 64 * 64
-    with caplog.at_level(logging.WARNING, logger="llmq.data"):
+    with caplog.at_level(logging.WARNING, logger="llmq.io.data"):
         w = calibration_windows(text, stories_tok, nsamples=64, seqlen=64, seed=0, per_document=False)
     assert w.shape == (64, 64)
     assert any("overlap" in r.getMessage() for r in caplog.records)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from llmq.demo_model import (
+from llmq.errors import ConfigError
+from llmq.eval.demo_model import (
     DEMO_TEXTS_FILE,
     demo_config,
     demo_texts,
@@ -21,7 +22,6 @@ from llmq.demo_model import (
     train_demo_model,
     train_tokenizer,
 )
-from llmq.errors import ConfigError
 
 # Small enough for a test (~10 s per training on 2 cores), long enough to learn visibly.
 TRAIN = dict(seed=0, max_steps=30, corpus_chars=200_000, batch_size=8)

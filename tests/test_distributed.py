@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import shared_path
 
-from llmq.distributed import Ranks
 from llmq.errors import ConfigError
+from llmq.job.distributed import Ranks
 
 C4 = ("assets", "c4-sample", "c4_train_00000_first1000.jsonl")
 
@@ -33,9 +33,9 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 def c4_ppl(folder: Path) -> float:
-    from llmq.api import load_model
-    from llmq.data import eval_windows
-    from llmq.eval import perplexity
+    from llmq.eval.ppl import perplexity
+    from llmq.io.data import eval_windows
+    from llmq.runtime.loader import load_model
 
     records = shared_path(*C4).read_text().splitlines()
     model, tokenizer = load_model(str(folder))
@@ -52,7 +52,7 @@ def test_windows_are_split_into_contiguous_shares_that_cover_every_window_once()
 
 def test_what_two_ranks_cannot_run_yet_is_refused_before_calibration():
     from llmq.config import QuantConfig
-    from llmq.distributed import check_distributed
+    from llmq.job.distributed import check_distributed
 
     for cfg in (QuantConfig(method="tune"), QuantConfig(bits_per_weight=3.5)):
         with pytest.raises(ConfigError, match="torch.distributed"):
@@ -63,7 +63,7 @@ def test_what_two_ranks_cannot_run_yet_is_refused_before_calibration():
 def test_a_lost_peer_is_reported_as_such_and_a_misuse_as_itself():
     """gloo raises a plain RuntimeError both when a peer dies and when a call is wrong; only the first is a lost
     rank (the messages are gloo's own, from torch 2.13: a rank that exited, and a short output list)."""
-    from llmq.distributed import RankLostError, _collective
+    from llmq.job.distributed import RankLostError, _collective
 
     def fails(message):
         def fn():

@@ -1,4 +1,4 @@
-"""Perplexity (GPTQ protocol) and the lm-eval wrapper (llmq.eval)."""
+"""Perplexity (GPTQ protocol) and the lm-eval wrapper (llmq.eval.ppl)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from helpers import shared_path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmq.data import eval_windows
 from llmq.errors import LlmqError
-from llmq.eval import perplexity, run_lm_eval
-from llmq.qlinear import QuantLinear
+from llmq.eval.ppl import perplexity, run_lm_eval
+from llmq.io.data import eval_windows
+from llmq.runtime.qlinear import QuantLinear
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +145,9 @@ def _packed_stories260k(path, tmp_path):
     """stories260K at RTN W4 g32, packed (the 172-wide MLP stays in full precision) and reloaded."""
     import llmq
     from llmq.config import QuantConfig
-    from llmq.export import save_packed
-    from llmq.pack import can_pack
-    from llmq.pipeline import quantize_layers
+    from llmq.formats.export import save_packed
+    from llmq.formats.pack import can_pack
+    from llmq.job.pipeline import quantize_layers
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     cfg = QuantConfig(method="rtn", bits=4, group_size=32)

@@ -10,12 +10,12 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 import llmq
-import llmq.methods as methods
-from llmq.api import quantize, quantize_to_disk, save
+import llmq.job.methods as methods
 from llmq.arch import ARCHITECTURES, discover_arch, get_layers, resolve_arch
 from llmq.config import QuantConfig, Recipe
 from llmq.errors import ConfigError, UnsupportedArchitectureError
-from llmq.pipeline import _layer_forward, capture_layer_inputs, quantize_layers
+from llmq.job.pipeline import _layer_forward, capture_layer_inputs, quantize_layers
+from llmq.job.runner import quantize, quantize_to_disk, save
 
 TABLE = ["gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "cohere", "cohere2", "granite", "glm4"]
 # no table entry: GPT-NeoX (fused query_key_value, its lm_head saved as embed_out), Phi-1/2 (attention and MLP
@@ -168,7 +168,7 @@ def _inputs_of(layer: nn.Module, name: str, hidden: torch.Tensor, kwargs) -> tor
 
 
 def test_awq_without_a_table_entry_is_refused_before_calibration(tmp_path, monkeypatch):
-    import llmq.api as api
+    import llmq.job.runner as api
 
     monkeypatch.setattr(api, "get_calibration", lambda *a, **k: pytest.fail("calibration ran"))
     folder = _bf16_model_folder(tmp_path, "phi")

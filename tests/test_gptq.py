@@ -5,9 +5,9 @@ import torch
 from helpers import shared_path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmq.algorithms.gptq import HessianAccumulator, gptq_quantize
+from llmq.algorithms.quant import quantize, row_qparams, rtn_quantize
 from llmq.config import QuantConfig
-from llmq.gptq import HessianAccumulator, gptq_quantize
-from llmq.quant import quantize, row_qparams, rtn_quantize
 
 
 def slow_gptq(W, H, cfg):
@@ -102,7 +102,7 @@ def test_hopeless_hessian_falls_back_to_rtn_with_a_warning(caplog):
     H[0, 0] = -1000.0  # no damping up to 10x mean(diag) makes this PD
     W = torch.randn(4, 64)
     cfg = QuantConfig(bits=4, group_size=32)
-    with caplog.at_level(logging.WARNING, logger="llmq.gptq"):
+    with caplog.at_level(logging.WARNING, logger="llmq.algorithms.gptq"):
         res = gptq_quantize(W, H, cfg)
     assert res.fell_back_to_rtn
     assert torch.equal(res.weight.codes, rtn_quantize(W, cfg).codes)
@@ -150,9 +150,9 @@ def test_gptq_output_error_below_rtn_on_real_layers(tiny_llama_layer_inputs, bit
 def test_linears_fed_the_same_input_share_one_hessian_equal_to_their_own():
     from helpers import tiny_model
 
-    from llmq.methods import SharedHessians
-    from llmq.pipeline import _observe
-    from llmq.timing import StageTimes
+    from llmq.job.methods import SharedHessians
+    from llmq.job.pipeline import _observe
+    from llmq.utils.timing import StageTimes
 
     layer = tiny_model("llama", num_hidden_layers=1).model.layers[0]
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"]
@@ -175,8 +175,8 @@ def test_a_freed_input_s_memory_is_never_taken_for_a_shared_input_and_no_input_i
     input once its linears have run (an MoE layer's 128 down_proj inputs would otherwise stay: 805 MB)."""
     import gc
 
-    from llmq.methods import SharedHessians
-    from llmq.timing import StageTimes
+    from llmq.job.methods import SharedHessians
+    from llmq.utils.timing import StageTimes
 
     modules = {f"experts.{e}.{n}": torch.nn.Linear(8, 4) for e in range(3) for n in ("gate", "up")}
     shared = SharedHessians(modules, StageTimes())
@@ -226,14 +226,14 @@ def test_linears_sharing_a_hessian_solved_together_give_their_own_solves_codes(m
     """q/k/v and gate/up of llmq-tiny-llama are solved as one stacked weight each (4 solves per layer, not 7): every
     linear's codes, scales and zeros are those of its own solve (``JOINT_BYTES=0``: one linear per solve), bit for
     bit, since GPTQ and its range search treat each row on its own."""
-    import llmq.gptq
-    import llmq.methods as methods
-    from llmq.pipeline import quantize_layers
+    import llmq.algorithms.gptq
+    import llmq.job.methods as methods
+    from llmq.job.pipeline import quantize_layers
 
     model_dir = shared_path("assets", "llmq-tiny-llama")
     ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
     cfg = QuantConfig(bits=3, group_size=64, act_order=act_order)
-    solves, solve = [], llmq.gptq.gptq_quantize
+    solves, solve = [], llmq.algorithms.gptq.gptq_quantize
     monkeypatch.setattr(methods, "gptq_quantize", lambda W, H, c: solves.append(W.shape[0]) or solve(W, H, c))
     runs = {}
     for joint in (methods.JOINT_BYTES, 0):

@@ -18,12 +18,12 @@ from helpers import c4_texts, shared_path, tiny_llama_bf16, tiny_model
 from transformers import AutoTokenizer
 
 import llmq
-from llmq.api import quantize_to_disk
 from llmq.config import Recipe
-from llmq.data import eval_windows
-from llmq.eval import perplexity
-from llmq.pack import unpack_rows
-from llmq.qlinear import QuantLinear
+from llmq.eval.ppl import perplexity
+from llmq.formats.pack import unpack_rows
+from llmq.io.data import eval_windows
+from llmq.job.runner import quantize_to_disk
+from llmq.runtime.qlinear import QuantLinear
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")]
@@ -89,9 +89,9 @@ def test_triton_decodes_faster_than_the_pure_path_and_reports_fp16(tmp_path, rep
     """Batch-1 decode tokens/s on CUDA: the Triton kernel, the pure path and the fp16 model (reported; the
     assertion is only the ordering triton > pure, a ratio measured in this one run)."""
     from llmq.config import QuantConfig
-    from llmq.export import save_packed
-    from llmq.generate import generate
-    from llmq.pipeline import quantize_layers
+    from llmq.formats.export import save_packed
+    from llmq.job.pipeline import quantize_layers
+    from llmq.runtime.generate import generate
 
     model = tiny_model("llama", vocab_size=4096, hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
                        num_attention_heads=32, num_key_value_heads=4)
@@ -133,7 +133,7 @@ def test_block_tuning_on_cuda_lowers_each_layers_loss_and_reloads(bf16_model, tm
 def test_the_end_to_end_phase_on_cuda_lowers_the_kl_and_reloads(bf16_model, tmp_path):
     """``--e2e-steps`` on CUDA from the bf16 checkpoint, in memory (it does not stream): the KL to the FP model falls
     (the metadata's record) and the checkpoint decodes to the same perplexity on CUDA and on the CPU."""
-    from llmq.api import quantize, save
+    from llmq.job.runner import quantize, save
 
     r = Recipe.from_dict(dict(model=str(bf16_model), out=str(tmp_path / "q"), method="tune", bits=3, group_size=128,
                               calib=str(shared_path("assets", "c4-sample", "c4_train_00000_first1000.jsonl")),

@@ -10,11 +10,11 @@ import torch
 from helpers import c4_texts, lay_out_in_hub_cache, tiny_llama_bf16
 
 import llmq
-from llmq.api import quantize, quantize_to_disk, save
 from llmq.config import Recipe
-from llmq.data import eval_windows
-from llmq.eval import perplexity
-from llmq.qlinear import QuantLinear
+from llmq.eval.ppl import perplexity
+from llmq.io.data import eval_windows
+from llmq.job.runner import quantize, quantize_to_disk, save
+from llmq.runtime.qlinear import QuantLinear
 
 MODEL_ID = "llmq-test/Tiny-Llama-0.5B-v1.2"  # dots, dashes: refused as "a local path" before
 PACKED_ID = "llmq-test/Tiny-Llama-0.5B-v1.2-GPTQ-Int4"
@@ -65,7 +65,7 @@ def cli(*argv):
 packed_id, evals = sys.argv[1:]
 model = llmq.from_pretrained(packed_id, torch_dtype=torch.float32, kernel="pure")
 weights = {name: m.dequantized_weight().sum().item() for name, m in model.named_modules()
-           if isinstance(m, llmq.qlinear.QuantLinear)}
+           if isinstance(m, llmq.runtime.qlinear.QuantLinear)}
 print(json.dumps({"info": cli("info", packed_id, "--json"), "weights": weights,
                   "ppl": cli("ppl", packed_id, "--dataset", evals, "--seqlen", "128", "--json")}))
 """
@@ -171,7 +171,7 @@ def test_hub_errors_name_the_cause_and_the_fix(monkeypatch, tmp_path, error, mes
     import huggingface_hub
 
     from llmq.errors import CheckpointError
-    from llmq.source import resolve_model
+    from llmq.io.source import resolve_model
 
     def refuse(*args, **kwargs):
         raise _hub_error(error)
@@ -182,7 +182,7 @@ def test_hub_errors_name_the_cause_and_the_fix(monkeypatch, tmp_path, error, mes
 
 def test_local_folders_without_a_model_are_refused_with_the_fix(tmp_path):
     from llmq.errors import CheckpointError
-    from llmq.source import resolve_model
+    from llmq.io.source import resolve_model
 
     with pytest.raises(CheckpointError, match="has no config.json"):
         resolve_model(tmp_path)
@@ -195,7 +195,7 @@ def test_local_folders_without_a_model_are_refused_with_the_fix(tmp_path):
 
 
 def test_bf16_forwards_run_in_float32_only_where_the_device_lacks_bf16_matmuls(monkeypatch):
-    from llmq import device
+    from llmq.utils import device
     cpu = torch.device("cpu")
     for native, want in ((False, torch.float32), (True, torch.bfloat16)):
         monkeypatch.setattr(device, "native_bf16", lambda d, native=native: native)
@@ -212,7 +212,7 @@ def test_a_bf16_model_computes_each_layer_in_float32_and_stays_bf16(bf16_tiny_ll
     from transformers import AutoModelForCausalLM
 
     from llmq.config import QuantConfig
-    from llmq.pipeline import quantize_layers
+    from llmq.job.pipeline import quantize_layers
     ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
     cfg = QuantConfig(bits=3, group_size=64)
     runs = {}

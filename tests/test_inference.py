@@ -9,10 +9,10 @@ from helpers import c4_texts, cpu_int4, shared_path
 from transformers import AutoTokenizer
 
 import llmq
-from llmq.api import quantize_to_disk
 from llmq.cli import main
 from llmq.config import Recipe
-from llmq.kernels import native
+from llmq.job.runner import quantize_to_disk
+from llmq.runtime.kernels import native
 
 PROMPT = "Once upon a time, there was a little"
 
@@ -119,8 +119,8 @@ def test_bf16_models_attend_in_float32_on_the_cpu(w4_act_order, monkeypatch, nat
     on both), a bf16 model's attention is transformers' SDPA on float32 copies, its output rounded to bf16 once:
     exactly that, and logits as close to the float32 model's as bf16 attention leaves them (within 10%: the other
     bf16 roundings dominate, 0.0090 against 0.0089 mean absolute error measured)."""
-    from llmq import device
-    from llmq.kernels import attention
+    from llmq.runtime.kernels import attention
+    from llmq.utils import device
 
     tok = AutoTokenizer.from_pretrained(w4_act_order)
     ids = tok(" ".join(c4_texts()[900:905]), return_tensors="pt").input_ids[:, :64]

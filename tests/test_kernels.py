@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from llmq.errors import ConfigError
-from llmq.kernels import KERNELS, choose, prepare
-from llmq.kernels import cpu as cpu_kernels
-from llmq.pack import pack_awq, pack_gptq
-from llmq.qlinear import AwqQuantLinear, QuantLinear
+from llmq.formats.pack import pack_awq, pack_gptq
+from llmq.runtime.kernels import KERNELS, choose, prepare
+from llmq.runtime.kernels import cpu as cpu_kernels
+from llmq.runtime.qlinear import AwqQuantLinear, QuantLinear
 
 N, K = 96, 256  # 96 rows: one 64-row block of the int4 layout and its 32-row tail
 
@@ -95,7 +95,7 @@ def test_prefill_multiplies_bf16_activations_in_float32_only_where_bf16_matmuls_
     """Prefill rows (above DEQUANT_ABOVE_ROWS) of bf16 activations: without native bf16 matmuls the dequantized
     GEMM runs in float32 (a fifth of the time on AVX2), so the only roundings are the output's to bf16 and the
     kernel's bf16 scale/zero pairs' (2^-9 relative each); with them it stays bf16. Both equal the reference."""
-    from llmq import device
+    from llmq.utils import device
 
     monkeypatch.setattr(device, "_native_bf16_at", lambda d: native)
     assert device.gemm_dtype(torch.bfloat16, torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
@@ -199,7 +199,7 @@ def test_fallbacks_say_why():
 def test_prepare_swaps_modules_and_logs_the_fallbacks(caplog):
     model = torch.nn.Sequential(packed_layer(4, 128), packed_layer(4, 16, seed=1), packed_layer(3, 64))
     x = torch.randn(2, K).bfloat16()
-    with caplog.at_level(logging.INFO, logger="llmq.kernels"):
+    with caplog.at_level(logging.INFO, logger="llmq.runtime.kernels"):
         choices = prepare(model, torch.bfloat16)
     assert {k: c.kernel for k, c in choices.items()} == {"0": "int4_cpu", "1": "dequant", "2": "int4_cpu"}
     assert [type(m).kernel for m in model] == ["int4_cpu", "dequant", "int4_cpu"]
@@ -232,7 +232,7 @@ def test_groups_of_96_with_a_partial_last_group():
 
 # --- int4_avx2: llmq's C kernel (built once per machine with the system compiler) ---------------------------
 
-from llmq.kernels import avx2, native  # noqa: E402
+from llmq.runtime.kernels import avx2, native  # noqa: E402
 
 AVX2_CASES = [(bits, gs, sym, fmt, act) for bits in (2, 3, 4) for gs in (32, 64, 128, -1) for sym in (False, True)
               for fmt in ("gptq", "gptq_v2") for act in (False, True) if not (act and gs == -1)]
@@ -242,8 +242,9 @@ AVX2_SHAPES = [(1, K), (3, K), (2, 5, K), (avx2.GEMV_ROWS, K), (avx2.GEMV_ROWS +
 
 @contextlib.contextmanager
 def native_bf16_gemm():
-    """:func:`llmq.device.gemm_dtype` as on a CPU with native bf16 matmuls (AVX512-BF16, AMX), whatever this one is."""
-    from llmq import device
+    """:func:`llmq.utils.device.gemm_dtype` as on a CPU with native bf16 matmuls (AVX512-BF16, AMX), whatever this
+    one is."""
+    from llmq.utils import device
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(device, "_native_bf16_at", lambda d: True)
@@ -328,7 +329,7 @@ def test_without_the_avx2_kernel_auto_falls_back_and_says_why(monkeypatch, tmp_p
         native._build_and_load()
     monkeypatch.setattr(native, "_load", lambda: (None, "no C compiler (cc, gcc or clang) on PATH"))
     model = torch.nn.Sequential(packed_layer(4, 128, n=128))
-    with caplog.at_level(logging.INFO, logger="llmq.kernels"):
+    with caplog.at_level(logging.INFO, logger="llmq.runtime.kernels"):
         choices = prepare(model, torch.bfloat16)
     assert choices["0"].kernel == "int4_cpu" and "not int4_avx2: no C compiler" in choices["0"].reason
     assert "1 linear(s) run on int4_cpu (not int4_avx2: no C compiler" in caplog.text

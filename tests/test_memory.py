@@ -9,15 +9,15 @@ import torch
 from helpers import tiny_model
 
 from llmq.config import QuantConfig
-from llmq.export import save_packed
-from llmq.pipeline import quantize_layers
+from llmq.formats.export import save_packed
+from llmq.job.pipeline import quantize_layers
 
 # Peak RSS above the baseline after imports: the kernel's high-water mark (VmHWM) is reset after
 # the imports (writing 5 to /proc/self/clear_refs), then read after the load and one forward pass,
 # which touches every weight (transformers maps safetensors lazily: untouched pages are not resident).
 MEASURE = r"""
 import json, sys
-import torch, transformers, llmq, llmq.loader
+import torch, transformers, llmq, llmq.runtime.loader
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -70,7 +70,7 @@ def test_a_streamed_layer_s_codes_are_freed_before_the_next_layer_loads():
     import weakref
 
     from llmq.arch import get_arch
-    from llmq.pipeline import InMemoryLayers
+    from llmq.job.pipeline import InMemoryLayers
 
     model = tiny_model("qwen3_moe")
     written: list[weakref.ref] = []

@@ -9,15 +9,16 @@ from helpers import shared_path
 from transformers import AutoModelForCausalLM
 
 import llmq
-from llmq.api import plan, quantize, quantize_to_disk
 from llmq.cli import main as cli_main
 from llmq.config import QuantConfig, Recipe, Width
-from llmq.dynamic import module_settings, override_rule, skip_rule
 from llmq.errors import ConfigError
-from llmq.info import checkpoint_info
-from llmq.mixed import Unit, allocate, check_budget, floor_bits, make_units
-from llmq.pack import gptq_storage_bits
-from llmq.qlinear import QuantLinear
+from llmq.formats.dynamic import module_settings, override_rule, skip_rule
+from llmq.formats.info import checkpoint_info
+from llmq.formats.pack import gptq_storage_bits
+from llmq.job.mixed import Unit, allocate, check_budget, floor_bits, make_units
+from llmq.job.plan import plan
+from llmq.job.runner import quantize, quantize_to_disk
+from llmq.runtime.qlinear import QuantLinear
 
 WIDTHS = (Width(2, 128), Width(3, 128), Width(4, 128), Width(8, 128))
 
@@ -68,11 +69,11 @@ def test_the_floor_is_the_widest_bits_every_unit_can_take_at_once_within_the_bud
     units[2].costs = {w: c for w, c in units[2].costs.items() if w.bits != 3}  # no 3-bit width for c
     assert floor_bits(units, uniform(4) - 1) == 2
     # a run measures and allocates from the floor up: at W3 g128's cost plus a little, no group goes to 2 bits
-    from llmq.pipeline import noted_widths, quantize_layers
+    from llmq.job.pipeline import noted_widths, quantize_layers
 
     model = AutoModelForCausalLM.from_pretrained(shared_path("assets", "llmq-tiny-llama"))
     notes: dict = {}
-    with caplog.at_level("INFO", logger="llmq.pipeline"):
+    with caplog.at_level("INFO", logger="llmq.job.pipeline"):
         quantize_layers(model, torch.randint(0, 512, (4, 32)), QuantConfig(bits=3, group_size=128, method="rtn",
                         bits_per_weight=3.3), device="cpu", notes=notes)
     assert "mixed precision candidates: 3g128, 4g128, 8g128 (none below 3 bits" in caplog.text
@@ -162,7 +163,7 @@ def test_a_mixed_checkpoint_reloads_with_equal_logits_and_info_lists_its_widths(
 
 def test_the_fp_model_is_untouched_by_the_sensitivity_pass():
     """The probes quantize each group and restore it: the allocation pass leaves the FP weights bit for bit."""
-    from llmq.pipeline import quantize_layers
+    from llmq.job.pipeline import quantize_layers
 
     path = shared_path("assets", "llmq-tiny-llama")
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -191,8 +192,8 @@ def test_each_layers_sensitivity_gain_is_how_much_of_its_error_reaches_the_final
     import copy
     import re
 
-    from llmq.pipeline import CARRIED_TOKENS, quantize_layers
-    from llmq.quant import rtn_quantize
+    from llmq.algorithms.quant import rtn_quantize
+    from llmq.job.pipeline import CARRIED_TOKENS, quantize_layers
 
     path = shared_path("assets", "llmq-tiny-llama")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -203,7 +204,7 @@ def test_each_layers_sensitivity_gain_is_how_much_of_its_error_reaches_the_final
     def stop(index, layer, results, activations):
         raise KeyboardInterrupt
 
-    with caplog.at_level("INFO", logger="llmq.pipeline"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level("INFO", logger="llmq.job.pipeline"), pytest.raises(KeyboardInterrupt):
         quantize_layers(copy.deepcopy(model), calib, cfg, device="cpu", sink=stop)
     line = next(r.getMessage() for r in caplog.records if "sensitivity gain per layer" in r.getMessage())
     logged = [float(v) for v in re.findall(r"[\d.e+-]+", line.split(":", 1)[1])]

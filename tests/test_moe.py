@@ -10,15 +10,15 @@ from helpers import MOE_CONFIGS, shared_path, tiny_model
 from transformers import AutoModelForCausalLM
 
 import llmq
-from llmq.api import quantize, quantize_to_disk, save
+from llmq.algorithms.quant import rtn_quantize
 from llmq.arch import get_arch, get_layers
 from llmq.arch.experts import ExpertLinears, split_experts
 from llmq.config import QuantConfig, Recipe
-from llmq.export import save_packed
-from llmq.info import checkpoint_info
-from llmq.methods import SharedHessians
-from llmq.pipeline import quantize_layers
-from llmq.quant import rtn_quantize
+from llmq.formats.export import save_packed
+from llmq.formats.info import checkpoint_info
+from llmq.job.methods import SharedHessians
+from llmq.job.pipeline import quantize_layers
+from llmq.job.runner import quantize, quantize_to_disk, save
 
 FAMILIES = sorted(MOE_CONFIGS)
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -361,7 +361,7 @@ def test_mixtral_reads_and_writes_the_checkpoint_s_own_names(tmp_path):
 
 def test_experts_observed_in_chunks_give_the_same_codes(monkeypatch):
     """The Hessian budget splits a MoE group into chunks of experts; the results are those of one pass."""
-    import llmq.methods as methods
+    import llmq.job.methods as methods
 
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
     cfg = QuantConfig(bits=4, group_size=32, act_order=True)
@@ -385,7 +385,7 @@ def test_observing_forwards_run_only_the_observed_experts_and_give_the_same_code
     reference, forwards that run every expert whole."""
     import contextlib
 
-    import llmq.methods as methods
+    import llmq.job.methods as methods
     from llmq.arch.experts import Expert, LayerExperts
 
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
@@ -420,8 +420,8 @@ def test_a_group_of_experts_is_observed_from_block_inputs_computed_once_with_the
     for every chunk, bit for bit."""
     import contextlib
 
-    import llmq.methods as methods
-    from llmq.methods import LayerJob
+    import llmq.job.methods as methods
+    from llmq.job.methods import LayerJob
 
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
     cfg = QuantConfig(bits=4, group_size=32, expert_min_tokens=24, expert_fill_tokens=20)
@@ -452,8 +452,8 @@ def test_starved_experts_sum_their_common_first_windows_once(monkeypatch):
     inputs, and the rows summed for the gate/up groups drop by the fill for every starved expert but one."""
     import contextlib
 
+    from llmq.algorithms.gptq import HessianAccumulator
     from llmq.arch.experts import LayerExperts
-    from llmq.gptq import HessianAccumulator
 
     cfg = QuantConfig(bits=4, group_size=32, expert_min_tokens=64, expert_fill_tokens=20)
     add, runs = HessianAccumulator.add, {}
@@ -481,7 +481,7 @@ def test_a_bf16_moe_computing_in_float32_casts_one_expert_at_a_time_with_the_sam
     linears are float32 at any time. The gate/up codes equal those of casting the whole layer (same float32 values
     either way). The downs, and the next layer, read gate/up written back in bf16, as a device computing in bf16
     does: on held-out tokens the logits move from the whole layer's less than computing in bf16 moves them."""
-    import llmq.pipeline as pipeline
+    import llmq.job.pipeline as pipeline
     from llmq.arch.experts import Expert
 
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
@@ -518,12 +518,12 @@ def test_a_bf16_moe_computing_in_float32_casts_one_expert_at_a_time_with_the_sam
 def test_starved_experts_sharing_every_token_are_solved_together_as_they_are_alone(monkeypatch):
     """Experts that all see every token share one Hessian: their gate/up rows are stacked into one GPTQ solve with
     each expert's own gate/up; the codes are those of one solve per linear, bit for bit."""
-    import llmq.gptq
-    import llmq.methods as methods
+    import llmq.algorithms.gptq
+    import llmq.job.methods as methods
 
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
     cfg = QuantConfig(bits=4, group_size=32, expert_min_tokens=40)  # most experts starved, the fill every window
-    solves, solve = [], llmq.gptq.gptq_quantize
+    solves, solve = [], llmq.algorithms.gptq.gptq_quantize
     monkeypatch.setattr(methods, "gptq_quantize", lambda W, H, c: solves.append(W.shape[0]) or solve(W, H, c))
     runs, counts, default = {}, {}, methods.JOINT_BYTES
     for joint in (default, 0):

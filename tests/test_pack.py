@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from llmq.pack import (
+from llmq.formats.pack import (
     AWQ_ORDER,
     can_pack,
     pack_awq,

@@ -43,7 +43,7 @@ def test_stories260k_gptq_keeps_less_than_rtn_loses_and_tuning_less_than_gptq(re
     report(f"tune's perplexity increase as a fraction of GPTQ's: W3 {of_gptq(3):.3f}, W2 {of_gptq(2):.3f}")
     assert of_gptq(3) <= 0.6
     assert of_gptq(2) <= 0.5
-    # the end-to-end phase after it (--e2e-steps, llmq.e2e: every grid against the whole model's KL to FP on the
+    # the end-to-end phase after it (--e2e-steps, llmq.job.e2e: every grid against the whole model's KL to FP on the
     # calibration windows) loses less again on the held-out text: at W2 by 1.05 (12.190 to 11.137); at W3 by 0.09
     # (6.973 to 6.882), near the machines' spread of tune's own W3 row, so that row is eval/ppl_table.py's
     report(f"W2: tune {ppl['W2 Tune 400 x 16']:.3f}, then 200 end-to-end steps {ppl['W2 Tune 400 x 16, e2e 200']:.3f}")

@@ -4,7 +4,6 @@ import yaml
 from helpers import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
-from llmq.api import load_model, plan, quantize
 from llmq.arch import ARCHITECTURES, get_arch, get_layers, layer_linears
 from llmq.arch.experts import split_experts
 from llmq.config import QuantConfig, Recipe
@@ -15,7 +14,10 @@ from llmq.errors import (
     UnsupportedArchitectureError,
     WeightError,
 )
-from llmq.pipeline import _layer_forward, capture_layer_inputs, quantize_layers
+from llmq.job.pipeline import _layer_forward, capture_layer_inputs, quantize_layers
+from llmq.job.plan import plan
+from llmq.job.runner import quantize
+from llmq.runtime.loader import load_model
 
 CALIB = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(1))
 

@@ -8,10 +8,10 @@ import yaml
 from helpers import shared_path
 from test_streaming import make_model
 
-import llmq.api
-from llmq.api import quantize, quantize_to_disk, save
+import llmq.job.runner
 from llmq.cli import main
 from llmq.config import Recipe
+from llmq.job.runner import quantize, quantize_to_disk, save
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_only_the_models_shards_are_safetensors_files(model, tmp_path, case):
         save(quantize(r), r) if writer == "memory" else quantize_to_disk(r)
         weight_files_are_the_index(tmp_path / writer)
         if case["method"].startswith("awq"):  # the search artifact is there, for --apply-awq, under another name
-            assert (tmp_path / writer / llmq.api.AWQ_SEARCH_FILE).is_file()
+            assert (tmp_path / writer / llmq.job.plan.AWQ_SEARCH_FILE).is_file()
 
 
 REFUSED = [
@@ -64,7 +64,7 @@ REFUSED = [
 def test_bad_combinations_fail_before_any_work(model, tmp_path, monkeypatch, capsys, argv, message):
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration ran before the settings were checked")
-    monkeypatch.setattr(llmq.api, "get_calibration", no_calibration)
+    monkeypatch.setattr(llmq.job.runner, "get_calibration", no_calibration)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"model": str(model), "group": 64}))
     (tmp_path / "d.yaml").write_text(yaml.safe_dump({"model": str(model), "compute_dtype": "float16"}))
     argv = [a.format(recipe=tmp_path / "r.yaml", dtype_recipe=tmp_path / "d.yaml") for a in argv]
@@ -92,7 +92,7 @@ def test_a_model_with_no_linear_the_layout_can_hold_is_refused_before_any_work(t
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration ran before the shapes were checked")
-    monkeypatch.setattr(llmq.api, "get_calibration", no_calibration)
+    monkeypatch.setattr(llmq.job.runner, "get_calibration", no_calibration)
     out = tmp_path / "q"
     assert main(["quantize", str(odd), "--group-size", "32", "--calib", text(), "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -103,12 +103,12 @@ def test_a_model_with_no_linear_the_layout_can_hold_is_refused_before_any_work(t
 
 def test_linears_the_layout_cannot_hold_are_counted_in_the_plan_and_stay_fp(tmp_path, caplog):
     """gate/up/down of a 64 x 80 MLP cannot be packed, attention can: the plan says so, the run keeps them FP."""
-    from llmq.api import plan
+    from llmq.job.plan import plan
 
     m = make_model(tmp_path / "m", hidden_size=64, intermediate_size=80, num_hidden_layers=2)
     r = Recipe.from_dict(dict(model=str(m), out=str(tmp_path / "q"), bits=4, group_size=32, calib=text(),
                               nsamples=4, seqlen=32))
-    with caplog.at_level("WARNING", logger="llmq.api"):
+    with caplog.at_level("WARNING", logger="llmq.job.plan"):
         plan(r)
     assert "6 of 14 linears stay in full precision" in caplog.text and "is 80 x 64" in caplog.text
     quantize_to_disk(r)

@@ -2,9 +2,9 @@ import pytest
 import torch
 from helpers import shared_path
 
+from llmq.algorithms.quant import dequantize, natural_g_idx, quantize, row_qparams, rtn_quantize
 from llmq.config import QuantConfig
 from llmq.errors import ConfigError
-from llmq.quant import dequantize, natural_g_idx, quantize, row_qparams, rtn_quantize
 
 SHAPES = [(8, 64), (16, 172), (3, 33), (32, 256)]
 
@@ -98,7 +98,7 @@ def test_bad_settings_are_named(kwargs, message):
 
 def mse_search_reference(w, bits, sym, grid=100, maxshrink=0.8, norm=2.4):
     """The reference GPTQ code's search, one shrink factor at a time (the slow, obvious version)."""
-    from llmq.quant import _minmax_qparams, quantize
+    from llmq.algorithms.quant import _minmax_qparams, quantize
 
     maxq = 2**bits - 1
     zeros = torch.zeros(w.shape[0])
@@ -130,7 +130,7 @@ def test_batched_mse_search_equals_the_one_at_a_time_reference(shape, bits, sym)
 
 def _shrunk_error(row, lo, hi, i, bits, sym, grid=100, norm=2.4):
     """``sum |row - Q(row)|^norm`` of one row, its range shrunk by ``1 - i/grid``; and that range's scale, zero."""
-    from llmq.quant import _minmax_qparams, quantize
+    from llmq.algorithms.quant import _minmax_qparams, quantize
 
     maxq, p = 2**bits - 1, 1 - i / grid
     s, z = _minmax_qparams((p * lo)[None], (p * hi)[None], maxq, sym)

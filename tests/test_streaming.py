@@ -14,10 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-import llmq.pipeline
-from llmq.api import quantize, quantize_to_disk, save
+import llmq.job.pipeline
 from llmq.config import Recipe
 from llmq.errors import CheckpointError, ConfigError
+from llmq.job.runner import quantize, quantize_to_disk, save
 
 
 def make_model(folder: Path, seed: int = 0, **shape) -> Path:
@@ -63,12 +63,12 @@ def test_streaming_writes_the_bytes_of_the_in_memory_reference(small, tmp_path, 
 
 def test_offloaded_activations_give_the_same_bytes(small, tmp_path, monkeypatch):
     used = []
-    allocate = llmq.pipeline.allocate_activations
+    allocate = llmq.job.pipeline.allocate_activations
 
     def spy(shape, dtype, device, offload_dir=None, name="hidden"):
         used.append(offload_dir)
         return allocate(shape, dtype, device, offload_dir, name)
-    monkeypatch.setattr(llmq.pipeline, "allocate_activations", spy)
+    monkeypatch.setattr(llmq.job.pipeline, "allocate_activations", spy)
     quantize_to_disk(recipe(small, tmp_path / "ram"))
     assert used == [None]
     quantize_to_disk(recipe(small, tmp_path / "disk"), offload_activations=tmp_path / "acts")
@@ -101,13 +101,13 @@ def test_an_unfinished_run_with_other_settings_is_not_resumed(small, tmp_path):
 
 def test_a_run_started_in_another_environment_starts_afresh(small, tmp_path, monkeypatch, caplog):
     """Same settings, other torch version (or device, dtype, batch size): resuming would not give the same bytes."""
-    import llmq.api
+    import llmq.job.runner
 
-    real = llmq.api._environment
-    monkeypatch.setattr(llmq.api, "_environment", lambda *a: {**real(*a), "torch": "0.0-elsewhere"})
+    real = llmq.job.runner._environment
+    monkeypatch.setattr(llmq.job.runner, "_environment", lambda *a: {**real(*a), "torch": "0.0-elsewhere"})
     r = recipe(small, tmp_path / "q")
     with pytest.raises(KeyboardInterrupt):  # stopped after its first layer, as a kill would
-        monkeypatch.setattr(llmq.api, "kill_point", lambda name: (_ for _ in ()).throw(KeyboardInterrupt)
+        monkeypatch.setattr(llmq.job.runner, "kill_point", lambda name: (_ for _ in ()).throw(KeyboardInterrupt)
                             if name == "layer.committed" else None)
         quantize_to_disk(r)
     state = json.loads((tmp_path / ".q.partial" / "progress.json").read_text())
@@ -153,8 +153,8 @@ def test_bad_inputs_are_refused_with_the_fix(small, tmp_path):
 # state), which says nothing about memory held as layers go by; one process's later layers against its first do.
 MEASURE = r"""
 import json, sys, threading
-import llmq.pipeline
-from llmq.api import quantize_to_disk
+import llmq.job.pipeline
+from llmq.job.runner import quantize_to_disk
 from llmq.config import Recipe
 
 def anon():
@@ -168,12 +168,12 @@ before, layer_peaks, done = anon(), [0], threading.Event()
 def sample():
     while not done.wait(0.002):
         layer_peaks[-1] = max(layer_peaks[-1], anon() - before)
-solved = llmq.pipeline.kill_point
+solved = llmq.job.pipeline.kill_point
 def layer_solved(name, *args):
     if name == "layer.solved":
         layer_peaks.append(anon() - before)  # the next layer's peak starts from here
     solved(name, *args)
-llmq.pipeline.kill_point = layer_solved
+llmq.job.pipeline.kill_point = layer_solved
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
 quantize_to_disk(recipe)
@@ -213,7 +213,7 @@ def test_peak_memory_grows_far_less_than_the_extra_layers(tmp_path, report):
     assert measured["whole_run"] < size  # less than the model itself, calibration text and tokenizer included
 
 
-# Named points (llmq/killpoints.py) spread over a run of the 3-layer model, which writes its head (the
+# Named points (llmq/utils/killpoints.py) spread over a run of the 3-layer model, which writes its head (the
 # embedding: spool write 1), then 30 tensors per layer, then the tail and the final shards.
 # Each point with the layers its kill leaves committed (None: no state at all).
 KILL_POINTS = {
@@ -306,11 +306,11 @@ def test_a_mixed_precision_run_killed_between_layers_resumes_with_the_widths_it_
 
 
 def test_a_run_killed_while_writing_its_final_files_starts_again(small, tmp_path, monkeypatch):
-    import llmq.api
+    import llmq.job.runner
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # after the spool became shards: the committed state cannot resume
-    monkeypatch.setattr(llmq.api, "write_metadata", killed)
+    monkeypatch.setattr(llmq.job.runner, "write_metadata", killed)
     with pytest.raises(KeyboardInterrupt):
         quantize_to_disk(recipe(small, tmp_path / "q"))
     assert (tmp_path / ".q.partial" / "progress.json").exists() and not (tmp_path / "q").exists()

@@ -14,7 +14,7 @@ from helpers import shared_path
 
 from llmq.cli import main as cli_main
 from llmq.errors import ConfigError
-from llmq.table import PLOT_DPI, PLOT_INCHES, Cell, TableSpec, grid, markdown, parse_methods, plot
+from llmq.eval.table import PLOT_DPI, PLOT_INCHES, Cell, TableSpec, grid, markdown, parse_methods, plot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_a_table_killed_after_its_first_cell_skips_it_and_ends_with_the_same_tab
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [r["name"] for r in records(out)] == ["FP", "W4 g32 RTN"]
     assert not (out / "table.md").exists()
-    with caplog.at_level(logging.INFO, logger="llmq.table"):
+    with caplog.at_level(logging.INFO, logger="llmq.eval.table"):
         assert cli_main(table_args(out)) == 0
     skipped = [r.getMessage() for r in caplog.records if "finished in an earlier run" in r.getMessage()]
     assert skipped == ["FP: finished in an earlier run, skipped", "W4 g32 RTN: finished in an earlier run, skipped"]
@@ -102,7 +102,7 @@ def test_without_matplotlib_the_table_is_written_and_the_plot_skipped(monkeypatc
     rows = [{"name": "FP", "cell": {"method": "fp", "bits": None, "group_size": None, "extra": []},
              "bits_per_weight": 16.0, "metrics": {"wikitext2": 5.47}}]
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    with caplog.at_level(logging.WARNING, logger="llmq.table"):
+    with caplog.at_level(logging.WARNING, logger="llmq.eval.table"):
         assert plot(rows, tmp_path / "plot.png") is False
     assert "pip install 'llmq[plot]'" in caplog.text and not (tmp_path / "plot.png").exists()
     assert "| FP | 5.470 | 16.000 |" in markdown(rows)

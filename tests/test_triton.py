@@ -13,8 +13,8 @@ try:
 except ImportError:  # a test dependency: fail, do not skip
     pytest.fail("triton is not installed: pip install -e '.[test]' installs it", pytrace=False)
 
-from llmq.kernels import KERNELS, choose
-from llmq.kernels.gpu import TRITON_MAX_ROWS
+from llmq.runtime.kernels import KERNELS, choose
+from llmq.runtime.kernels.gpu import TRITON_MAX_ROWS
 
 pytestmark = pytest.mark.triton
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,7 +44,7 @@ def test_triton_equals_the_reference(bits, gs, sym, fmt, act):
 
 def test_the_dequantize_kernel_is_exact():
     """Dequantized by Triton, the weight is bit for bit the reference's (float32 arithmetic in both)."""
-    from llmq.kernels.triton_kernels import dequantize
+    from llmq.runtime.kernels.triton_kernels import dequantize
 
     for bits in (2, 3, 4, 8):
         layer = packed_layer(bits, 32, act_order=True)

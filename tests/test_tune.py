@@ -1,4 +1,4 @@
-"""Block-wise reconstruction (llmq/tune.py): the learnable grid, the tuning loop, and the method in the pipeline."""
+"""Block-wise reconstruction (llmq/algorithms/tune.py): the learnable grid, the tuning loop, and the method in the pipeline."""
 
 import dataclasses
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 from helpers import shared_path, tiny_model
 
+from llmq.algorithms.quant import QuantizedWeight, rtn_quantize
+from llmq.algorithms.tune import TunableWeight, into_cells, round_ste, tune_block
 from llmq.config import QuantConfig
-from llmq.e2e import quantize_model
 from llmq.errors import ConfigError
-from llmq.pipeline import quantize_layers
-from llmq.quant import QuantizedWeight, rtn_quantize
-from llmq.tune import TunableWeight, into_cells, round_ste, tune_block
+from llmq.job.e2e import quantize_model
+from llmq.job.pipeline import quantize_layers
 
 
 def test_round_ste_rounds_forward_and_passes_the_gradient_through():
@@ -106,16 +106,16 @@ def test_tune_settings_are_validated():
 
 def test_tune_seed_offsets_each_layers_window_draws(monkeypatch):
     """Layer i draws with ``tune_seed + i``: the same seed gives the same codes, another seed other draws."""
-    import llmq.methods
+    import llmq.job.methods
 
     seeds = []
-    real = llmq.methods.tune_block
+    real = llmq.job.methods.tune_block
 
     def recording(*args, seed=0, **kwargs):
         seeds.append(seed)
         return real(*args, seed=seed, **kwargs)
 
-    monkeypatch.setattr(llmq.methods, "tune_block", recording)
+    monkeypatch.setattr(llmq.job.methods, "tune_block", recording)
     torch.manual_seed(0)
     ids = torch.randint(0, tiny_model("llama").config.vocab_size, (8, 16))
 
@@ -219,9 +219,10 @@ def test_the_end_to_end_phase_lowers_the_models_kl_to_fp_deterministically():
 
 
 def test_end_to_end_settings_are_validated_and_refused_where_the_model_is_streamed(tmp_path, monkeypatch):
-    from llmq.api import plan, quantize_to_disk
     from llmq.config import Recipe
-    from llmq.distributed import Ranks, check_distributed
+    from llmq.job.distributed import Ranks, check_distributed
+    from llmq.job.plan import plan
+    from llmq.job.runner import quantize_to_disk
 
     with pytest.raises(ConfigError, match="e2e_batch=0"):
         QuantConfig(e2e_steps=10, e2e_batch=0)
@@ -234,9 +235,9 @@ def test_end_to_end_settings_are_validated_and_refused_where_the_model_is_stream
     with pytest.raises(ConfigError, match="does not stream"):
         quantize_to_disk(recipe)
     assert not (tmp_path / "q").exists()
-    import llmq.api
+    import llmq.job.runner
 
-    monkeypatch.setattr(llmq.api, "activation_budget", lambda device: 2**20)  # 2 MiB free: the phase cannot fit
+    monkeypatch.setattr(llmq.job.runner, "activation_budget", lambda device: 2**20)  # 2 MiB free: the phase cannot fit
     with pytest.raises(ConfigError, match="holds the whole model at once"):
         plan(recipe)
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..errors import UnsupportedArchitectureError
-from .discover import discover_arch
-from .spec import ArchSpec, ExpertNames, MoESpec, Rows, ScaleGroup, SparseLayers
-from .table import ARCHITECTURES
+from llmq.arch.discover import discover_arch
+from llmq.arch.spec import ArchSpec, ExpertNames, MoESpec, Rows, ScaleGroup, SparseLayers
+from llmq.arch.table import ARCHITECTURES
+from llmq.errors import UnsupportedArchitectureError
 
 __all__ = ["ARCHITECTURES", "ArchSpec", "ExpertNames", "MoESpec", "Rows", "ScaleGroup", "SparseLayers", "arch_for",
            "discover_arch", "disk_namer", "get_arch", "get_layers", "layer_linears", "model_namer", "resolve_arch"]

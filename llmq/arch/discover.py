@@ -16,9 +16,9 @@ import logging
 import torch
 import torch.nn as nn
 
-from ..errors import UnsupportedArchitectureError
-from .spec import ArchSpec
-from .table import ARCHITECTURES
+from llmq.arch.spec import ArchSpec
+from llmq.arch.table import ARCHITECTURES
+from llmq.errors import UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
 

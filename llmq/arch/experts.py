@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import UnsupportedArchitectureError
-from .spec import ArchSpec, ExpertNames
+from llmq.arch.spec import ArchSpec, ExpertNames
+from llmq.errors import UnsupportedArchitectureError
 
 
 class Expert(nn.Module):
@@ -47,7 +47,7 @@ class Expert(nn.Module):
 @contextlib.contextmanager
 def _weights_in(dtype: torch.dtype, linears: tuple[nn.Module, ...]) -> Iterator[None]:
     """Within this context ``linears``' weights are copies in ``dtype``; the stored tensors are put back after, as
-    they were. A bf16 model's experts computing in float32 (``llmq.device.compute_in`` leaves them) are thus cast
+    they were. A bf16 model's experts computing in float32 (``llmq.utils.device.compute_in`` leaves them) are thus cast
     one expert at a time, not a whole layer's at once (Qwen3-30B-A3B: 2.4 GB of float32 a layer against 1.2)."""
     held = [(m.weight, m.weight.data) for m in linears  # not a packed kernel's (a loaded checkpoint's) codes
             if isinstance(m, nn.Linear) and m.weight.is_floating_point() and m.weight.dtype != dtype]
@@ -114,7 +114,7 @@ class ExpertLinears(nn.ModuleList):
                 self[e](hidden_states[token_idx[token_idx >= fill]], down=False)
                 continue
             elif self.fill_tokens is None:  # every token of every call: one input object for all of them, whose
-                # statistics are the same and are summed once (llmq.methods.SharedHessians tells them by identity)
+                # statistics are the same and are summed once (llmq.job.methods.SharedHessians tells them by identity)
                 x, back = hidden_states, token_idx
             else:  # the first ``fill`` tokens, then the routed ones after them: a tensor of its own for each expert,
                 # even when it is every token, since a later call gives each its own rows (sharing must not join

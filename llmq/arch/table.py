@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .spec import ArchSpec, ExpertNames, MoESpec, Rows, ScaleGroup, SparseLayers, with_moe
+from llmq.arch.spec import ArchSpec, ExpertNames, MoESpec, Rows, ScaleGroup, SparseLayers, with_moe
 
 # LLaMA-style decoder: pre-norm attention then a gated MLP. q/k/v read the same normed input,
 # o reads the attention output, gate/up read the same normed input, down reads act(gate) * up.
