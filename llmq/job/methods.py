@@ -69,6 +69,12 @@ class LayerJob:
     # torch.distributed: this rank's place; ``observe`` sees only its windows, so statistics are summed across
     # ranks before they are used, and the solves are shared out (llmq.job.distributed)
     ranks: Ranks = SINGLE
+    # what the layer's progress line says of it (llmq.utils.timing.LayerProgress): the methods' losses
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def add_loss(self, what: str, loss: float) -> None:
+        """Add ``loss`` to the layer's summary under ``what`` (summed over its linears)."""
+        self.summary[what] = self.summary.get(what, 0.0) + float(loss)
 
     def cfg_for(self, linear: str) -> QuantConfig:
         """The settings ``linear`` is quantized with: its own width's in a mixed-precision run, else ``cfg``."""
@@ -397,6 +403,7 @@ def _gptq_joint(job: LayerJob, linears: dict[str, nn.Linear], hessians: SharedHe
     res = gptq_quantize(W, hessians.hessian(names[0], users=len(names)), job.cfg_for(names[0]))
     del W
     log.info("layer %d %-22s loss %.5g damp %.3g", job.index, " ".join(names), res.loss, res.damp)
+    job.add_loss("GPTQ loss", res.loss)
     if len(names) == 1:
         return {names[0]: res.weight}
     bounds = itertools.pairwise(itertools.accumulate((p.shape[0] for p in parts), initial=0))
@@ -653,6 +660,7 @@ def tune_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     log.info("layer %d: block output MSE %.5g -> %.5g%s", job.index, res.loss_before, res.loss_after,
              " (kept the start: tuning did not lower it)" if res.kept_start else "")
     job.note(f"tune_loss/{job.prefix.rstrip('.')}", {"before": res.loss_before, "after": res.loss_after})
+    job.summary["block output MSE"] = f"{res.loss_before:.4g} -> {res.loss_after:.4g}"
     for name, qw in res.weights.items():
         write_back(job.layer.get_submodule(name), qw)
     return res.weights

@@ -41,7 +41,7 @@ from llmq.job.mixed import (
 )
 from llmq.utils.device import cast_tensors, compute_in, exact_float32, forward_dtype, resolve_device
 from llmq.utils.killpoints import kill_point
-from llmq.utils.timing import StageTimes
+from llmq.utils.timing import LayerProgress, StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -460,6 +460,7 @@ def quantize_layers(
         fp_outputs = allocate_activations(tuple(hidden.shape), hidden.dtype, hidden.device, offload_dir, "fp_outputs")
 
     all_results: LayerResults = {}
+    progress = LayerProgress(n_layers, start, enabled=ranks.writes)
     for index in tqdm(range(start, n_layers), desc=f"{cfg.method} W{cfg.bits}", unit="layer",
                       initial=start, total=n_layers, disable=None if ranks.writes else True):
         with timer("load"):
@@ -502,6 +503,8 @@ def quantize_layers(
             else:
                 all_results.update(layer_results)
         source.release_layer(index, layer)
+        progress.step(index, f"{cfg.method}" + "".join(
+            f", {k} {v:.4g}" if isinstance(v, float) else f", {k} {v}" for k, v in job.summary.items()))
         # streamed, this layer's codes are written: drop them now, not when the next layer's job replaces
         # them (a Qwen3-30B-A3B layer's uint8 codes are 604 MB, held through the next layer's load and observe)
         del results, layer_results, job, experts
