@@ -182,7 +182,7 @@ def test_round_to_grid_is_nearest(name):
     other = make_weights(rows=4, seed=8) * 1.3
     codes = ggml.round_to_grid(other, grid)
     scale, mins = (t.repeat_interleave(spec.sub, 1) for t in ggml.grid_scales(grid))
-    every = scale[..., None] * spec.levels.by_code - mins[..., None]  # [rows, cols, codes]: each value a weight has
+    every = scale[..., None] * ggml.code_levels(name) - mins[..., None]  # [rows, cols, codes]: each value a weight has
     best = (every - other[..., None]).abs().min(-1).values
     chosen = (ggml.dequantize_grid(ggml.GgmlGrid(name, codes, grid.d, grid.dmin, grid.sc, grid.mc)) - other).abs()
     assert torch.equal(chosen, best)
@@ -205,6 +205,13 @@ def test_columns_not_a_multiple_of_the_block_size(name):
                  lambda: ggml.decode_codes(b"", name, w.shape), lambda: ggml.dequantize(b"", name, w.shape)):
         with pytest.raises(ConfigError, match=f"block size {block}"):
             call()
+
+
+def test_code_levels():
+    assert ggml.code_levels("Q4_0").tolist() == list(range(-8, 8))
+    assert ggml.code_levels("Q8_0")[[0, 127, 128, 255]].tolist() == [0, 127, -128, -1]  # the int8 byte
+    assert ggml.code_levels("IQ4_NL").tolist()[:3] == [-127, -104, -83]
+    assert ggml.code_levels("Q4_K").tolist() == list(range(16))
 
 
 def test_bad_input():

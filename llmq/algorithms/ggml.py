@@ -316,6 +316,11 @@ class GgmlGrid:
         return tuple(self.codes.shape)
 
 
+def code_levels(ggml_type: GgmlType) -> Tensor:
+    """float32 ``[2^bits]``: the level each code stands for (``code - 8`` for Q4_0, ``kvalues_iq4nl`` for IQ4_NL)."""
+    return ggml_spec(ggml_type).levels.by_code.clone()
+
+
 def grid_scales(grid: GgmlGrid) -> tuple[Tensor, Tensor]:
     """Each sub-block's effective float32 ``scale`` and ``min``, ``[rows, cols // sub]``: weight ``j`` of a row
     is ``scale[j // sub] * level(code) - min[j // sub]``. The products are formed as ggml's dequantizers form
@@ -353,7 +358,7 @@ def round_to_grid(w: Tensor, grid: GgmlGrid, col_start: int = 0) -> Tensor:
     """
     spec = grid.spec
     rows, cols = grid.codes.shape
-    k = w.shape[1]
+    k = w.shape[-1]
     if w.dim() != 2 or w.shape[0] != rows or not 0 <= col_start <= cols - k:
         raise ConfigError(f"round_to_grid: weights of shape {tuple(w.shape)} at column {col_start} do not fit a "
                           f"{spec.name} grid of shape {(rows, cols)}")
@@ -772,6 +777,6 @@ def row_bytes(ggml_type: GgmlType, cols: int) -> int:
     return cols // spec.block * spec.type_size
 
 
-__all__ = ["GGML_TYPES", "GgmlGrid", "GgmlSpec", "QK_K", "decode_codes", "dequantize", "dequantize_grid", "encode",
-           "ggml_spec", "grid_scales", "quantize", "round_to_grid", "row_bytes", "rtn_grid", "search_scales",
-           "search_weights"]
+__all__ = ["GGML_TYPES", "GgmlGrid", "GgmlSpec", "QK_K", "code_levels", "decode_codes", "dequantize",
+           "dequantize_grid", "encode", "ggml_spec", "grid_scales", "quantize", "round_to_grid", "row_bytes",
+           "rtn_grid", "search_scales", "search_weights"]
