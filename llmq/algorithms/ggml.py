@@ -315,6 +315,22 @@ class GgmlGrid:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    def dequantize(self) -> Tensor:
+        """The float32 weights (as :class:`~llmq.algorithms.quant.QuantizedWeight` gives its own)."""
+        return dequantize_grid(self)
+
+    def _map(self, fn) -> GgmlGrid:
+        parts = {name: None if getattr(self, name) is None else fn(getattr(self, name))
+                 for name in ("codes", "d", "dmin", "sc", "mc")}
+        return GgmlGrid(self.type, **parts)
+
+    def to(self, device: torch.device | str) -> GgmlGrid:
+        return self._map(lambda t: t.to(device))
+
+    def row_slice(self, start: int, stop: int) -> GgmlGrid:
+        """Rows ``start:stop`` (a copy)."""
+        return self._map(lambda t: t[start:stop].clone())
+
 
 def code_levels(ggml_type: GgmlType) -> Tensor:
     """float32 ``[2^bits]``: the level each code stands for (``code - 8`` for Q4_0, ``kvalues_iq4nl`` for IQ4_NL)."""

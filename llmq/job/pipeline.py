@@ -391,6 +391,7 @@ def quantize_layers(
     widths: Widths | None = None,
     ranks: Ranks = SINGLE,
     work_dtype: torch.dtype | None = None,
+    ggml_types: dict[str, str] | None = None,
 ) -> LayerResults:
     """Quantize every decoder layer's linears with ``cfg.method``; returns all quantized weights.
 
@@ -419,6 +420,9 @@ def quantize_layers(
 
     torch.distributed (``ranks``, :mod:`llmq.job.distributed`): every rank passes all of ``input_ids`` and runs its
     share of the windows; the activations handed to ``sink`` and ``resume_hidden`` are that share.
+
+    GGUF (``ggml_types``, by full linear name): those linears are rounded onto llama.cpp's grid of that type
+    (:mod:`llmq.algorithms.ggml`), and their results are grids (:class:`~llmq.algorithms.ggml.GgmlGrid`).
 
     The model and the activations stay in their dtype; each layer computes in ``work_dtype`` (default:
     :func:`llmq.utils.device.forward_dtype`'s choice), cast up while it is worked on and back before the sink gets it.
@@ -486,7 +490,9 @@ def quantize_layers(
                        record=record, awq_state=awq_state, timer=timer, windows=hidden.shape[0],
                        seqlen=hidden.shape[1], experts=experts, note=note, inputs=hidden, targets=teacher,
                        widths={name: cfg.at(widths[prefix + name]) for g in groups for name in g
-                               if prefix + name in widths}, ranks=ranks)
+                               if prefix + name in widths}, ranks=ranks,
+                       ggml_types={name: (ggml_types or {})[prefix + name] for g in groups for name in g
+                                   if prefix + name in (ggml_types or {})})
         results = method(job)
         kill_point("layer.solved")
         with timer("propagate"):
