@@ -11,6 +11,7 @@ import sys
 from llmq.config import COMPUTE_DTYPES, METHODS, RANGE_SEARCHES
 from llmq.errors import LlmqError
 from llmq.runtime.kernels import KERNEL_CHOICES
+from llmq.utils.timing import PROGRESS_LOGGER
 
 log = logging.getLogger("llmq")
 
@@ -360,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # a long run says where it is, one line per layer, whether the output is a terminal or a log file
+    logging.getLogger(PROGRESS_LOGGER).setLevel(logging.INFO)
     commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info,
                 "demo": cmd_demo, "table": cmd_table}
     try:

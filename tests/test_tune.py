@@ -1,4 +1,5 @@
-"""Block-wise reconstruction (llmq/algorithms/tune.py): the learnable grid, the tuning loop, and the method in the pipeline."""
+"""Block-wise reconstruction (llmq/algorithms/tune.py): the learnable grid, the tuning loop, and the method in the
+pipeline."""
 
 import dataclasses
 

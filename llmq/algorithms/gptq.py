@@ -8,7 +8,9 @@ Hessian (Algorithm 1). Pure tensors in, codes and quantization parameters out.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -59,9 +61,22 @@ class HessianAccumulator:
         return H.to(torch.float32)
 
 
+class Rounder(Protocol):
+    """What :func:`gptq_pass` rounds columns with: a grid whose parameters are fitted block by block."""
+
+    fit_every: int | None  # columns per fitted block (None: every parameter fitted before the pass)
+    align: int | None  # lazy blocks are a multiple of this many columns (None: any size)
+
+    def fit(self, col: int, src: torch.Tensor) -> None: ...
+
+    def round(self, col: int, w: torch.Tensor) -> torch.Tensor: ...
+
+    def result(self, invperm: torch.Tensor | None) -> Any: ...
+
+
 @dataclass
 class GPTQResult:
-    weight: QuantizedWeight
+    weight: Any  # a QuantizedWeight, or what the rounder gives (llmq.algorithms.ggml_gptq: a GGUF grid)
     loss: float  # sum over columns of (w - q)^2 / [H^-1]_jj^2 / 2, the paper's objective increase
     damp: float  # the damping actually added to diag(H)
     fell_back_to_rtn: bool = False
@@ -101,6 +116,53 @@ def _block_size(block_size: int, group_size: int, n_groups: int) -> int:
     return group_size
 
 
+class UniformRounder:
+    """GPTQ's columns onto the integer grid of :class:`~llmq.algorithms.quant.QuantizedWeight`: per group a scale
+    and zero point, ``w ~ scale * (code - zero)``, fitted from the updated weights when the pass reaches the group's
+    first column (or from the original weights up front, ``static_groups``)."""
+
+    def __init__(self, W: torch.Tensor, cfg: QuantConfig, perm: torch.Tensor | None):
+        rows, cols = W.shape
+        self.cfg, self.gs = cfg, cfg.group_size if cfg.group_size > 0 else cols
+        n_groups = -(-cols // self.gs)
+        if cfg.static_groups:
+            self.scales, self.zeros = group_qparams(W, cfg)
+            self.g_idx = natural_g_idx(cols, self.gs, W.device)
+            self.col_group = (self.g_idx[perm] if perm is not None else self.g_idx).tolist()
+        else:
+            self.scales = torch.zeros(rows, n_groups, device=W.device)
+            self.zeros = torch.zeros(rows, n_groups, device=W.device)
+            self.col_group = [c // self.gs for c in range(cols)]  # groups follow the quantization order
+            g_idx = torch.tensor(self.col_group, dtype=torch.int32, device=W.device)
+            self.g_idx = g_idx[torch.argsort(perm)] if perm is not None else g_idx
+        self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+        self.fit_every = None if cfg.static_groups else self.gs
+        self.align = None if n_groups == 1 else self.gs
+        self.g_prev = -1
+
+    def fit(self, col: int, src: torch.Tensor) -> None:
+        """The group starting at (quantization-order) column ``col`` takes its parameters from ``src``."""
+        g = col // self.gs
+        self.scales[:, g], self.zeros[:, g] = row_qparams(src, self.cfg.bits, self.cfg.sym, self.cfg.mse,
+                                                          search=self.cfg.range_search)
+        self.g_prev = -1
+
+    def round(self, col: int, w: torch.Tensor) -> torch.Tensor:
+        """Round column ``col`` (quantization order), keep its codes, return its dequantized values."""
+        g = self.col_group[col]
+        if g != self.g_prev:
+            self.scale, self.zero, self.g_prev = self.scales[:, g].contiguous(), self.zeros[:, g].contiguous(), g
+        q = quantize(w, self.scale, self.zero, self.cfg.maxq)
+        self.codes[:, col] = q
+        return q.sub_(self.zero).mul_(self.scale)
+
+    def result(self, invperm: torch.Tensor | None) -> QuantizedWeight:
+        cfg = self.cfg
+        codes = self.codes[:, invperm] if invperm is not None else self.codes
+        return QuantizedWeight(codes, self.scales, self.zeros.to(torch.uint8), self.g_idx, cfg.bits, cfg.group_size,
+                               cfg.sym)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
     """Quantize ``W [out, in]`` given ``H [in, in] = 2 X X^T`` of its calibration inputs.
 
@@ -108,10 +170,19 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
     ``diag H``) and static groups (group parameters from the original weights, natural ``g_idx``,
     so act-order needs no reordering at inference).
     """
+    return gptq_pass(W, H, cfg.act_order, cfg.damp_percent, cfg.block_size,
+                     lambda W, perm: UniformRounder(W, cfg, perm), fallback=lambda W: rtn_quantize(W, cfg))
+
+
+def gptq_pass(W: torch.Tensor, H: torch.Tensor, act_order: bool, damp_percent: float, block_size: int,
+              rounder_for: Callable[[torch.Tensor, torch.Tensor | None], Rounder],
+              fallback: Callable[[torch.Tensor], Any]) -> GPTQResult:
+    """GPTQ's column pass (Algorithm 1) onto any grid: ``rounder_for(W, perm)`` gives the rounder, which fits a
+    group's (or GGUF block's) parameters when the pass reaches its first column (every ``rounder.fit_every``
+    columns; None: all fitted up front) and rounds each column. ``fallback(W)`` quantizes without H (RTN) when
+    even the largest damping leaves H singular."""
     W = W.float() if W.dtype != torch.float32 else W.clone()
     rows, cols = W.shape
-    gs = cfg.group_size if cfg.group_size > 0 else cols
-    n_groups = -(-cols // gs)
 
     dead = torch.diag(H) == 0  # inputs that were always zero: any value is free, use 0
     if dead.any():
@@ -119,62 +190,42 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
         H[dead, dead] = 1
         W[:, dead] = 0
 
-    if cfg.act_order:
+    if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        Hinv, damp = inverse_cholesky(H[perm[:, None], perm], cfg.damp_percent)
+        Hinv, damp = inverse_cholesky(H[perm[:, None], perm], damp_percent)
     else:
         perm = None
-        Hinv, damp = inverse_cholesky(H.float(), cfg.damp_percent)
+        Hinv, damp = inverse_cholesky(H.float(), damp_percent)
     del H  # frees it when the caller passed its only reference (a 485 MB matrix for an 11008-wide input)
     if Hinv is None:
         log.warning(
             "GPTQ: H is not positive definite even with damp %.3g; this module falls back to RTN "
             "(more or more varied calibration text usually fixes this)", damp,
         )
-        return GPTQResult(rtn_quantize(W, cfg), float("nan"), damp, fell_back_to_rtn=True)
+        return GPTQResult(fallback(W), float("nan"), damp, fell_back_to_rtn=True)
     invperm = torch.argsort(perm) if perm is not None else None
 
-    if cfg.static_groups:
-        scales, zeros = group_qparams(W, cfg)
-        g_idx = natural_g_idx(cols, gs, W.device)
-        col_group = (g_idx[perm] if perm is not None else g_idx).tolist()  # group of each quantized column
-    else:
-        scales = torch.zeros(rows, n_groups, device=W.device)
-        zeros = torch.zeros(rows, n_groups, device=W.device)
-        col_group = [c // gs for c in range(cols)]  # groups follow the quantization order
-        g_idx = torch.tensor(col_group, dtype=torch.int32, device=W.device)
-        if invperm is not None:
-            g_idx = g_idx[invperm]
-
+    rounder = rounder_for(W, perm)
     if perm is not None:
         W = W[:, perm]
-    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
     loss = torch.zeros((), device=W.device)
-    bs = _block_size(cfg.block_size, gs, n_groups)
+    every = rounder.fit_every
+    bs = _block_size(block_size, rounder.align or cols, 1 if rounder.align is None else 2)
     # group starts must fall on sub-block boundaries, so their columns are fully updated when read
-    sub = SUB_BLOCK if cfg.static_groups or n_groups == 1 or gs % SUB_BLOCK == 0 else 1
+    sub = SUB_BLOCK if every is None or rounder.align is None or every % SUB_BLOCK == 0 else 1
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d_all = torch.diag(Hinv1).tolist()
-        g_prev = -1
         for i in range(i2 - i1):
             col = i1 + i
-            if not cfg.static_groups and col % gs == 0:
-                end = min(col + gs, cols)  # groups never straddle a block, unless they start one
-                src = W1[:, i : end - i1] if end <= i2 else W[:, col:end]
-                scales[:, col // gs], zeros[:, col // gs] = row_qparams(src, cfg.bits, cfg.sym, cfg.mse,
-                                                                        search=cfg.range_search)
-                g_prev = -1
-            g = col_group[col]
-            if g != g_prev:
-                scale, zero, g_prev = scales[:, g].contiguous(), zeros[:, g].contiguous(), g
+            if every is not None and col % every == 0:
+                end = min(col + every, cols)  # groups never straddle a block, unless they start one
+                rounder.fit(col, W1[:, i : end - i1] if end <= i2 else W[:, col:end])
             w = W1[:, i]
-            q = quantize(w, scale, zero, cfg.maxq)
-            codes[:, col] = q
-            err = w.sub(q.sub_(zero).mul_(scale)).div_(d_all[i])  # (w - dequantized) / [H^-1]_jj
+            err = w.sub(rounder.round(col, w)).div_(d_all[i])  # (w - dequantized) / [H^-1]_jj
             # rank-1 updates stay inside a sub-block of `sub` columns; the rest of the block gets the
             # sub-block's errors as one matmul (the lazy-batch idea of Sec. 3, applied twice)
             j2 = min((i // sub + 1) * sub, i2 - i1)
@@ -185,9 +236,4 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
                 W1[:, j2:].addmm_(Err1[:, j1:j2], Hinv1[j1:j2, j2:], alpha=-1)
         loss += Err1.pow(2).sum() / 2  # (w - q)^2 / [H^-1]_jj^2 / 2, summed per block
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
-
-    weight = QuantizedWeight(
-        codes[:, invperm] if invperm is not None else codes, scales, zeros.to(torch.uint8), g_idx, cfg.bits,
-        cfg.group_size, cfg.sym,
-    )
-    return GPTQResult(weight, loss.item(), damp)
+    return GPTQResult(rounder.result(invperm), loss.item(), damp)

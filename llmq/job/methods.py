@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 
 from llmq.algorithms.awq import can_fold, fold_scales, search_clip, search_scale
-from llmq.algorithms.gptq import HessianAccumulator, gptq_quantize
+from llmq.algorithms.ggml import GgmlGrid
+from llmq.algorithms.ggml_gptq import gptq_ggml, rtn_ggml
+from llmq.algorithms.gptq import GPTQResult, HessianAccumulator, gptq_quantize
 from llmq.algorithms.quant import QuantizedWeight, rtn_quantize
 from llmq.algorithms.tune import tune_block
 from llmq.arch import ScaleGroup
@@ -69,10 +71,31 @@ class LayerJob:
     # torch.distributed: this rank's place; ``observe`` sees only its windows, so statistics are summed across
     # ranks before they are used, and the solves are shared out (llmq.job.distributed)
     ranks: Ranks = SINGLE
+    # what the layer's progress line says of it (llmq.utils.timing.LayerProgress): the methods' losses
+    summary: dict[str, Any] = field(default_factory=dict)
+    # GGUF runs (llmq.formats.gguf): the llama.cpp type each linear is rounded onto, by name in the layer
+    ggml_types: dict[str, str] = field(default_factory=dict)
+
+    def add_loss(self, what: str, loss: float) -> None:
+        """Add ``loss`` to the layer's summary under ``what`` (summed over its linears)."""
+        self.summary[what] = self.summary.get(what, 0.0) + float(loss)
 
     def cfg_for(self, linear: str) -> QuantConfig:
         """The settings ``linear`` is quantized with: its own width's in a mixed-precision run, else ``cfg``."""
         return self.widths.get(linear, self.cfg)
+
+    def rtn(self, linear: str, W: torch.Tensor) -> QuantizedWeight | GgmlGrid:
+        """Round ``linear``'s weights to nearest on its grid: its GGUF type's (llama.cpp's weighted scale
+        search) in a GGUF run, else its width's."""
+        ggml_type = self.ggml_types.get(linear)
+        return rtn_ggml(W, ggml_type) if ggml_type else rtn_quantize(W, self.cfg_for(linear))
+
+    def gptq(self, linear: str, W: torch.Tensor, H: torch.Tensor) -> GPTQResult:
+        """GPTQ of ``linear``'s (possibly stacked) rows onto its grid, as :meth:`rtn` chooses it."""
+        cfg, ggml_type = self.cfg_for(linear), self.ggml_types.get(linear)
+        if ggml_type:
+            return gptq_ggml(W, H, ggml_type, cfg.act_order, cfg.damp_percent, cfg.block_size)
+        return gptq_quantize(W, H, cfg)
 
     def expert_policies(self) -> dict[str, str]:
         """Expert name -> where its calibration statistics come from: ``"routed"`` (its routed tokens),
@@ -181,7 +204,7 @@ def rtn_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
         for name, module in group.items():
             check_finite(job.prefix + name, module.weight)
             with job.timer("solve"):
-                results[name] = rtn_quantize(module.weight.data, job.cfg_for(name))
+                results[name] = job.rtn(name, module.weight.data)
             write_back(module, results[name])
     return results
 
@@ -345,7 +368,7 @@ def _gptq_group(job: LayerJob, group: dict[str, nn.Linear]) -> dict[str, Quantiz
     for names in _joint_solves(job, group, policy, hessians):
         with job.timer("solve"):
             if policy[names[0]] == "rtn":
-                solved = {names[0]: rtn_quantize(group[names[0]].weight.data, job.cfg_for(names[0]))}
+                solved = {names[0]: job.rtn(names[0], group[names[0]].weight.data)}
                 log.info("layer %d %-22s RTN (no calibration tokens)", job.index, names[0])
             else:  # with several ranks, each solves its share of the rows, and they are gathered
                 solved = _gptq_joint(job, {n: group[n] for n in names}, hessians)
@@ -376,7 +399,7 @@ def _joint_solves(job: LayerJob, group: dict[str, nn.Linear], policy: dict[str, 
         if policy[name] == "rtn":
             solves.append([name])
             continue
-        key = (hessians.owner[name], job.cfg_for(name))
+        key = (hessians.owner[name], job.cfg_for(name), job.ggml_types.get(name))
         size = 4 * module.weight.numel()
         joint, used = open_.get(key, (None, 0))
         if joint is None or used + size > JOINT_BYTES:
@@ -394,9 +417,10 @@ def _gptq_joint(job: LayerJob, linears: dict[str, nn.Linear], hessians: SharedHe
     parts = [m.weight.data[job.ranks.rows(m.out_features)] for m in linears.values()]
     W = parts[0] if len(parts) == 1 else torch.cat(parts)
     # H passed inline: the solver frees it once it has H^-1
-    res = gptq_quantize(W, hessians.hessian(names[0], users=len(names)), job.cfg_for(names[0]))
+    res = job.gptq(names[0], W, hessians.hessian(names[0], users=len(names)))
     del W
     log.info("layer %d %-22s loss %.5g damp %.3g", job.index, " ".join(names), res.loss, res.damp)
+    job.add_loss("GPTQ loss", res.loss)
     if len(names) == 1:
         return {names[0]: res.weight}
     bounds = itertools.pairwise(itertools.accumulate((p.shape[0] for p in parts), initial=0))
@@ -653,6 +677,7 @@ def tune_layer(job: LayerJob) -> dict[str, QuantizedWeight]:
     log.info("layer %d: block output MSE %.5g -> %.5g%s", job.index, res.loss_before, res.loss_after,
              " (kept the start: tuning did not lower it)" if res.kept_start else "")
     job.note(f"tune_loss/{job.prefix.rstrip('.')}", {"before": res.loss_before, "after": res.loss_after})
+    job.summary["block output MSE"] = f"{res.loss_before:.4g} -> {res.loss_after:.4g}"
     for name, qw in res.weights.items():
         write_back(job.layer.get_submodule(name), qw)
     return res.weights

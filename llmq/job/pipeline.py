@@ -41,7 +41,7 @@ from llmq.job.mixed import (
 )
 from llmq.utils.device import cast_tensors, compute_in, exact_float32, forward_dtype, resolve_device
 from llmq.utils.killpoints import kill_point
-from llmq.utils.timing import StageTimes
+from llmq.utils.timing import LayerProgress, StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +391,7 @@ def quantize_layers(
     widths: Widths | None = None,
     ranks: Ranks = SINGLE,
     work_dtype: torch.dtype | None = None,
+    ggml_types: dict[str, str] | None = None,
 ) -> LayerResults:
     """Quantize every decoder layer's linears with ``cfg.method``; returns all quantized weights.
 
@@ -419,6 +420,9 @@ def quantize_layers(
 
     torch.distributed (``ranks``, :mod:`llmq.job.distributed`): every rank passes all of ``input_ids`` and runs its
     share of the windows; the activations handed to ``sink`` and ``resume_hidden`` are that share.
+
+    GGUF (``ggml_types``, by full linear name): those linears are rounded onto llama.cpp's grid of that type
+    (:mod:`llmq.algorithms.ggml`), and their results are grids (:class:`~llmq.algorithms.ggml.GgmlGrid`).
 
     The model and the activations stay in their dtype; each layer computes in ``work_dtype`` (default:
     :func:`llmq.utils.device.forward_dtype`'s choice), cast up while it is worked on and back before the sink gets it.
@@ -460,6 +464,7 @@ def quantize_layers(
         fp_outputs = allocate_activations(tuple(hidden.shape), hidden.dtype, hidden.device, offload_dir, "fp_outputs")
 
     all_results: LayerResults = {}
+    progress = LayerProgress(n_layers, start, enabled=ranks.writes)
     for index in tqdm(range(start, n_layers), desc=f"{cfg.method} W{cfg.bits}", unit="layer",
                       initial=start, total=n_layers, disable=None if ranks.writes else True):
         with timer("load"):
@@ -485,7 +490,9 @@ def quantize_layers(
                        record=record, awq_state=awq_state, timer=timer, windows=hidden.shape[0],
                        seqlen=hidden.shape[1], experts=experts, note=note, inputs=hidden, targets=teacher,
                        widths={name: cfg.at(widths[prefix + name]) for g in groups for name in g
-                               if prefix + name in widths}, ranks=ranks)
+                               if prefix + name in widths}, ranks=ranks,
+                       ggml_types={name: (ggml_types or {})[prefix + name] for g in groups for name in g
+                                   if prefix + name in (ggml_types or {})})
         results = method(job)
         kill_point("layer.solved")
         with timer("propagate"):
@@ -502,6 +509,8 @@ def quantize_layers(
             else:
                 all_results.update(layer_results)
         source.release_layer(index, layer)
+        progress.step(index, f"{cfg.method}" + "".join(
+            f", {k} {v:.4g}" if isinstance(v, float) else f", {k} {v}" for k, v in job.summary.items()))
         # streamed, this layer's codes are written: drop them now, not when the next layer's job replaces
         # them (a Qwen3-30B-A3B layer's uint8 codes are 604 MB, held through the next layer's load and observe)
         del results, layer_results, job, experts
