@@ -236,9 +236,9 @@ def test_end_to_end_settings_are_validated_and_refused_where_the_model_is_stream
     with pytest.raises(ConfigError, match="does not stream"):
         quantize_to_disk(recipe)
     assert not (tmp_path / "q").exists()
-    import llmq.job.runner
+    import llmq.job.plan
 
-    monkeypatch.setattr(llmq.job.runner, "activation_budget", lambda device: 2**20)  # 2 MiB free: the phase cannot fit
+    monkeypatch.setattr(llmq.job.plan, "activation_budget", lambda device: 2**20)  # 2 MiB free: the phase cannot fit
     with pytest.raises(ConfigError, match="holds the whole model at once"):
         plan(recipe)
 
