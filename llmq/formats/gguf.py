@@ -180,13 +180,11 @@ def _add_key(gw: gguf.GGUFWriter, key: GgufKey, h: Mapping[str, Any]) -> None:
         return
     name = key.key.format(arch=gw.arch)
     if key.kind == "bool[]":
-        gw.add_array(name, [bool(v) for v in value])
-    elif key.kind == "f32":
-        gw.add_key_value(name, float(value), _KINDS["f32"])
-    elif key.kind in ("u32", "i32"):
-        gw.add_key_value(name, int(value), _KINDS[key.kind])
+        entry = gguf.GGUFValue([bool(v) for v in value], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
     else:
-        gw.add_key_value(name, value, _KINDS[key.kind])
+        cast = {"f32": float, "u32": int, "i32": int, "bool": bool, "str": str}[key.kind]
+        entry = gguf.GGUFValue(cast(value), _KINDS[key.kind])
+    gw.kv_data[0][name] = entry  # an override (OLMoE's eps) keeps the common key's place, as the converter's does
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -505,13 +503,23 @@ def build_writer(model: nn.Module, tokenizer: Any, tensor_types: Mapping[str, st
     types, file_type = _resolve_types(shapes, tensor_types, model_facts(config))
 
     gw = gguf.GGUFWriter(path=None, arch=spec.arch)
-    gw.add_type(gguf.GGUFType.MODEL)
-    gw.add_name(_model_name(config))
     # the tensors go first so the size label counts them (ModelBase.prepare_metadata)
     todo: list[tuple[str, Any, T]] = [(n, t, types[n]) for n, t in generated] + [(e.name, e, types[e.name])
                                                                                  for e in entries]
     for name, _, t in todo:
         gw.add_tensor_info(name, shapes[name], np.dtype(np.float32), _nbytes(shapes[name], t), raw_dtype=t)
+    _add_metadata(gw, config, tokenizer, file_type, tokenizer_pre)
+    return gw, todo
+
+
+def _add_metadata(gw: gguf.GGUFWriter, config: Any, tokenizer: Any, file_type: gguf.LlamaFileType,
+                  tokenizer_pre: str | None) -> None:
+    """Every key, in the converter's order: general.*, the common hyper-parameters, the file type, the tokenizer, the
+    family's own keys, the quantization version; and llmq's copy of the config."""
+    _, spec = gguf_spec(config)
+    h = hparams(config)
+    gw.add_type(gguf.GGUFType.MODEL)
+    gw.add_name(_model_name(config))
     total, shared, expert, n_expert = gw.get_total_parameter_count()
     if total > 0:
         gw.add_size_label(gguf.size_label(total, shared, expert, n_expert))
@@ -522,7 +530,17 @@ def build_writer(model: nn.Module, tokenizer: Any, tensor_types: Mapping[str, st
         _add_key(gw, key, h)
     gw.add_quantization_version(gguf.GGML_QUANT_VERSION)
     gw.add_string(CONFIG_KEY, config.to_json_string(use_diff=True))
-    return gw, todo
+
+
+def gguf_metadata(config: Any, tokenizer: Any, file_type: str = "F32",
+                  tokenizer_pre: str | None = None) -> dict[str, Any]:
+    """The key/values :func:`write_gguf` writes for a model of ``config`` (no tensors, so no size label), as Python
+    values. ``file_type``: a preset or a type name."""
+    name = file_type.upper()
+    ft = PRESETS.get(name) or (gguf.LlamaFileType.ALL_F32 if name == "F32" else gguf.LlamaFileType[f"MOSTLY_{name}"])
+    gw = gguf.GGUFWriter(path=None, arch=gguf_spec(config)[1].arch)
+    _add_metadata(gw, config, tokenizer, ft, tokenizer_pre)
+    return {k: v.value for k, v in gw.kv_data[0].items()}
 
 
 def _model_name(config: Any) -> str:
