@@ -412,20 +412,30 @@ def _file_type(types: Mapping[str, T]) -> gguf.LlamaFileType:
     return gguf.LlamaFileType.__members__.get(f"MOSTLY_{commonest.name}", gguf.LlamaFileType.GUESSED)
 
 
+# what default_encode can write: casts, and the types gguf.quants.quantize implements
+DEFAULT_ENCODABLE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
+
+
 def default_encode(name: str, weight: torch.Tensor, ggml_type: str) -> tuple[np.ndarray, T]:
     """F32/F16 casts, and ``gguf.quants.quantize`` for BF16 and the quantized types gguf-py implements (Q8_0,
     Q4_0/1, Q5_0/1); the K-quants and IQ4_NL need an encoder (``encode=``), e.g. llmq's own."""
     t = _ggml_type(ggml_type)
+    _check_encodable({name: t})
     array = weight.detach().to(torch.float32).cpu().numpy()
     if t == T.F32:
         return array, t
     if t == T.F16:
         return array.astype(np.float16), t
-    try:
-        return gguf.quants.quantize(array, t), t
-    except NotImplementedError:
-        raise ConfigError(f"gguf-py cannot encode {t.name} ({name}); pass encode= (llmq's GGML encoders), or write "
-                          "F32/F16 and run llama-quantize") from None
+    return gguf.quants.quantize(array, t), t
+
+
+def _check_encodable(types: Mapping[str, T]) -> None:
+    bad = {n: t for n, t in types.items() if t not in DEFAULT_ENCODABLE}
+    if bad:
+        name, t = next(iter(bad.items()))
+        kinds = sorted({t.name for t in bad.values()})
+        raise ConfigError(f"gguf-py cannot encode {', '.join(kinds)} ({len(bad)} tensors, e.g. {name}); pass encode= "
+                          "(llmq's GGML encoders), or write F32/F16 and run llama-quantize")
 
 
 def _nbytes(shape: Sequence[int], t: T) -> int:
@@ -566,8 +576,10 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, tensor
         write_gguf(model, tokenizer, "model-f16.gguf", "F16")
     """
     path = Path(path)
-    encode = encode or default_encode
     gw, todo = build_writer(model, tokenizer, tensor_types, tokenizer_pre)
+    if encode is None:
+        _check_encodable({name: t for name, _, t in todo})  # before anything is written
+        encode = default_encode
     state = model.state_dict()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
