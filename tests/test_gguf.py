@@ -276,7 +276,7 @@ def test_llama_cpps_converter_writes_the_same_file(smollm2_tokenizer, tmp_path):
         pairs.append((folder, tmp_path / f"{name}-convert.gguf"))
         ours[name] = write_gguf(model, tok, tmp_path / f"{name}-llmq.gguf")
     run_converter(pairs, tmp_path)
-    for (folder, theirs), name in zip(pairs, cases, strict=True):
+    for (_, theirs), name in zip(pairs, cases, strict=True):
         a, b = fields(theirs), fields(ours[name])
         drop = MODEL_CARD_KEYS + ("llmq.hf_config",)
         assert {k: v for k, v in b.items() if k not in drop} == {k: v for k, v in a.items() if k not in drop}, name
