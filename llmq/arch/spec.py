@@ -118,7 +118,8 @@ class GgufKey:
 
     ``key``: the GGUF key, ``{arch}`` standing for the architecture (``"{arch}.expert_feed_forward_length"``).
     ``source``: the config attribute holding the value, or several tried in order (the writer's flattened view of
-    the config, which also has ``rope_theta``, ``head_dim`` and the rope parameters); ``value``: a constant instead.
+    the config, which also has ``rope_theta``, ``head_dim`` and the rope parameters, and the saved
+    tokenizer_config.json's entries as ``tokenizer_config.<name>``); ``value``: a constant instead.
     ``kind``: the GGUF value type (``u32``, ``i32``, ``f32``, ``bool``, ``str``, ``bool[]``). ``default``: written when
     the config lacks the source (None: the key is left out). ``when``: ``(attribute, value)`` the config must hold for
     the key to be written (the LLaMA converter's ``add_bos_token = False`` for 49152-token vocabularies).
@@ -142,7 +143,8 @@ class GgufSpec:
     to llama.cpp's interleaved one (``LlamaModel.permute``; only for LLaMA-rope architectures). ``norm_offset``: added
     to every ``*norm.weight`` (Gemma computes ``(1 + w) * x``, llama.cpp ``w * x``). ``keys``: hyper-parameters beyond
     the common ones. ``extra_tensors``: tensors the converter generates from the config (``"rope_freqs"``: Llama 3's
-    rope scaling factors; ``"rope_factors"``: Phi-3's LongRoPE long/short factors).
+    rope scaling factors; ``"rope_factors"``: Phi-3's LongRoPE long/short factors). ``ignore``: config attributes
+    the converter drops before reading the config (Granite's ``head_dim``).
     """
 
     arch: str
@@ -150,6 +152,7 @@ class GgufSpec:
     norm_offset: float = 0.0
     keys: tuple[GgufKey, ...] = ()
     extra_tensors: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

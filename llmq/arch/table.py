@@ -118,9 +118,11 @@ GLM4_MOE = with_moe(LLAMA, MoESpec(num_experts="n_routed_experts", shared="share
 # (conversion/*.py): llama.cpp's architecture name, the q/k rope permutation, norm offsets, and the keys beyond
 # the common ones (TextModel.set_gguf_parameters).
 # LlamaModel (llama.py; also Mistral, Mixtral): rope rows permuted to llama.cpp's interleaved rope; vocab size and
-# rope dimension count written; a 49152-token vocabulary (Granite's small models, SmolLM) gets add_bos_token False;
-# Llama 3.1's rope scaling becomes the rope_freqs tensor.
+# rope dimension count written; add_space_prefix from tokenizer_config.json's add_prefix_space; a 49152-token
+# vocabulary (Granite's small models, SmolLM) gets add_bos_token False; Llama 3.1's rope scaling becomes the
+# rope_freqs tensor.
 _LLAMA_VOCAB_KEYS = (
+    GgufKey("tokenizer.ggml.add_space_prefix", "tokenizer_config.add_prefix_space", kind="bool"),
     GgufKey("{arch}.vocab_size", "vocab_size"),
     GgufKey("{arch}.rope.dimension_count", "head_dim_or_default"),
     GgufKey("tokenizer.ggml.add_bos_token", kind="bool", value=False, when=("vocab_size", 49152)),
@@ -149,13 +151,14 @@ PHI3_GGUF = GgufSpec("phi3", keys=(
     GgufKey("{arch}.rope.scaling.original_context_length", "original_max_position_embeddings"),
     GgufKey("{arch}.attention.sliding_window", "sliding_window", default=0),
 ), extra_tensors=("rope_factors",))
-# GraniteModel (granite.py): LLaMA's, without head_dim, with the four multipliers
-GRANITE_GGUF = GgufSpec("granite", permute_qk=True, keys=_LLAMA_VOCAB_KEYS + (
+# GraniteModel (granite.py): LLaMA's, head_dim ignored (no key/value length; rope dimensions hidden / heads), with the
+# four multipliers
+GRANITE_GGUF = GgufSpec("granite", permute_qk=True, ignore=("head_dim",), keys=_LLAMA_VOCAB_KEYS + (
     GgufKey("{arch}.attention.scale", "attention_multiplier", kind="f32"),
     GgufKey("{arch}.embedding_scale", "embedding_multiplier", kind="f32"),
     GgufKey("{arch}.residual_scale", "residual_multiplier", kind="f32"),
     GgufKey("{arch}.logit_scale", "logits_scaling", kind="f32"),
-))
+), extra_tensors=("rope_freqs",))
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": replace(LLAMA, gguf=LLAMA_GGUF),

@@ -65,14 +65,16 @@ def gguf_spec(config: Any) -> tuple[ArchSpec, GgufSpec]:
 
 
 def hparams(config: Any) -> dict[str, Any]:
-    """The converter's view of the config (``self.hparams``): the config's dict with a multimodal model's
-    ``text_config`` lifted to the top, the rope parameters mirrored as ``TextModel.__init__`` does, and the derived
-    values the table's keys name: ``rope_theta``, ``rope_theta_swa``, ``original_max_position_embeddings``,
-    ``head_dim_or_default`` (head_dim, else hidden / heads), ``rope_dims_partial`` (Phi-3's
-    ``int(partial_rotary_factor * hidden) // heads``)."""
+    """The converter's view of the config (``self.hparams``): the config's dict (less the entry's ``ignore``) with a
+    multimodal model's ``text_config`` lifted to the top, the rope parameters mirrored as ``TextModel.__init__``
+    does, and the derived values the table's keys name: ``rope_theta``, ``rope_theta_swa``,
+    ``original_max_position_embeddings``, ``head_dim_or_default`` (head_dim, else hidden / heads),
+    ``rope_dims_partial`` (Phi-3's ``int(partial_rotary_factor * hidden) // heads``)."""
     h = config.to_dict()
     if isinstance(h.get("text_config"), dict):
         h = {**h, **h["text_config"]}
+    for name in gguf_spec(config)[1].ignore:
+        h.pop(name, None)
     rope = dict(h.get("rope_parameters") or h.get("rope_scaling") or {})
     full = rope.get("full_attention", rope)
     theta = full.get("rope_theta", h.get("rope_theta", h.get("rotary_emb_base")))
@@ -535,7 +537,8 @@ def _add_metadata(gw: gguf.GGUFWriter, config: Any, tokenizer: Any, file_type: g
         gw.add_size_label(gguf.size_label(total, shared, expert, n_expert))
     _common_keys(gw, h)
     gw.add_file_type(file_type)
-    add_tokenizer(gw, tokenizer, config, tokenizer_pre)
+    tokenizer_config = add_tokenizer(gw, tokenizer, config, tokenizer_pre)
+    h = {**h, **{f"tokenizer_config.{k}": v for k, v in tokenizer_config.items()}}
     for key in spec.keys:
         _add_key(gw, key, h)
     gw.add_quantization_version(gguf.GGML_QUANT_VERSION)

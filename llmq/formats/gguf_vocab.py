@@ -226,11 +226,12 @@ def _llama_hf(gw: gguf.GGUFWriter, vocab: gguf.LlamaHfVocab, folder: Path) -> No
     gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(gw, quiet=True)
 
 
-def add_tokenizer(gw: gguf.GGUFWriter, tokenizer: Any, config: Any, pre: str | None = None) -> None:
-    """Write ``tokenizer``'s ``tokenizer.*`` keys into ``gw`` as LlamaModel.set_vocab would from the saved files:
-    ``add_space_prefix`` from tokenizer_config's ``add_prefix_space``, then the SentencePiece-style vocabulary
-    (``LlamaHfVocab``) where the tokenizer is one, else the byte-level BPE one. (A ``tokenizer.model`` is not read:
-    the converter's first choice needs the sentencepiece package; the tokenizer.json path gives the same tokens.)"""
+def add_tokenizer(gw: gguf.GGUFWriter, tokenizer: Any, config: Any, pre: str | None = None) -> dict[str, Any]:
+    """Write ``tokenizer``'s ``tokenizer.*`` keys into ``gw`` as the converters' set_vocab would from the saved files:
+    the SentencePiece-style vocabulary (``LlamaHfVocab``) where the tokenizer is one, else the byte-level BPE one.
+    (A ``tokenizer.model`` is not read: the converter's first choice needs the sentencepiece package; the
+    tokenizer.json path gives the same tokens.) Returns the saved tokenizer_config.json, which some families read
+    (LlamaModel's ``add_prefix_space``)."""
     with tempfile.TemporaryDirectory(prefix="llmq-gguf-vocab-") as tmp:
         folder = Path(tmp)
         tokenizer.save_pretrained(folder)
@@ -240,8 +241,6 @@ def add_tokenizer(gw: gguf.GGUFWriter, tokenizer: Any, config: Any, pre: str | N
                               "(tokenizers-backed) tokenizer")
         tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")) \
             if (folder / "tokenizer_config.json").is_file() else {}
-        if (add_prefix := tokenizer_config.get("add_prefix_space")) is not None:
-            gw.add_add_space_prefix(add_prefix)
         try:
             vocab = gguf.LlamaHfVocab(folder)
         except (FileNotFoundError, TypeError):  # not a byte-fallback BPE (or Llama 3's): byte-level BPE
@@ -251,3 +250,4 @@ def add_tokenizer(gw: gguf.GGUFWriter, tokenizer: Any, config: Any, pre: str | N
             _gpt2(gw, tokenizer, folder, int(config.get_text_config().vocab_size), pre)
         else:
             _llama_hf(gw, vocab, folder)
+    return tokenizer_config
