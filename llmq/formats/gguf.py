@@ -250,7 +250,6 @@ def tensor_plan(shapes: Mapping[str, Sequence[int]], config: Any) -> list[_Entry
     arch, spec = gguf_spec(config)
     h = hparams(config)
     tmap = gguf.get_tensor_name_map(_model_arch(spec), h["num_hidden_layers"])
-    n_head, n_head_kv = h["num_attention_heads"], h.get("num_key_value_heads") or h["num_attention_heads"]
     tied = _tied(config)
     entries: list[_Entry] = []
     experts: dict[tuple[int, str], list[tuple[int, str]]] = {}  # (layer, kind) -> [(expert, name)] of split experts
@@ -259,30 +258,39 @@ def tensor_plan(shapes: Mapping[str, Sequence[int]], config: Any) -> list[_Entry
         if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
             continue  # a buffer the converter skips; the tied output is token_embd itself
         canon, kind, expert, layer = _canonical(name, arch)
-        if kind == "gate_up":
-            for part, which in ((0, "gate"), (1, "up")):
-                half = (shape[0], shape[1] // 2, shape[2])
-                entries.append(_Entry(_gguf_name(tmap, f"model.layers.{layer}.mlp.experts.{which}_proj.weight"),
-                                      (name,), half, part=part))
-            continue
-        if kind is not None and expert is None:  # fused down_proj [E, H, I]
-            entries.append(_Entry(_gguf_name(tmap, f"model.layers.{layer}.mlp.experts.down_proj.weight"), (name,),
-                                  shape))
-            continue
-        if kind is not None:  # one expert's linear: stacked with the layer's others below
+        if kind is None:
+            entries.append(_plain(name, canon, shape, spec, h, tmap))
+        elif expert is None:
+            entries.extend(_fused_experts(name, kind, layer, shape, tmap))
+        else:  # one expert's linear: stacked with the layer's others of its kind, where the first one is
             group = experts.setdefault((layer, kind), [])
             if not group:
-                entries.append(_Entry(f"\0{layer}.{kind}", (), shape))  # placeholder keeping the order
+                entries.append(_Entry(f"\0{layer}.{kind}", (), shape))  # a placeholder keeping the place
             group.append((expert, name))
-            continue
-        heads = 0
-        if spec.permute_qk and canon.endswith(("q_proj.weight", "q_proj.bias")):
-            heads = n_head
-        elif spec.permute_qk and canon.endswith(("k_proj.weight", "k_proj.bias")):
-            heads = n_head_kv
-        offset = spec.norm_offset if canon.endswith("norm.weight") else 0.0
-        entries.append(_Entry(_gguf_name(tmap, canon), (name,), shape, heads=heads, offset=offset))
     return [_stacked(e, experts, tmap) if e.name.startswith("\0") else e for e in entries]
+
+
+def _plain(name: str, canon: str, shape: tuple[int, ...], spec: GgufSpec, h: Mapping[str, Any],
+           tmap: gguf.TensorNameMap) -> _Entry:
+    """A tensor that maps to one GGUF tensor: renamed, q/k rows permuted (LlamaModel.modify_tensors, weights and
+    biases), norms offset (Gemma)."""
+    heads = 0
+    if spec.permute_qk and canon.endswith(("q_proj.weight", "q_proj.bias")):
+        heads = h["num_attention_heads"]
+    elif spec.permute_qk and canon.endswith(("k_proj.weight", "k_proj.bias")):
+        heads = h.get("num_key_value_heads") or h["num_attention_heads"]
+    offset = spec.norm_offset if canon.endswith("norm.weight") else 0.0
+    return _Entry(_gguf_name(tmap, canon), (name,), shape, heads=heads, offset=offset)
+
+
+def _fused_experts(name: str, kind: str, layer: int, shape: tuple[int, ...], tmap: gguf.TensorNameMap) -> list[_Entry]:
+    """transformers' fused experts: ``gate_up_proj [E, 2I, H]`` is split into the gate and up halves
+    (Qwen2MoeModel.modify_tensors), ``down_proj [E, H, I]`` kept whole."""
+    if kind == "down":
+        return [_Entry(_gguf_name(tmap, f"model.layers.{layer}.mlp.experts.down_proj.weight"), (name,), shape)]
+    half = (shape[0], shape[1] // 2, shape[2])
+    return [_Entry(_gguf_name(tmap, f"model.layers.{layer}.mlp.experts.{which}_proj.weight"), (name,), half, part=part)
+            for part, which in ((0, "gate"), (1, "up"))]
 
 
 def _stacked(placeholder: _Entry, experts: Mapping[tuple[int, str], list[tuple[int, str]]],
@@ -695,10 +703,12 @@ def load_gguf_model(path: str | os.PathLike, config: Any = None, dtype: torch.dt
     """A transformers causal LM with a GGUF file's weights (dequantized to ``dtype``), for ``llmq ppl`` / ``llmq
     info``: :func:`read_gguf` into a model of ``config`` (default: the stored one)."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     meta, state = read_gguf(path, config)
     config = config or gguf_config(path, meta)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with no_init_weights():  # every weight comes from the file
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and _tied(config))]
     if missing or unexpected:
