@@ -539,7 +539,8 @@ def _add_metadata(gw: gguf.GGUFWriter, config: Any, tokenizer: Any, file_type: g
     _, spec = gguf_spec(config)
     h = hparams(config)
     gw.add_type(gguf.GGUFType.MODEL)
-    gw.add_name(_model_name(config))
+    if name := _model_name(config):
+        gw.add_name(name)
     total, shared, expert, n_expert = gw.get_total_parameter_count()
     if total > 0:
         gw.add_size_label(gguf.size_label(total, shared, expert, n_expert))
@@ -565,8 +566,9 @@ def gguf_metadata(config: Any, tokenizer: Any, file_type: str = "F32",
 
 
 def _model_name(config: Any) -> str:
-    path = str(getattr(config, "_name_or_path", "") or "")
-    return Path(path).name or config.model_type
+    """general.name: the model's folder or hub name, as the converter's fallback (the folder's name); none for a model
+    made from a config (llama.cpp reads meaning into names: one containing "phi3" gets Phi-3's special tokens)."""
+    return Path(str(getattr(config, "_name_or_path", "") or "")).name
 
 
 def write_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, tensor_types: Mapping[str, str] | str = "F32",
