@@ -44,6 +44,19 @@ LLAMA_CPP_SRC = Path(os.environ.get("LLMQ_LLAMA_CPP")
 
 # every family with a GGUF entry, as a tiny random model (vocabulary: llmq-tiny-llama's 4096 tokens). Gemma's
 # query_pre_attn_scalar is its head width: llama.cpp scales attention by 1/sqrt(head_dim) (src/models/gemma2.cpp)
+# rope scaling the converter turns into tensors: Llama 3.1's per-frequency factors (rope_freqs) and Phi-3's LongRoPE
+# (rope_factors_long/short and an attention factor; the context here is past the original, so the long ones apply)
+ROPE_VARIANTS = {
+    "llama3_rope": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                                       original_max_position_embeddings=64))),
+    "phi3_longrope": ("phi3", dict(max_position_embeddings=128, original_max_position_embeddings=16,
+                                   rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                        long_factor=[1.0 + i / 2 for i in range(8)],
+                                                        short_factor=[1.0 + i / 8 for i in range(8)],
+                                                        original_max_position_embeddings=16))),
+}
+
 FAMILIES = {
     "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "granite": {}, "phi3": {}, "olmo2": {},
     "gemma2": dict(query_pre_attn_scalar=16), "gemma3_text": dict(query_pre_attn_scalar=16),
@@ -62,6 +75,9 @@ def llama_cpp():
 
 
 def family_model(model_type: str, **overrides):
+    if model_type in ROPE_VARIANTS:
+        model_type, variant = ROPE_VARIANTS[model_type]
+        overrides = {**variant, **overrides}
     return tiny_model(model_type, **{"vocab_size": 4096, **FAMILIES[model_type], **overrides})
 
 
@@ -99,12 +115,15 @@ def smollm2_tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(saved), AutoConfig.from_pretrained(folder, gguf_file=name)
 
 
-def file_types(path) -> dict[str, str]:
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+def file_types(path_or_reader) -> dict[str, str]:
+    reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(path_or_reader)
+    return {t.name: t.tensor_type.name for t in reader.tensors}
 
 
-def fields(path) -> dict:
-    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+def fields(path_or_reader) -> dict:
+    """A GGUF file's key/values (parsing a file with a 49152-token vocabulary takes seconds: pass a reader to reuse)."""
+    reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(path_or_reader)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -152,7 +171,7 @@ def test_the_rope_permutation_is_llama_cpps_and_its_inverse_undoes_it():
     assert permute(w, 4)[:8, 0].tolist() == [0, 12, 3, 15, 6, 18, 9, 21]
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.parametrize("model_type", sorted(FAMILIES) + sorted(ROPE_VARIANTS))
 def test_every_family_round_trips_bit_for_bit(model_type, tiny_llama, tmp_path):
     model = family_model(model_type)
     path = write_gguf(model, tiny_llama[1], tmp_path / f"{model_type}.gguf")
@@ -258,35 +277,44 @@ def run_converter(pairs: list[tuple[Path, Path]], tmp: Path) -> None:
 MODEL_CARD_KEYS = ("general.name", "general.basename", "general.finetune", "general.version", "general.size_label")
 
 
+@pytest.mark.slow
 def test_llama_cpps_converter_writes_the_same_file(smollm2_tokenizer, tmp_path):
     """The converter's output for the same saved model: the same keys and values (beyond the model-card names it
-    derives from the folder's name, and llmq's config copy) and the same tensor bytes. Byte-level families use
-    SmolLM2's tokenizer (its hash is in llama.cpp's list); LLaMA-family ones also TinyStories' SentencePiece-style one.
-    (Gemma 2 and Phi-3's converters require a tokenizer.model, which no tokenizer here has.)"""
+    derives from the folder's name, and llmq's config copy) and the same tensor bytes. Families whose converter takes
+    byte-level BPE get SmolLM2's tokenizer (its hash is in llama.cpp's list); LLaMA-family ones (LlamaModel and its
+    subclasses) TinyStories' SentencePiece-style one, and LLaMA itself both. (Gemma 2 and Phi-3's converters require
+    a tokenizer.model, which no tokenizer here has.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     smol, _ = smollm2_tokenizer
     stories = shared_path("assets", "stories260K")
-    cases = {"stories260K": (AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32),
-                             AutoTokenizer.from_pretrained(stories))}
-    for model_type in ("llama", "mixtral", "granite", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "olmoe", "olmo2",
-                       "gemma3_text"):
+    stories_tok = AutoTokenizer.from_pretrained(stories)
+    cases = {"stories260K": (AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32), stories_tok)}
+    for model_type in ("mixtral", "granite", "llama3_rope"):
+        cases[model_type] = (family_model(model_type, vocab_size=512, bos_token_id=1, eos_token_id=2,
+                                          pad_token_id=0), stories_tok)
+    for model_type in ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "olmoe", "olmo2", "gemma3_text",
+                       "phi3_longrope"):
         cases[model_type] = (family_model(model_type, vocab_size=49152, bos_token_id=1, eos_token_id=2,
                                           pad_token_id=2), smol)
     pairs, ours = [], {}
     for name, (model, tok) in cases.items():
         folder = tmp_path / name
+        model_type = name
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
+        if model_type.startswith("phi3"):  # Phi3MiniModel takes a GPT2Tokenizer's vocabulary as byte-level BPE
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+            (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
         pairs.append((folder, tmp_path / f"{name}-convert.gguf"))
         ours[name] = write_gguf(model, tok, tmp_path / f"{name}-llmq.gguf")
     run_converter(pairs, tmp_path)
     for (_, theirs), name in zip(pairs, cases, strict=True):
-        a, b = fields(theirs), fields(ours[name])
+        ra, rb = gguf.GGUFReader(theirs), gguf.GGUFReader(ours[name])
+        a, b = fields(ra), fields(rb)
         drop = MODEL_CARD_KEYS + ("llmq.hf_config",)
         assert {k: v for k, v in b.items() if k not in drop} == {k: v for k, v in a.items() if k not in drop}, name
-        ta = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
-        tb = {t.name: t for t in gguf.GGUFReader(ours[name]).tensors}
+        ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
         assert ta.keys() == tb.keys(), name
         for t in ta:
             assert ta[t].tensor_type == tb[t].tensor_type, (name, t)
@@ -311,6 +339,7 @@ def test_smollm2_tokenizer_metadata_equals_the_shipped_gguf(smollm2_tokenizer):
         assert ours[key] == pytest.approx(shipped[key]), key
 
 
+@pytest.mark.slow
 def test_the_reader_matches_transformers_gguf_loader_on_smollm2():
     """read_gguf on a llama.cpp-made file (Q4_1, tied embeddings) gives what transformers' own GGUF loader gives:
     the names, the q/k permutation undone, the dequantized values."""
@@ -331,7 +360,9 @@ def test_the_reader_matches_transformers_gguf_loader_on_smollm2():
 
 def test_the_preset_port_reproduces_the_shipped_smollm2_q4_1_file():
     path = shared_path("assets", *SMOLLM2)
-    assert tensor_types_for(path, "Q4_1") == file_types(path)  # token_embd: tied, Q6_K's fallback Q8_0
+    types = file_types(path)
+    assert types["token_embd.weight"] == "Q8_0"  # tied: the output's Q6_K, whose fallback for 576-wide rows is Q8_0
+    assert tensor_types_for(path, "Q4_1") == types
 
 
 def smollm2_shaped(tiny_tokenizer_vocab: int = 4096):
@@ -359,7 +390,7 @@ def test_presets_equal_llama_quantizes_choice(which, tiny_llama, tiny_moe, tmp_p
     tok = tiny_llama[1]
     model = {"llmq-tiny-llama": lambda: tiny_llama[0], "llmq-tiny-moe": lambda: tiny_moe[0],
              "smollm2-shaped": smollm2_shaped,
-             "mixtral": lambda: family_model("mixtral", num_local_experts=8, hidden_size=256, intermediate_size=512,
+             "mixtral": lambda: family_model("mixtral", num_local_experts=8, hidden_size=256, intermediate_size=256,
                                              num_hidden_layers=4)}[which]()
     src = write_gguf(model, tok, tmp_path / "f32.gguf")
     mismatches = {}
@@ -417,7 +448,8 @@ def relative_error(path: Path, model, tokens: list[int]) -> float:
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
-@pytest.mark.parametrize("which", ["llmq-tiny-llama", "llmq-tiny-moe", "stories260K"] + sorted(FAMILIES))
+@pytest.mark.parametrize("which", ["llmq-tiny-llama", "llmq-tiny-moe", "stories260K"] + sorted(FAMILIES)
+                         + sorted(ROPE_VARIANTS))
 def test_llama_cpp_loads_the_f32_file_and_its_logits_match_transformers(which, tiny_llama, tiny_moe, tmp_path,
                                                                          report):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -144,7 +144,8 @@ class GgufSpec:
     to every ``*norm.weight`` (Gemma computes ``(1 + w) * x``, llama.cpp ``w * x``). ``keys``: hyper-parameters beyond
     the common ones. ``extra_tensors``: tensors the converter generates from the config (``"rope_freqs"``: Llama 3's
     rope scaling factors; ``"rope_factors"``: Phi-3's LongRoPE long/short factors). ``ignore``: config attributes
-    the converter drops before reading the config (Granite's ``head_dim``).
+    the converter drops before reading the config (Granite's ``head_dim``). ``common``: False where the family's
+    converter writes its own hyper-parameters instead of the common ones (Gemma 2, Phi-3): then ``keys`` are all.
     """
 
     arch: str
@@ -153,6 +154,7 @@ class GgufSpec:
     keys: tuple[GgufKey, ...] = ()
     extra_tensors: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    common: bool = True
 
 
 @dataclass(frozen=True)

@@ -131,8 +131,23 @@ LLAMA_GGUF = GgufSpec("llama", permute_qk=True, keys=_LLAMA_VOCAB_KEYS, extra_te
 # Qwen2MoeModel (qwen.py; Qwen3MoeModel inherits it): the experts' and the shared expert's widths
 _QWEN_MOE_KEYS = (GgufKey("{arch}.expert_feed_forward_length", "moe_intermediate_size"),
                   GgufKey("{arch}.expert_shared_feed_forward_length", "shared_expert_intermediate_size"))
-# Gemma2Model (gemma.py): norms + 1, both soft-caps, the sliding window, no space prefix
-GEMMA2_GGUF = GgufSpec("gemma2", norm_offset=1.0, keys=(
+# the hyper-parameters of the converters that write their own (Gemma2Model, Phi3MiniModel), not the common ones
+_OWN_BASICS = (
+    GgufKey("{arch}.context_length", ("n_positions", "max_position_embeddings")),
+    GgufKey("{arch}.embedding_length", "hidden_size"),
+    GgufKey("{arch}.feed_forward_length", "intermediate_size"),
+    GgufKey("{arch}.block_count", "num_hidden_layers"),
+    GgufKey("{arch}.attention.head_count", "num_attention_heads"),
+    GgufKey("{arch}.attention.head_count_kv", ("num_key_value_heads", "num_attention_heads")),
+    GgufKey("{arch}.attention.layer_norm_rms_epsilon", "rms_norm_eps", kind="f32"),
+)
+# Gemma2Model (gemma.py): its own hyper-parameters (no rope base: llama.cpp's default 10000 is Gemma 2's; written here
+# all the same, for a config that differs), norms + 1, key/value widths, both soft-caps, the sliding window, no space
+# prefix
+GEMMA2_GGUF = GgufSpec("gemma2", norm_offset=1.0, common=False, keys=_OWN_BASICS + (
+    GgufKey("{arch}.attention.key_length", "head_dim"),
+    GgufKey("{arch}.attention.value_length", "head_dim"),
+    GgufKey("{arch}.rope.freq_base", "rope_theta", kind="f32"),
     GgufKey("{arch}.attn_logit_softcapping", "attn_logit_softcapping", kind="f32"),
     GgufKey("{arch}.final_logit_softcapping", "final_logit_softcapping", kind="f32"),
     GgufKey("{arch}.attention.sliding_window", "sliding_window"),
@@ -144,12 +159,15 @@ GEMMA3_GGUF = GgufSpec("gemma3", norm_offset=1.0, keys=(
     GgufKey("{arch}.final_logit_softcapping", "final_logit_softcapping", kind="f32"),
     GgufKey("{arch}.attention.sliding_window", "sliding_window"),
 ))
-# Phi3MiniModel (phi.py): fused qkv_proj stays attn_qkv and gate_up_proj is ffn_up; partial rotary dimensions, the
-# original context (LongRoPE), sliding window 0 when unset; LongRoPE's factors become tensors
-PHI3_GGUF = GgufSpec("phi3", keys=(
+# Phi3MiniModel (phi.py): its own hyper-parameters; fused qkv_proj stays attn_qkv and gate_up_proj is ffn_up; partial
+# rotary dimensions, the original context (LongRoPE), sliding window 0 when unset; LongRoPE's factors become tensors,
+# with their attention factor
+PHI3_GGUF = GgufSpec("phi3", common=False, keys=_OWN_BASICS + (
+    GgufKey("{arch}.rope.freq_base", "rope_theta", kind="f32"),
     GgufKey("{arch}.rope.dimension_count", "rope_dims_partial"),
     GgufKey("{arch}.rope.scaling.original_context_length", "original_max_position_embeddings"),
     GgufKey("{arch}.attention.sliding_window", "sliding_window", default=0),
+    GgufKey("{arch}.rope.scaling.attn_factor", "longrope_attn_factor", kind="f32"),
 ), extra_tensors=("rope_factors",))
 # GraniteModel (granite.py): LLaMA's, head_dim ignored (no key/value length; rope dimensions hidden / heads), with the
 # four multipliers

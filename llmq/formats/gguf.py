@@ -82,16 +82,29 @@ def hparams(config: Any) -> dict[str, Any]:
                                                   h.get("rope_local_base_freq", h.get("local_rope_theta")))
     heads, hidden = h.get("num_attention_heads"), h.get("hidden_size")
     partial = full.get("partial_rotary_factor", h.get("partial_rotary_factor", 1.0))
+    original = full.get("original_max_position_embeddings", h.get("original_max_position_embeddings"))
     derived = {
         "rope_parameters_flat": full,
         "rope_theta": theta,
         "rope_theta_swa": local,
-        "original_max_position_embeddings": full.get("original_max_position_embeddings",
-                                                     h.get("original_max_position_embeddings")),
+        "original_max_position_embeddings": original,
         "head_dim_or_default": h.get("head_dim") or (hidden // heads if hidden and heads else None),
         "rope_dims_partial": int(partial * hidden) // heads if hidden and heads else None,
+        "longrope_attn_factor": _longrope_attn_factor(full, h.get("max_position_embeddings"), original),
     }
     return {**h, **derived}
+
+
+def _longrope_attn_factor(rope: Mapping[str, Any], n_ctx: int | None, original: int | None) -> float | None:
+    """Phi3MiniModel.generate_extra_tensors' attention factor of a LongRoPE (or YaRN) model with long factors:
+    ``sqrt(1 + ln(scale) / ln(original))`` (YaRN: ``0.1 ln(scale) + 1``), 1 when not extended; None without."""
+    if not rope.get("long_factor") or not n_ctx or not original:
+        return None
+    scale = n_ctx / original
+    if scale <= 1.0:
+        return 1.0
+    kind = str(rope.get("rope_type", rope.get("type", ""))).lower()
+    return 0.1 * math.log(scale) + 1.0 if kind == "yarn" else math.sqrt(1 + math.log(scale) / math.log(original))
 
 
 def _find(h: Mapping[str, Any], keys: Sequence[str]) -> Any:
@@ -353,7 +366,7 @@ def _llama3_rope_factors(rope: Mapping[str, Any], h: Mapping[str, Any]) -> torch
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old = rope.get("original_max_position_embeddings", 8192)
     factors = []
-    for freq in freqs.tolist():
+    for freq in freqs:  # 0-d float32 tensors, as the converter computes (float32 arithmetic, not Python's doubles)
         wavelen = 2 * math.pi / freq
         if wavelen < old / high:
             factors.append(1)
@@ -544,7 +557,8 @@ def _add_metadata(gw: gguf.GGUFWriter, config: Any, tokenizer: Any, file_type: g
     total, shared, expert, n_expert = gw.get_total_parameter_count()
     if total > 0:
         gw.add_size_label(gguf.size_label(total, shared, expert, n_expert))
-    _common_keys(gw, h)
+    if spec.common:
+        _common_keys(gw, h)
     gw.add_file_type(file_type)
     tokenizer_config = add_tokenizer(gw, tokenizer, config, tokenizer_pre)
     h = {**h, **{f"tokenizer_config.{k}": v for k, v in tokenizer_config.items()}}
