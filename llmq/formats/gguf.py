@@ -1,8 +1,8 @@
 """GGUF, llama.cpp's single-file format: write a transformers model as llama.cpp's converter would, read one back.
 
 :func:`write_gguf` produces what ``convert_hf_to_gguf.py`` (llama.cpp, the version llama-cpp-python 0.3.36 vendors)
-makes of the same model: the common hyper-parameters (``TextModel.set_gguf_parameters``) plus the family's own
-(its :class:`~llmq.arch.spec.GgufSpec` in ``llmq/arch/table.py``), the tokenizer (``llmq.formats.gguf_vocab``),
+makes of the same model: the common hyper-parameters (``TextModel.set_gguf_parameters``) plus the family's own, as
+its :class:`~llmq.arch.spec.GgufSpec` in ``llmq/arch/table.py`` lists them, the tokenizer (``llmq.formats.gguf_vocab``),
 tensors under llama.cpp's names (``gguf.get_tensor_name_map``), q/k rows permuted for LLaMA-rope families
 (``LlamaModel.permute``), Gemma's norms shifted by one, MoE experts stacked into ``blk.N.ffn_{gate,up,down}_exps``
 ``[n_expert, rows, cols]``, no ``output.weight`` when the embeddings are tied, and 1-D tensors, norms, biases and MoE
