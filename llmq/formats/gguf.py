@@ -701,7 +701,14 @@ def read_gguf(path: str | os.PathLike, config: Any = None) -> tuple[dict[str, An
 
 def _dequantized(tensor: Any, shape: Sequence[int]) -> torch.Tensor:
     """One stored tensor as float32 in torch order."""
+    from llmq.algorithms.ggml import GGML_TYPES
+    from llmq.algorithms.ggml import dequantize as ggml_dequantize
+
     data = np.asarray(tensor.data)
+    if tensor.tensor_type.name in GGML_TYPES:  # llmq's decoder: vectorised, and bit-exact with gguf-py's (tested)
+        cols = int(shape[-1])
+        return ggml_dequantize(data.reshape(-1), tensor.tensor_type.name, (math.prod(shape) // cols, cols)).reshape(
+            tuple(shape))
     array = data if tensor.tensor_type == T.F32 else gguf.quants.dequantize(data, tensor.tensor_type)
     return torch.from_numpy(np.array(array, dtype=np.float32).reshape(tuple(shape)))
 
@@ -733,3 +740,96 @@ def load_gguf_model(path: str | os.PathLike, config: Any = None, dtype: torch.dt
     if _tied(config):
         model.tie_weights()
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# llmq's own rounding in the file
+
+
+def linear_types(model: nn.Module, preset: str) -> dict[str, str]:
+    """The llama.cpp type ``preset`` gives each decoder-layer linear, by module name (``model.layers.3.mlp.down_proj``):
+    what the job rounds each onto (:mod:`llmq.algorithms.ggml_gptq`). Tensors the preset keeps in float, and those
+    outside the decoder layers (``token_embd``, ``output``), are not listed: the writer encodes them from the
+    model's weights. A mixture of experts' experts must be split into linears first
+    (:func:`llmq.arch.experts.split_experts`), as the job splits them."""
+    arch, _ = gguf_spec(model.config)
+    types = tensor_types_for(model, preset)
+    out = {}
+    for entry in tensor_plan(_state_shapes_of(model), model.config):
+        t = types.get(entry.name, "F32")
+        if _ggml_type(t) in FLOAT_TYPES:
+            continue
+        if entry.part is not None:
+            raise ConfigError(f"{entry.sources[0]} holds fused experts: split them (llmq.arch.experts.split_experts) "
+                              "before choosing the linears' GGUF types")
+        for source in entry.sources:
+            if source.startswith(arch.layers + ".") and source.endswith(".weight"):
+                out[source.removesuffix(".weight")] = t
+    return out
+
+
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+
+def _state_shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _row_order(rows: int, heads: int) -> torch.Tensor:
+    """Where each written row comes from under LlamaModel.permute: the same reordering applied to row indices."""
+    return permute(torch.arange(rows, dtype=torch.float64)[:, None], heads)[:, 0].long()
+
+
+def grid_encoder(model: nn.Module, results: Mapping[str, Any]) -> Encoder:
+    """The ``encode`` hook that writes llmq's rounding: a tensor whose sources are all in ``results`` (module name ->
+    :class:`~llmq.algorithms.ggml.GgmlGrid`) is written as those grids' own bytes (rows permuted and experts stacked
+    as the writer lays out the weights), so the file decodes to exactly the weights llmq evaluated; any other
+    quantized tensor (token_embd, output) is rounded by :func:`llmq.algorithms.ggml.quantize` (llama.cpp's weighted
+    scale search, its default weighting), and float ones are cast."""
+    from llmq.algorithms.ggml import GgmlGrid, encode, ggml_spec
+    from llmq.algorithms.ggml import quantize as ggml_quantize
+
+    entries = {e.name: e for e in tensor_plan(_state_shapes_of(model), model.config)}
+
+    def encode_tensor(name: str, weight: torch.Tensor, ggml_type: str) -> tuple[np.ndarray, T]:
+        t = _ggml_type(ggml_type)
+        entry = entries[name]
+        grids = [results.get(s.removesuffix(".weight")) for s in entry.sources]
+        if grids and all(isinstance(g, GgmlGrid) for g in grids):
+            if any(ggml_spec(g.type).type_id != int(t) for g in grids):
+                raise CheckpointError(f"{name} is declared {t.name} but llmq rounded it onto "
+                                      f"{sorted({g.type for g in grids})}")
+            rows = [encode(g) for g in grids]
+            if entry.heads:
+                rows = [r[_row_order(r.shape[0], entry.heads).numpy()] for r in rows]
+            return (np.stack(rows) if entry.stack else rows[0]), t
+        if any(isinstance(g, GgmlGrid) for g in grids):
+            raise CheckpointError(f"{name}: only some of its sources were rounded by llmq")
+        if t in FLOAT_TYPES:
+            return default_encode(name, weight, ggml_type)
+        flat = weight.reshape(-1, weight.shape[-1])
+        data = ggml_quantize(flat, ggml_type)
+        return data.reshape(*weight.shape[:-1], data.shape[-1]), t
+
+    return encode_tensor
+
+
+GGUF_METHODS = ("rtn", "gptq")  # the methods whose rounding reaches llama.cpp's grids so far
+
+
+def check_gguf_settings(gguf_type: str | None, method: str, bits_per_weight: float | None, e2e_steps: int) -> str:
+    """Refuse, before any work, a GGUF job llmq cannot run yet; returns the preset or type to use (default
+    ``Q4_K_M``, llama.cpp's most used preset)."""
+    from llmq.algorithms.ggml import GGML_TYPES
+
+    choice = (gguf_type or "Q4_K_M").upper()
+    if choice not in PRESETS and choice not in GGML_TYPES:
+        raise ConfigError(f"gguf_type {gguf_type!r} is neither a llama-quantize preset ({', '.join(PRESETS)}) nor a "
+                          f"llama.cpp type llmq rounds onto ({', '.join(GGML_TYPES)})")
+    if method not in GGUF_METHODS:
+        raise ConfigError(f"--format gguf rounds with {' or '.join(GGUF_METHODS)} so far, not {method!r}: use "
+                          "--method gptq (or rtn), or write the GPTQ layout (--format auto)")
+    if bits_per_weight is not None or e2e_steps:
+        raise ConfigError("--format gguf does not take --bits-per-weight or --e2e-steps yet: choose a preset "
+                          "(--gguf-type Q4_K_M, Q3_K_M, ...) and --method gptq")
+    return choice

@@ -274,6 +274,12 @@ def load_model(
     checkpoint and for one packed from it, float32 otherwise), so a packed model and its source are
     compared in the same precision.
     """
+    if str(name_or_path).endswith(".gguf") and Path(name_or_path).is_file():  # a llama.cpp file, dequantized
+        from llmq.formats.gguf import load_gguf_model
+
+        path = Path(name_or_path)
+        model = load_gguf_model(path, dtype=dtype or torch.float32).eval().to(device)
+        return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     folder = resolve_model(name_or_path, revision, trust_remote_code=trust_remote_code)
     config = load_config(folder, trust_remote_code)
     dtype = dtype or compute_dtype(checkpoint_dtype(config))
