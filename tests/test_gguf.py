@@ -157,7 +157,8 @@ def test_f32_file_of_llmq_tiny_llama_reads_back_bit_for_bit_with_the_converters_
         "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1,
         "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_sep_token": False,
     }
-    assert {k: v for k, v in meta.items() if k not in ("general.name", "llmq.hf_config")} == expected
+    ours = ("general.name", "llmq.hf_config", "llmq.hf_tokenizer")
+    assert {k: v for k, v in meta.items() if k not in ours} == expected
     assert meta["general.name"] == "llmq-tiny-llama"
 
 
@@ -312,7 +313,7 @@ def test_llama_cpps_converter_writes_the_same_file(smollm2_tokenizer, tmp_path):
     for (_, theirs), name in zip(pairs, cases, strict=True):
         ra, rb = gguf.GGUFReader(theirs), gguf.GGUFReader(ours[name])
         a, b = fields(ra), fields(rb)
-        drop = MODEL_CARD_KEYS + ("llmq.hf_config",)
+        drop = MODEL_CARD_KEYS + ("llmq.hf_config", "llmq.hf_tokenizer")
         assert {k: v for k, v in b.items() if k not in drop} == {k: v for k, v in a.items() if k not in drop}, name
         ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
         assert ta.keys() == tb.keys(), name

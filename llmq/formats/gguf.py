@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 T = gguf.GGMLQuantizationType
 CONFIG_KEY = "llmq.hf_config"  # the transformers config, JSON (llama.cpp ignores keys it does not know)
+# the source tokenizer's files, JSON {file name: text}: llmq reads a file back with the very tokenizer it was
+# quantized and evaluated with (transformers' GGUF tokenizer conversion adds tokens, e.g. GPT-2's <|endoftext|>)
+TOKENIZER_KEY = "llmq.hf_tokenizer"
 
 # encode(name, weight, type) -> (bytes as a numpy array, the type written): weight is float32 on the CPU, in the
 # layout written (q/k rows permuted, experts stacked), torch order [..., rows, columns]
@@ -566,6 +569,38 @@ def _add_metadata(gw: gguf.GGUFWriter, config: Any, tokenizer: Any, file_type: g
         _add_key(gw, key, h)
     gw.add_quantization_version(gguf.GGML_QUANT_VERSION)
     gw.add_string(CONFIG_KEY, config.to_json_string(use_diff=True))
+    if files := _tokenizer_files(tokenizer):
+        gw.add_string(TOKENIZER_KEY, json.dumps(files, sort_keys=True))
+
+
+def _tokenizer_files(tokenizer: Any) -> dict[str, str]:
+    """The files ``tokenizer.save_pretrained`` writes, by name (text files only)."""
+    import tempfile
+
+    if not hasattr(tokenizer, "save_pretrained"):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir())
+                if p.suffix in (".json", ".jinja", ".txt")}
+
+
+def load_gguf_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer of a GGUF file: the source tokenizer llmq stored in it, else transformers' conversion of the
+    file's own tokenizer metadata."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    field = gguf.GGUFReader(path).get_field(TOKENIZER_KEY)
+    if field is None:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    files = json.loads(field.contents())
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def gguf_metadata(config: Any, tokenizer: Any, file_type: str = "F32",
