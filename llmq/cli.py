@@ -31,8 +31,8 @@ the first unfinished layer (state in .<out>.partial beside --out) and writes the
 QUANTIZE_KEYS = ("model", "method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "range_search",
                  "damp_percent", "exact_sums", "calib", "nsamples", "seqlen", "seed", "device", "trust_remote_code",
                  "out", "format", "max_shard_size", "apply_awq", "next_inputs", "revision", "compute_dtype",
-                 "expert_policy", "expert_min_tokens", "expert_fill_tokens", "arch", "tune_iters", "tune_batch",
-                 "tune_lr", "tune_lr_qparams", "tune_seed", "e2e_steps", "e2e_batch", "bits_per_weight",
+                 "expert_policy", "expert_min_tokens", "expert_fill_tokens", "arch", "gguf_type", "tune_iters",
+                 "tune_batch", "tune_lr", "tune_lr_qparams", "tune_seed", "e2e_steps", "e2e_batch", "bits_per_weight",
                  "mixed_widths")
 
 
@@ -75,9 +75,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "model's own entry, or, for a dense decoder without one, groups inferred from the model "
                         "(GPTQ and RTN only)")
     p.add_argument("--out", help="output folder (must not exist or be empty)")
-    p.add_argument("--format", choices=["auto", "gptq", "gptq_v2", "awq"],
+    p.add_argument("--format", choices=["auto", "gptq", "gptq_v2", "awq", "gguf"],
                    help="packed layout: GPTQ with zero-point convention gptq (v1, stores zero-1, cannot hold 0) or "
-                        "gptq_v2; auto picks v1 when exact, else gptq_v2 (default); awq = AutoAWQ GEMM, 4-bit")
+                        "gptq_v2; auto picks v1 when exact, else gptq_v2 (default); awq = AutoAWQ GEMM, 4-bit; "
+                        "gguf = one llama.cpp file (--out FILE.gguf), the linears rounded onto llama.cpp's own grids")
+    p.add_argument("--gguf-type", metavar="PRESET|TYPE",
+                   help="with --format gguf: a llama-quantize preset (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, Q2_K, Q4_0, "
+                        "IQ4_NL, Q8_0, ...: each tensor's type as llama.cpp's own quantizer picks it) or one type "
+                        "for every weight matrix (default Q4_K_M)")
     p.add_argument("--apply-awq", help="re-apply AWQ scales and clips saved by an earlier run "
                                        "(awq_search.safetensors) instead of searching")
     p.add_argument("--next-inputs", choices=["quantized", "fp"],

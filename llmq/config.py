@@ -232,7 +232,9 @@ class Recipe:
     calib: CalibConfig = field(default_factory=CalibConfig)
     device: str | None = None
     trust_remote_code: bool = False
-    format: str = "auto"  # packed layout: auto | gptq | gptq_v2 (zero-point conventions) | awq (GEMM)
+    format: str = "auto"  # packed layout: auto | gptq | gptq_v2 (zero-point conventions) | awq (GEMM) | gguf
+    # format gguf: a llama-quantize preset (Q4_K_M, ...) or one llama.cpp type for every weight matrix (Q4_0, ...)
+    gguf_type: str | None = None
     apply_awq: str | None = None  # AWQ search results to re-apply instead of searching
     max_shard_size: str = "5GB"
     revision: str | None = None  # hub branch, tag or commit of ``model``
@@ -243,8 +245,10 @@ class Recipe:
     arch: str | None = None
 
     def __post_init__(self) -> None:
-        if self.format not in ("auto", "gptq", "gptq_v2", "awq"):
-            raise ConfigError(f"format={self.format!r} is unknown: choose auto, gptq, gptq_v2 or awq")
+        if self.format not in ("auto", "gptq", "gptq_v2", "awq", "gguf"):
+            raise ConfigError(f"format={self.format!r} is unknown: choose auto, gptq, gptq_v2, awq or gguf")
+        if self.gguf_type is not None and self.format != "gguf":
+            raise ConfigError(f"gguf_type={self.gguf_type!r} is a GGUF setting: add --format gguf, or drop it")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype={self.compute_dtype!r} is unknown: choose auto, float32 or bfloat16 "
                               "(float16 is refused: activations of some models overflow it)")
@@ -260,7 +264,7 @@ class Recipe:
         quant_keys = {f.name for f in dataclasses.fields(QuantConfig)}
         calib_keys = {f.name for f in dataclasses.fields(CalibConfig)}
         top_keys = {"model", "out", "device", "trust_remote_code", "format", "max_shard_size", "apply_awq", "revision",
-                    "compute_dtype", "arch"}
+                    "compute_dtype", "arch", "gguf_type"}
         unknown = sorted(set(raw) - quant_keys - calib_keys - top_keys)
         if unknown:
             known = ", ".join(sorted(quant_keys | calib_keys | top_keys))
@@ -276,7 +280,8 @@ class Recipe:
             calib=CalibConfig(**{k: v for k, v in raw.items() if k in calib_keys}),
             device=raw.get("device"),
             trust_remote_code=bool(raw.get("trust_remote_code", False)),
-            **{k: str(raw[k]) for k in ("format", "max_shard_size", "apply_awq", "revision", "compute_dtype", "arch")
+            **{k: str(raw[k]) for k in ("format", "max_shard_size", "apply_awq", "revision", "compute_dtype", "arch",
+                                        "gguf_type")
                if raw.get(k) is not None},
         )
 
@@ -296,7 +301,7 @@ class Recipe:
         out = {"model": self.model, "out": self.out, "device": self.device, "trust_remote_code": self.trust_remote_code,
                "format": self.format,
                "max_shard_size": self.max_shard_size, "apply_awq": self.apply_awq, "revision": self.revision,
-               "compute_dtype": self.compute_dtype, "arch": self.arch}
+               "compute_dtype": self.compute_dtype, "arch": self.arch, "gguf_type": self.gguf_type}
         out.update(dataclasses.asdict(self.quant))
         out.update(dataclasses.asdict(self.calib))
         return out

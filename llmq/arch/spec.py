@@ -112,6 +112,52 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
+class GgufKey:
+    """One GGUF metadata key an architecture writes beyond the common ones (llama.cpp's
+    ``TextModel.set_gguf_parameters`` in ``convert_hf_to_gguf``).
+
+    ``key``: the GGUF key, ``{arch}`` standing for the architecture (``"{arch}.expert_feed_forward_length"``).
+    ``source``: the config attribute holding the value, or several tried in order (the writer's flattened view of
+    the config, which also has ``rope_theta``, ``head_dim`` and the rope parameters, and the saved
+    tokenizer_config.json's entries as ``tokenizer_config.<name>``); ``value``: a constant instead.
+    ``kind``: the GGUF value type (``u32``, ``i32``, ``f32``, ``bool``, ``str``, ``bool[]``). ``default``: written when
+    the config lacks the source (None: the key is left out). ``when``: ``(attribute, value)`` the config must hold for
+    the key to be written (the LLaMA converter's ``add_bos_token = False`` for 49152-token vocabularies).
+    """
+
+    key: str
+    source: str | tuple[str, ...] | None = None
+    kind: str = "u32"
+    value: Any = None
+    default: Any = None
+    when: tuple[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class GgufSpec:
+    """How an architecture becomes a GGUF file llama.cpp loads (``llmq.formats.gguf``), after the architecture's
+    class in llama.cpp's ``convert_hf_to_gguf.py`` / ``conversion/*.py``.
+
+    ``arch``: llama.cpp's architecture name (``general.architecture``; the tensor names follow
+    ``gguf.get_tensor_name_map`` for it). ``permute_qk``: q and k rows reordered from Hugging Face's rotate-half rope
+    to llama.cpp's interleaved one (``LlamaModel.permute``; only for LLaMA-rope architectures). ``norm_offset``: added
+    to every ``*norm.weight`` (Gemma computes ``(1 + w) * x``, llama.cpp ``w * x``). ``keys``: hyper-parameters beyond
+    the common ones. ``extra_tensors``: tensors the converter generates from the config (``"rope_freqs"``: Llama 3's
+    rope scaling factors; ``"rope_factors"``: Phi-3's LongRoPE long/short factors). ``ignore``: config attributes
+    the converter drops before reading the config (Granite's ``head_dim``). ``common``: False where the family's
+    converter writes its own hyper-parameters instead of the common ones (Gemma 2, Phi-3): then ``keys`` are all.
+    """
+
+    arch: str
+    permute_qk: bool = False
+    norm_offset: float = 0.0
+    keys: tuple[GgufKey, ...] = ()
+    extra_tensors: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    common: bool = True
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     layers: str  # dotted path of the nn.ModuleList of decoder layers
     sequential: tuple[tuple[str, ...], ...]  # linears inside a (dense) layer, in true-sequential groups
@@ -122,6 +168,7 @@ class ArchSpec:
     # float16 holds the family's activations: False where they overflow it (Gemma's reach 1e5), so its
     # unquantized tensors are stored, and its layers run, in bfloat16 or float32, never float16
     fp16_ok: bool = True
+    gguf: GgufSpec | None = None  # how llama.cpp stores the family; None: no GGUF export
 
     @property
     def linears(self) -> tuple[str, ...]:

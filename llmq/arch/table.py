@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from llmq.arch.spec import ArchSpec, ExpertNames, MoESpec, Rows, ScaleGroup, SparseLayers, with_moe
+from llmq.arch.spec import ArchSpec, ExpertNames, GgufKey, GgufSpec, MoESpec, Rows, ScaleGroup, SparseLayers, with_moe
 
 # LLaMA-style decoder: pre-norm attention then a gated MLP. q/k/v read the same normed input,
 # o reads the attention output, gate/up read the same normed input, down reads act(gate) * up.
@@ -114,25 +114,93 @@ OLMOE = with_moe(LLAMA, MoESpec(num_experts="num_experts"))
 GLM4_MOE = with_moe(LLAMA, MoESpec(num_experts="n_routed_experts", shared="shared_experts",
                                    sparse=SparseLayers(first_dense="first_k_dense_replace")))
 
+# How llama.cpp stores each family (llmq.formats.gguf), after its class in llama.cpp's convert_hf_to_gguf
+# (conversion/*.py): llama.cpp's architecture name, the q/k rope permutation, norm offsets, and the keys beyond
+# the common ones (TextModel.set_gguf_parameters).
+# LlamaModel (llama.py; also Mistral, Mixtral): rope rows permuted to llama.cpp's interleaved rope; vocab size and
+# rope dimension count written; add_space_prefix from tokenizer_config.json's add_prefix_space; a 49152-token
+# vocabulary (Granite's small models, SmolLM) gets add_bos_token False; Llama 3.1's rope scaling becomes the
+# rope_freqs tensor.
+_LLAMA_VOCAB_KEYS = (
+    GgufKey("tokenizer.ggml.add_space_prefix", "tokenizer_config.add_prefix_space", kind="bool"),
+    GgufKey("{arch}.vocab_size", "vocab_size"),
+    GgufKey("{arch}.rope.dimension_count", "head_dim_or_default"),
+    GgufKey("tokenizer.ggml.add_bos_token", kind="bool", value=False, when=("vocab_size", 49152)),
+)
+LLAMA_GGUF = GgufSpec("llama", permute_qk=True, keys=_LLAMA_VOCAB_KEYS, extra_tensors=("rope_freqs",))
+# Qwen2MoeModel (qwen.py; Qwen3MoeModel inherits it): the experts' and the shared expert's widths
+_QWEN_MOE_KEYS = (GgufKey("{arch}.expert_feed_forward_length", "moe_intermediate_size"),
+                  GgufKey("{arch}.expert_shared_feed_forward_length", "shared_expert_intermediate_size"))
+# the hyper-parameters of the converters that write their own (Gemma2Model, Phi3MiniModel), not the common ones
+_OWN_BASICS = (
+    GgufKey("{arch}.context_length", ("n_positions", "max_position_embeddings")),
+    GgufKey("{arch}.embedding_length", "hidden_size"),
+    GgufKey("{arch}.feed_forward_length", "intermediate_size"),
+    GgufKey("{arch}.block_count", "num_hidden_layers"),
+    GgufKey("{arch}.attention.head_count", "num_attention_heads"),
+    GgufKey("{arch}.attention.head_count_kv", ("num_key_value_heads", "num_attention_heads")),
+    GgufKey("{arch}.attention.layer_norm_rms_epsilon", "rms_norm_eps", kind="f32"),
+)
+# Gemma2Model (gemma.py): its own hyper-parameters (no rope base: llama.cpp's default 10000 is Gemma 2's; written here
+# all the same, for a config that differs), norms + 1, key/value widths, both soft-caps, the sliding window, no space
+# prefix
+GEMMA2_GGUF = GgufSpec("gemma2", norm_offset=1.0, common=False, keys=_OWN_BASICS + (
+    GgufKey("{arch}.attention.key_length", "head_dim"),
+    GgufKey("{arch}.attention.value_length", "head_dim"),
+    GgufKey("{arch}.rope.freq_base", "rope_theta", kind="f32"),
+    GgufKey("{arch}.attn_logit_softcapping", "attn_logit_softcapping", kind="f32"),
+    GgufKey("{arch}.final_logit_softcapping", "final_logit_softcapping", kind="f32"),
+    GgufKey("{arch}.attention.sliding_window", "sliding_window"),
+    GgufKey("tokenizer.ggml.add_space_prefix", kind="bool", value=False),
+))
+# Gemma3Model (gemma.py): norms (q/k norms too) + 1, the final soft-cap where set, the sliding window; the local
+# layers' rope base is the common rope.freq_base_swa
+GEMMA3_GGUF = GgufSpec("gemma3", norm_offset=1.0, keys=(
+    GgufKey("{arch}.final_logit_softcapping", "final_logit_softcapping", kind="f32"),
+    GgufKey("{arch}.attention.sliding_window", "sliding_window"),
+))
+# Phi3MiniModel (phi.py): its own hyper-parameters; fused qkv_proj stays attn_qkv and gate_up_proj is ffn_up; partial
+# rotary dimensions, the original context (LongRoPE), sliding window 0 when unset; LongRoPE's factors become tensors,
+# with their attention factor
+PHI3_GGUF = GgufSpec("phi3", common=False, keys=_OWN_BASICS + (
+    GgufKey("{arch}.rope.freq_base", "rope_theta", kind="f32"),
+    GgufKey("{arch}.rope.dimension_count", "rope_dims_partial"),
+    GgufKey("{arch}.rope.scaling.original_context_length", "original_max_position_embeddings"),
+    GgufKey("{arch}.attention.sliding_window", "sliding_window", default=0),
+    GgufKey("{arch}.rope.scaling.attn_factor", "longrope_attn_factor", kind="f32"),
+), extra_tensors=("rope_factors",))
+# GraniteModel (granite.py): LLaMA's, head_dim ignored (no key/value length; rope dimensions hidden / heads), with the
+# four multipliers
+GRANITE_GGUF = GgufSpec("granite", permute_qk=True, ignore=("head_dim",), keys=_LLAMA_VOCAB_KEYS + (
+    GgufKey("{arch}.attention.scale", "attention_multiplier", kind="f32"),
+    GgufKey("{arch}.embedding_scale", "embedding_multiplier", kind="f32"),
+    GgufKey("{arch}.residual_scale", "residual_multiplier", kind="f32"),
+    GgufKey("{arch}.logit_scale", "logits_scaling", kind="f32"),
+), extra_tensors=("rope_freqs",))
+
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": LLAMA,
-    "mistral": LLAMA,  # LLaMA layout with sliding-window attention (a mask matter, not a weight one)
-    "qwen2": LLAMA,  # LLaMA layout with biases on q/k/v (kept in full precision beside the codes)
-    "qwen3": LLAMA,  # LLaMA layout with RMSNorm on q and k per head (norms are never quantized)
+    "llama": replace(LLAMA, gguf=LLAMA_GGUF),
+    # LLaMA layout with sliding-window attention (a mask matter, not a weight one)
+    "mistral": replace(LLAMA, gguf=LLAMA_GGUF),
+    # LLaMA layout with biases on q/k/v (kept in full precision beside the codes); llama.cpp's NEOX rope: no permutation
+    "qwen2": replace(LLAMA, gguf=GgufSpec("qwen2")),
+    # LLaMA layout with RMSNorm on q and k per head (norms are never quantized)
+    "qwen3": replace(LLAMA, gguf=GgufSpec("qwen3")),
     # Granite: LLaMA's layout; its multipliers (embedding, residual, attention, logits) scale activations
     # between the linears, which the captured inputs and the layer forwards already include
-    "granite": LLAMA,
-    "gemma2": GEMMA,
-    "gemma3_text": GEMMA,  # Gemma 2's layout with q/k norms per head (never quantized)
+    "granite": replace(LLAMA, gguf=GRANITE_GGUF),
+    "gemma2": replace(GEMMA, gguf=GEMMA2_GGUF),
+    "gemma3_text": replace(GEMMA, gguf=GEMMA3_GGUF),  # Gemma 2's layout with q/k norms per head (never quantized)
     "gemma3": GEMMA3_MULTIMODAL,
-    "phi3": PHI3,
-    "olmo2": OLMO2,
+    "phi3": replace(PHI3, gguf=PHI3_GGUF),
+    "olmo2": replace(OLMO2, gguf=GgufSpec("olmo2")),
     "cohere": COHERE,
     "cohere2": COHERE,  # Cohere's layout; sliding-window layers are a mask matter
     "glm4": GLM4,
-    "qwen3_moe": QWEN3_MOE,
-    "qwen2_moe": QWEN2_MOE,
-    "mixtral": MIXTRAL,
-    "olmoe": OLMOE,
+    "qwen3_moe": replace(QWEN3_MOE, gguf=GgufSpec("qwen3moe", keys=_QWEN_MOE_KEYS)),
+    "qwen2_moe": replace(QWEN2_MOE, gguf=GgufSpec("qwen2moe", keys=_QWEN_MOE_KEYS)),
+    "mixtral": replace(MIXTRAL, gguf=LLAMA_GGUF),  # llama.cpp: LLaMA with experts
+    "olmoe": replace(OLMOE, gguf=GgufSpec("olmoe", keys=(  # OlmoeModel: the norm eps fixed at 1e-5
+        GgufKey("{arch}.attention.layer_norm_rms_epsilon", kind="f32", value=1e-5),))),
     "glm4_moe": GLM4_MOE,
 }

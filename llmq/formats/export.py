@@ -46,7 +46,10 @@ def choose_format(results: dict[str, QuantizedWeight], requested: str = "auto") 
 
 
 def check_format(fmt: str, cfg: QuantConfig) -> None:
-    """Refuse, before any work, a layout that cannot hold what ``cfg`` produces; the message says the fix."""
+    """Refuse, before any work, a layout that cannot hold what ``cfg`` produces; the message says the fix (GGUF's
+    settings: :func:`llmq.formats.gguf.check_gguf_settings`)."""
+    if fmt == "gguf":
+        return
     if fmt not in FORMATS:
         raise ConfigError(f"format {fmt!r} is unknown: choose one of {', '.join(FORMATS)}")
     if fmt == "awq":

@@ -21,6 +21,7 @@ from llmq.arch.experts import split_experts
 from llmq.config import Recipe
 from llmq.errors import ConfigError
 from llmq.formats.export import check_format, check_layout
+from llmq.formats.gguf import check_gguf_settings, gguf_spec
 from llmq.formats.pack import can_pack
 from llmq.io.source import resolve_model
 from llmq.io.stream import ShardedCheckpoint, checkpoint_dtype, discover_streamed, empty_model
@@ -48,7 +49,9 @@ def check_plan(recipe: Recipe, model: nn.Module, spec: ArchSpec, packable_only: 
     shapes = {name: (m.out_features, m.in_features) for name, m in linears.items()}
     check_layout(recipe.format, recipe.quant, shapes)
     keep_fp = keep_fp_rule(recipe)
-    kept = [name for name, m in linears.items() if keep_fp(name, m)] if packable_only else []
+    # GGUF: llama.cpp's presets give every linear a type (falling back where a row length does not divide a block)
+    packs = packable_only and recipe.format != "gguf"
+    kept = [name for name, m in linears.items() if keep_fp(name, m)] if packs else []
     if kept:
         n, k = shapes[kept[0]]
         why = (f"the packed layouts need both dimensions of a linear to be multiples of 32 ({kept[0]} is {n} x {k}, "
@@ -108,11 +111,15 @@ def plan(recipe: Recipe, packable_only: bool = True) -> Plan:
     """Resolve the model and check the whole job on its skeleton: fails before calibration or any write
     (``packable_only``: as :func:`check_plan`'s)."""
     check_format(recipe.format, recipe.quant)  # before a download
+    if recipe.format == "gguf":
+        check_gguf_settings(recipe.gguf_type, recipe.quant.method, recipe.quant.bits_per_weight, recipe.quant.e2e_steps)
     folder = resolve_model(recipe.model, recipe.revision, trust_remote_code=recipe.trust_remote_code)
     config = load_config(folder, recipe.trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         raise ConfigError(f"{recipe.model} is already quantized: quantize its full-precision original")
     spec = arch_for(config.model_type, recipe.arch)
+    if recipe.format == "gguf":
+        gguf_spec(config)  # llama.cpp has this architecture, and the table says how to write it
     stored = checkpoint_dtype(config)
     dtype = compute_dtype(stored, recipe.compute_dtype)
     skeleton = empty_model(config, dtype, recipe.trust_remote_code)

@@ -24,9 +24,11 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from llmq._version import __version__
 from llmq.arch import ArchSpec, disk_namer, get_layers, layer_linears
+from llmq.arch.experts import split_experts
 from llmq.config import Recipe
 from llmq.errors import ConfigError
 from llmq.formats.export import PackedWriter, save_packed, write_metadata
+from llmq.formats.gguf import check_gguf_settings, grid_encoder, linear_types, write_gguf
 from llmq.io.checkpoint import SpoolWriter, check_output_free, half_dtype, parse_size, save_tensors
 from llmq.io.data import get_calibration
 from llmq.io.resume import WorkFolder
@@ -68,6 +70,12 @@ def _calibration(recipe: Recipe, tokenizer: Any) -> torch.Tensor:
     return get_calibration(c.calib, tokenizer, c.nsamples, c.seqlen, c.seed)
 
 
+def gguf_choice(recipe: Recipe) -> str:
+    """The llama-quantize preset, or single llama.cpp type, of a GGUF run."""
+    return check_gguf_settings(recipe.gguf_type, recipe.quant.method, recipe.quant.bits_per_weight,
+                               recipe.quant.e2e_steps)
+
+
 def _recorded(recipe: Recipe) -> dict[str, Any]:
     """The recipe as written into the output: without where it ran, so the same job gives the same bytes."""
     return {k: v for k, v in recipe.to_dict().items() if k not in ("out", "device")}
@@ -81,13 +89,18 @@ def quantize(recipe: Recipe, packable_only: bool = True) -> Quantized:
     """
     p = plan(recipe, packable_only)
     model, tokenizer = load_model(p.folder, dtype=p.dtype, trust_remote_code=recipe.trust_remote_code)
+    keep_fp, ggml_types = keep_fp_rule(recipe) if packable_only else None, None
+    if recipe.format == "gguf":  # each linear rounded onto the llama.cpp type the preset gives it
+        split_experts(model, p.spec)
+        ggml_types = linear_types(model, gguf_choice(recipe))
+        keep_fp = lambda name, m: name not in ggml_types  # noqa: E731 (the preset keeps these in float)
     calib = _calibration(recipe, tokenizer)
     awq_state = load_file(recipe.apply_awq) if recipe.apply_awq else None
     awq_record: dict[str, torch.Tensor] = {}
     notes: dict[str, Any] = {}
     results = quantize_model(model, calib, recipe.quant, device=resolve_device(recipe.device),
-                             keep_fp=keep_fp_rule(recipe) if packable_only else None, awq_state=awq_state,
-                             awq_record=awq_record, notes=notes, spec=p.spec, work_dtype=p.work_dtype)
+                             keep_fp=keep_fp, awq_state=awq_state, awq_record=awq_record, notes=notes, spec=p.spec,
+                             work_dtype=p.work_dtype, ggml_types=ggml_types)
     return Quantized(model, tokenizer, results, awq_record, half_dtype(p.stored_dtype, p.spec.fp16_ok), notes, p.spec)
 
 
@@ -98,6 +111,12 @@ def save(run: Quantized, recipe: Recipe, overwrite: bool = False) -> Path:
     """
     if not recipe.out:
         raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
+    if recipe.format == "gguf":  # one file, the linears in llmq's own rounding
+        out = Path(recipe.out)
+        check_output_free(out, overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        encode = grid_encoder(run.model, run.results)
+        return write_gguf(run.model, run.tokenizer, out, gguf_choice(recipe), encode=encode)
     extra = {AWQ_SEARCH_FILE: lambda path: save_tensors(path, run.awq)} if run.awq else {}
     return save_packed(run.model, run.tokenizer, run.results, recipe.out, recipe.quant, recipe=_recorded(recipe),
                        fmt=recipe.format, max_shard_size=recipe.max_shard_size, overwrite=overwrite, extra=extra,
@@ -106,13 +125,15 @@ def save(run: Quantized, recipe: Recipe, overwrite: bool = False) -> Path:
 
 def write_quantized(recipe: Recipe, overwrite: bool = False, offload_activations: str | Path | None = None) -> Path:
     """Quantize ``recipe`` into ``recipe.out`` as ``llmq quantize`` does: streamed (:func:`quantize_to_disk`), or, when
-    its end-to-end phase needs the whole model (``e2e_steps``), in memory and then written (not resumable)."""
-    if not recipe.quant.e2e_steps:
+    its end-to-end phase needs the whole model (``e2e_steps``) or it writes one GGUF file, in memory and then written
+    (not resumable)."""
+    if not recipe.quant.e2e_steps and recipe.format != "gguf":
         return quantize_to_disk(recipe, overwrite=overwrite, offload_activations=offload_activations)
     if not recipe.out:
         raise ConfigError("no output folder: pass --out DIR (or `out:` in the recipe)")
     check_output_free(Path(recipe.out), overwrite)  # before the run, not after it
-    log.info("the end-to-end phase holds the whole model: quantizing in memory (not streamed, not resumable)")
+    log.info("%s holds the whole model: quantizing in memory (not streamed, not resumable)",
+             "a GGUF file" if recipe.format == "gguf" else "the end-to-end phase")
     return save(quantize(recipe), recipe, overwrite=overwrite)
 
 

@@ -267,13 +267,19 @@ def load_model(
 ) -> tuple[PreTrainedModel, object]:
     """A causal LM on ``device`` and its tokenizer (any architecture: evaluation needs no table entry).
 
-    ``name_or_path`` is a local folder or a hub id (read through the hub cache). A quantized
+    ``name_or_path`` is a local folder, a hub id (read through the hub cache), or a ``.gguf`` file (its weights
+    decoded, with the tokenizer llmq stored in it, or else the file's own). A quantized
     checkpoint (``quantization_config`` in its config) loads packed through
     :func:`llmq.from_pretrained` (with ``kernel``), anything else through transformers; both in
     ``dtype`` or else :func:`llmq.utils.device.compute_dtype` of the stored dtype (bfloat16 for a bf16
     checkpoint and for one packed from it, float32 otherwise), so a packed model and its source are
     compared in the same precision.
     """
+    if str(name_or_path).endswith(".gguf") and Path(name_or_path).is_file():  # a llama.cpp file, dequantized
+        from llmq.formats.gguf import load_gguf_model, load_gguf_tokenizer
+
+        model = load_gguf_model(name_or_path, dtype=dtype or torch.float32).eval().to(device)
+        return model, load_gguf_tokenizer(name_or_path)
     folder = resolve_model(name_or_path, revision, trust_remote_code=trust_remote_code)
     config = load_config(folder, trust_remote_code)
     dtype = dtype or compute_dtype(checkpoint_dtype(config))
