@@ -380,9 +380,15 @@ def round_to_grid(w: Tensor, grid: GgmlGrid, col_start: int = 0) -> Tensor:
                           f"{spec.name} grid of shape {(rows, cols)}")
     scale, mins = grid_scales(grid)
     sub_of_col = torch.arange(col_start, col_start + k, device=w.device) // spec.sub
-    scale, mins = scale[:, sub_of_col], mins[:, sub_of_col]
+    return nearest_codes(w, scale[:, sub_of_col], mins[:, sub_of_col], spec)
+
+
+def nearest_codes(w: Tensor, scale: Tensor, mins: Tensor, ggml_type: GgmlType) -> Tensor:
+    """The codes of the levels nearest to ``w`` under ``scale`` and ``mins`` of the same shape (a zero scale
+    takes the level nearest 0): :func:`round_to_grid`'s rounding, for callers holding the scales already."""
+    levels = ggml_spec(ggml_type).levels
     t = torch.where(scale != 0, (w.float() + mins) / scale, torch.zeros_like(scale))
-    return spec.levels.code(spec.levels.rank(t))
+    return levels.code(levels.rank(t))
 
 
 # ------------------------------------------------------------------------------------------ encode and decode

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from llmq.algorithms.ggml import GgmlGrid, GgmlType, ggml_spec, grid_scales, rtn_grid, search_scales
+from llmq.algorithms.ggml import GgmlGrid, GgmlType, ggml_spec, grid_scales, nearest_codes, search_scales
 from llmq.algorithms.gptq import GPTQResult, gptq_pass
 
 
@@ -34,7 +34,7 @@ class GgmlRounder:
                  perm: torch.Tensor | None):
         self.spec = ggml_spec(ggml_type)
         rows, cols = W.shape
-        self.importance, self.perm = importance, perm
+        self.importance = importance
         self.blocks: dict[int, GgmlGrid] = {}  # first column -> the fitted grid of that block
         self.scale = torch.zeros(rows, cols // self.spec.sub, device=W.device)
         self.mins = torch.zeros_like(self.scale)
@@ -45,9 +45,9 @@ class GgmlRounder:
         if perm is not None:  # rounded out of order: every block fitted from the original weights, up front
             self.fit_every = None
             for c in range(0, cols, self.spec.block):
-                self._fit(c, W[:, c : c + self.spec.block])
+                self.fit(c, W[:, c : c + self.spec.block])
 
-    def _fit(self, col: int, src: torch.Tensor) -> None:
+    def fit(self, col: int, src: torch.Tensor) -> None:
         block = self.spec.block
         imp = self.importance[col : col + block] if self.importance is not None else None
         grid = search_scales(src, self.spec, imp)
@@ -57,16 +57,11 @@ class GgmlRounder:
         self.scale[:, s0 : s0 + scale.shape[1]] = scale
         self.mins[:, s0 : s0 + scale.shape[1]] = mins
 
-    def fit(self, col: int, src: torch.Tensor) -> None:
-        self._fit(col, src)
-
     def round(self, col: int, w: torch.Tensor) -> torch.Tensor:
         c = self.order[col] if self.order is not None else col  # the column's place in the stored tensor
         s = c // self.spec.sub
         scale, mins = self.scale[:, s], self.mins[:, s]
-        # the nearest level, as round_to_grid finds it (a zero scale takes the level nearest 0)
-        t = torch.where(scale != 0, (w + mins) / scale, torch.zeros_like(scale))
-        code = self.spec.levels.code(self.spec.levels.rank(t))
+        code = nearest_codes(w, scale, mins, self.spec)
         self.codes[:, c] = code
         # formed as ggml's dequantizers form them (scale * level, then the min), so bit-exact with the file
         out = scale * self.levels[code.long()]
@@ -89,8 +84,7 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, ggml_type: GgmlType, act_order: 
                      fallback=lambda W: search_scales(W, spec, importance))
 
 
-def rtn_ggml(W: torch.Tensor, ggml_type: GgmlType, importance: torch.Tensor | None = None,
-             search: bool = True) -> GgmlGrid:
+def rtn_ggml(W: torch.Tensor, ggml_type: GgmlType, importance: torch.Tensor | None = None) -> GgmlGrid:
     """Round to nearest on a GGUF grid: llama.cpp's weighted scale search (``importance`` per input column, e.g.
-    an importance matrix; None: llama.cpp's default weighting), or its plain max-abs rounding (``search=False``)."""
-    return search_scales(W, ggml_type, importance) if search else rtn_grid(W, ggml_type)
+    an importance matrix; None: llama.cpp's default weighting)."""
+    return search_scales(W, ggml_type, importance)
